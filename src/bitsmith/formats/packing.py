@@ -1,0 +1,110 @@
+"""Pack unsigned low-bit codes into bytes or int32 words, and back. Exact round trips.
+
+Pure tensor functions; nothing here knows about ``nn.Module``.
+
+Byte packing (``pack_codes``) treats the flattened codes as one little-endian bit stream: element k occupies
+bits ``[k * bits, (k + 1) * bits)``, so
+
+    bits | elements -> bytes | layout
+    2    | 4 -> 1            | element k at bits [2k, 2k + 2) of the byte
+    3    | 8 -> 3            | element k at bits [3k, 3k + 3) of a little-endian 24-bit word
+    4    | 2 -> 1            | first element in the low nibble (as ONNX int4)
+    8    | 1 -> 1            | identity
+
+and a partial last group is padded with zero codes. Word packing (``pack_int32``) is compressed-tensors'
+``pack-quantized`` layout: element k of each run of ``32 // bits`` along ``dim`` goes to bits
+``[k * bits, (k + 1) * bits)`` of an int32, least significant first.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bitsmith.errors import BitsmithError
+
+__all__ = ["pack_codes", "unpack_codes", "pack_int32", "unpack_int32"]
+
+_BYTE_GROUPS = {2: (4, 1), 3: (8, 3), 4: (2, 1), 8: (1, 1)}  # bits -> (elements, bytes) per group
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in _BYTE_GROUPS:
+        raise BitsmithError(f"cannot pack {bits}-bit codes: use 2, 3, 4 or 8 bits")
+
+
+def _check_codes(codes: torch.Tensor, bits: int) -> None:
+    if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+        raise BitsmithError(f"codes to pack must be an integer tensor, got {codes.dtype}")
+    if codes.numel() == 0:
+        return
+    low, high = codes.min().item(), codes.max().item()
+    if low < 0 or high >= 2**bits:
+        hint = f"; shift signed codes by {2 ** (bits - 1)} first" if low < 0 else ""
+        raise BitsmithError(f"codes span [{low}, {high}] but {bits}-bit codes must lie in [0, {2**bits - 1}]{hint}")
+
+
+def _pad_to_multiple(flat: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Append zeros to the 1-D ``flat`` until its length is a multiple of ``multiple``."""
+    return torch.nn.functional.pad(flat, (0, -flat.numel() % multiple))
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack codes (any shape, values in [0, 2**bits)) into a 1-D uint8 tensor of ``ceil(numel * bits / 8)`` bytes
+    (rounded up to whole 3-byte groups for 3 bits)."""
+    _check_bits(bits)
+    _check_codes(codes, bits)
+    per_group, group_bytes = _BYTE_GROUPS[bits]
+    groups = _pad_to_multiple(codes.reshape(-1).long(), per_group).view(-1, per_group)  # (G, per_group)
+    shifts = torch.arange(per_group) * bits
+    words = (groups << shifts).sum(dim=-1)  # (G,): fields are disjoint, so sum == bitwise or
+    packed = (words.unsqueeze(-1) >> (torch.arange(group_bytes) * 8)) & 0xFF  # (G, group_bytes)
+    return packed.reshape(-1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, shape: int | tuple[int, ...]) -> torch.Tensor:
+    """Inverse of ``pack_codes``: uint8 codes of ``shape`` (an int means a 1-D tensor of that many codes)."""
+    _check_bits(bits)
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    numel = math.prod(shape)
+    per_group, group_bytes = _BYTE_GROUPS[bits]
+    expected = -(-numel // per_group) * group_bytes
+    if packed.numel() != expected:
+        raise BitsmithError(
+            f"{numel} {bits}-bit codes need {expected} packed bytes, got {packed.numel()}"
+        )
+    groups = packed.reshape(-1, group_bytes).long()  # (G, group_bytes)
+    words = (groups << (torch.arange(group_bytes) * 8)).sum(dim=-1)  # (G,)
+    codes = (words.unsqueeze(-1) >> (torch.arange(per_group) * bits)) & (2**bits - 1)  # (G, per_group)
+    return codes.reshape(-1)[:numel].reshape(shape).to(torch.uint8)
+
+
+def pack_int32(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
+    """Pack codes (values in [0, 2**bits)) along ``dim`` into int32 words, ``32 // bits`` codes per word.
+
+    Shape: ``codes.shape`` with ``dim`` shrunk to ``ceil(size / (32 // bits))``, zero-padded. Words whose top
+    bit is set wrap to negative int32. compressed-tensors stores signed weights: add ``2**(bits - 1)`` first.
+    """
+    _check_bits(bits)
+    _check_codes(codes, bits)
+    per_word = 32 // bits  # 3 bits: 10 per word, top 2 bits unused
+    moved = codes.long().movedim(dim, -1)  # (..., size)
+    pad = -moved.shape[-1] % per_word
+    fields = torch.nn.functional.pad(moved, (0, pad)).unflatten(-1, (-1, per_word))  # (..., words, per_word)
+    words = (fields << (torch.arange(per_word) * bits)).sum(dim=-1)  # (..., words) in [0, 2**32)
+    words = torch.where(words >= 2**31, words - 2**32, words)  # two's complement, explicitly
+    return words.to(torch.int32).movedim(-1, dim)
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, size: int, dim: int = -1) -> torch.Tensor:
+    """Inverse of ``pack_int32``: uint8 codes with ``dim`` restored to ``size`` elements."""
+    _check_bits(bits)
+    per_word = 32 // bits
+    words = packed.long().movedim(dim, -1) & 0xFFFFFFFF  # (..., words), unsigned again
+    if not (words.shape[-1] - 1) * per_word < size <= words.shape[-1] * per_word:
+        raise BitsmithError(
+            f"{words.shape[-1]} int32 words of {bits}-bit codes cannot hold exactly {size} codes"
+        )
+    fields = (words.unsqueeze(-1) >> (torch.arange(per_word) * bits)) & (2**bits - 1)  # (..., words, per_word)
+    return fields.flatten(-2)[..., :size].to(torch.uint8).movedim(-1, dim)
