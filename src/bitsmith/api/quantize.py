@@ -1,0 +1,130 @@
+"""``quantize_(model, config)``: replace matching layers in place with quantized runtime modules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from bitsmith.algorithms.rtn import quantize_weight_rtn
+from bitsmith.api.config import QuantizeConfig, Recipe, Scheme, target_matches
+from bitsmith.errors import BitsmithError
+from bitsmith.nn import (
+    QUANTIZED_MODULES,
+    HalfEmbedding,
+    HalfLinear,
+    Int8DynamicLinear,
+    Int8WeightOnlyLinear,
+    IntxWeightOnlyLinear,
+    QuantizedEmbedding,
+)
+
+__all__ = ["quantize_", "QuantizeReport", "plan"]
+
+SUPPORTED_TYPES = (nn.Linear, nn.Embedding)
+
+
+@dataclass
+class QuantizeReport:
+    """What ``quantize_`` did: which modules got which scheme, and which matched but were skipped."""
+
+    quantized: dict[str, str] = field(default_factory=dict)  # name -> scheme description
+    skipped: dict[str, str] = field(default_factory=dict)  # name -> reason kept in float
+
+
+def plan(model: nn.Module, config: QuantizeConfig) -> tuple[dict[str, Scheme], dict[str, str]]:
+    """Which module gets which scheme (first matching rule wins), and which matches cannot be handled."""
+    chosen, skipped = {}, {}
+    for name, module in model.named_modules():
+        if not name or isinstance(module, QUANTIZED_MODULES):
+            continue
+        type_name = type(module).__name__
+        if any(target_matches(t, name, type_name) for t in config.ignore):
+            continue
+        for rule in config.rules:
+            if any(target_matches(t, name, type_name) for t in rule.targets):
+                if rule.scheme is None:
+                    break
+                if not isinstance(module, SUPPORTED_TYPES):
+                    if any(t.startswith("re:") or t == name for t in rule.targets):
+                        skipped[name] = f"{type_name} is not a layer type bitsmith quantizes; left in float"
+                    break
+                chosen[name] = rule.scheme
+                break
+    return chosen, skipped
+
+
+def _check_finite(name: str, weight: torch.Tensor) -> None:
+    if not torch.isfinite(weight).all():
+        raise BitsmithError(f"layer '{name}' has NaN or infinite weights; fix the model before quantizing")
+
+
+def _check_group(name: str, scheme: Scheme, in_features: int) -> None:
+    group = scheme.weights.granularity
+    if isinstance(group, int) and in_features % group:
+        raise BitsmithError(
+            f"group size {group} does not divide layer '{name}' (in_features={in_features});"
+            f" use a divisor of {in_features}, per-channel, or exclude the layer"
+        )
+
+
+def _quantize_linear(name: str, linear: nn.Linear, scheme: Scheme) -> nn.Module:
+    w = scheme.weights
+    if w.bits is None:
+        return HalfLinear.from_float(linear, w.dtype)
+    _check_group(name, scheme, linear.in_features)
+    qweight = quantize_weight_rtn(linear.weight.detach(), w.bits, w.granularity, w.symmetric, w.clip)
+    if w.bits == 8 and w.symmetric and w.granularity in ("channel", "tensor"):
+        cls = Int8DynamicLinear if scheme.activations is not None else Int8WeightOnlyLinear
+        return cls.from_quantized(qweight, linear.bias)
+    if w.granularity == "tensor":  # stored as one group spanning each row, with the shared scale repeated
+        qweight.group_size = linear.in_features
+    return IntxWeightOnlyLinear.from_quantized(qweight, linear.bias)
+
+
+def _quantize_embedding(name: str, embedding: nn.Embedding, scheme: Scheme) -> nn.Module:
+    w = scheme.weights
+    if w.bits is None:
+        return HalfEmbedding.from_float(embedding, w.dtype)
+    if scheme.activations is not None:
+        raise BitsmithError(f"layer '{name}' is an Embedding: activation quantization does not apply to it")
+    if w.granularity != "channel":
+        raise BitsmithError(f"layer '{name}' is an Embedding: bitsmith quantizes embeddings per row (granularity: channel)")
+    qweight = quantize_weight_rtn(embedding.weight.detach(), w.bits, "channel", w.symmetric, w.clip)
+    return QuantizedEmbedding.from_quantized(qweight, embedding.padding_idx)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def quantize_(model: nn.Module, config: QuantizeConfig | Recipe, progress=None) -> QuantizeReport:
+    """Quantize ``model`` in place. Every target is checked before any layer is replaced, so a bad
+    layer (NaN weights, a group size that does not divide it) leaves the model untouched."""
+    recipe_dict = config.model_dump(mode="json")
+    if isinstance(config, Recipe):
+        config = config.quantize
+    chosen, skipped = plan(model, config)
+    modules = dict(model.named_modules())
+    for name, scheme in chosen.items():
+        _check_finite(name, modules[name].weight)
+        if isinstance(modules[name], nn.Linear) and scheme.weights.bits is not None:
+            _check_group(name, scheme, modules[name].in_features)
+    report = QuantizeReport(skipped=skipped)
+    with torch.no_grad():
+        for name, scheme in chosen.items():
+            module = modules[name]
+            if isinstance(module, nn.Linear):
+                new = _quantize_linear(name, module, scheme)
+            else:
+                new = _quantize_embedding(name, module, scheme)
+            _set_module(model, name, new)
+            report.quantized[name] = scheme.describe()
+            if progress is not None:
+                progress(name)
+    model.bitsmith_recipe = recipe_dict
+    model.bitsmith_skipped = {**getattr(model, "bitsmith_skipped", {}), **skipped}
+    return report

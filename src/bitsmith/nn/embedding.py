@@ -1,0 +1,125 @@
+"""Runtime module that replaces ``nn.Embedding`` with integer rows and one scale per row."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bitsmith.algorithms.rtn import QuantizedWeight
+from bitsmith.formats.packing import pack_codes, unpack_codes
+
+__all__ = ["QuantizedEmbedding", "HalfEmbedding"]
+
+
+class QuantizedEmbedding(nn.Module):
+    """Rows of ``bits``-bit codes with a per-row scale and zero point: ``row = (q - zero) * scale``.
+
+    8-bit codes stay unpacked at run time (a gather of int8 rows, then one multiply per looked-up
+    row); narrower codes are packed in ``weight_packed`` and unpacked once, at first use.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int = 8, padding_idx: int | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.bits = num_embeddings, embedding_dim, bits
+        self.padding_idx = padding_idx
+        numel = num_embeddings * embedding_dim
+        if bits == 8:
+            self.register_buffer("weight_codes", torch.zeros(num_embeddings, embedding_dim, dtype=torch.uint8))
+        else:
+            self.register_buffer("weight_packed", torch.zeros(-(-numel * bits // 8), dtype=torch.uint8))
+        self.register_buffer("weight_scale", torch.ones(num_embeddings, 1))
+        self.register_buffer("weight_zero_point", torch.zeros(num_embeddings, 1, dtype=torch.uint8))
+        self._codes_cache: torch.Tensor | None = None
+        self.scheme = f"int{bits} per-row"
+
+    @classmethod
+    def from_quantized(cls, qweight: QuantizedWeight, padding_idx: int | None) -> "QuantizedEmbedding":
+        rows, dim = qweight.codes.shape
+        if qweight.group_size != dim:
+            raise ValueError("embeddings are quantized per row")
+        module = cls(rows, dim, qweight.fmt.bits, padding_idx)
+        # signed symmetric codes are shifted to unsigned with the zero point moved along
+        offset = 2 ** (qweight.fmt.bits - 1) if qweight.fmt.signed else 0
+        codes = (qweight.codes.to(torch.int16) + offset).to(torch.uint8)
+        if qweight.fmt.bits == 8:
+            module.weight_codes.copy_(codes)
+        else:
+            module.weight_packed.copy_(pack_codes(codes.flatten(), qweight.fmt.bits))
+        module.weight_scale.copy_(qweight.scale)
+        module.weight_zero_point.copy_((qweight.zero_point + offset).to(torch.uint8))
+        return module
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._codes_cache = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def codes(self) -> torch.Tensor:
+        if self.bits == 8:
+            return self.weight_codes
+        if self._codes_cache is None:
+            numel = self.num_embeddings * self.embedding_dim
+            codes = unpack_codes(self.weight_packed, self.bits, numel)
+            self._codes_cache = codes.reshape(self.num_embeddings, self.embedding_dim)
+        return self._codes_cache
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = nn.functional.embedding(ids, self.codes())  # (..., D) uint8
+        scale = nn.functional.embedding(ids, self.weight_scale)  # (..., 1)
+        zero = nn.functional.embedding(ids, self.weight_zero_point)  # (..., 1)
+        return (rows.float() - zero.float()).mul_(scale)
+
+    def dequantize(self) -> torch.Tensor:
+        return (self.codes().float() - self.weight_zero_point.float()) * self.weight_scale
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # transformers reads embeddings' .weight (e.g. for dtype or tied heads): hand it a float copy
+        return self.dequantize()
+
+    def kernel(self) -> str:
+        return f"int{self.bits} row gather + per-row scale (no float table kept)"
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}"
+
+    def layer_info(self) -> dict:
+        return {
+            "module": type(self).__name__,
+            "num_embeddings": self.num_embeddings,
+            "embedding_dim": self.embedding_dim,
+            "bits": self.bits,
+            "padding_idx": self.padding_idx,
+        }
+
+
+class HalfEmbedding(nn.Module):
+    """fp16 / bf16 table; looked-up rows are returned in fp32."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: str = "bf16", padding_idx: int | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.dtype_name = num_embeddings, embedding_dim, dtype
+        self.padding_idx = padding_idx
+        torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float16
+        self.register_buffer("weight", torch.zeros(num_embeddings, embedding_dim, dtype=torch_dtype))
+        self.scheme = dtype
+
+    @classmethod
+    def from_float(cls, embedding: nn.Embedding, dtype: str) -> "HalfEmbedding":
+        module = cls(embedding.num_embeddings, embedding.embedding_dim, dtype, embedding.padding_idx)
+        module.weight.copy_(embedding.weight.detach())
+        return module
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(ids, self.weight).float()
+
+    def kernel(self) -> str:
+        return f"{self.dtype_name} row gather"
+
+    def layer_info(self) -> dict:
+        return {
+            "module": type(self).__name__,
+            "num_embeddings": self.num_embeddings,
+            "embedding_dim": self.embedding_dim,
+            "dtype": self.dtype_name,
+            "padding_idx": self.padding_idx,
+        }
