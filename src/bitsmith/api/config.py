@@ -138,7 +138,9 @@ def target_matches(target: str, name: str, module_type: str) -> bool:
 
 
 def _first_error(err: ValidationError) -> str:
-    first = err.errors()[0]
+    # a misspelt key also leaves its intended key "missing": name the misspelling first
+    errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    first = errors[0]
     where = ".".join(str(p) for p in first["loc"]) or "top level"
     if first["type"] == "extra_forbidden":
         return f"unknown key '{where}'"

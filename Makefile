@@ -1,0 +1,29 @@
+# `make demo` and `make test` do all set-up themselves: a .venv with the project and its pinned
+# dependencies (torch==2.13.0 CPU), re-installed only when pyproject.toml changes.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.bitsmith-installed
+DEMO_OUT ?= out/demo
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	rm -rf $(DEMO_OUT)
+	$(VENV)/bin/bitsmith compress minilm --recipe w8a8-dynamic --out $(DEMO_OUT)
+	$(VENV)/bin/bitsmith inspect $(DEMO_OUT)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) -m pip install -q -e ".[test,bench]"
+	$(PY) bench/bench_minilm.py
+
+clean:
+	rm -rf out $(VENV)

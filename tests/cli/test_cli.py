@@ -1,0 +1,122 @@
+"""The CLI as a user runs it: a real process, real exit codes, one-line errors, nothing half-written."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, cwd=None):
+    proc = subprocess.run(
+        [sys.executable, "-m", "bitsmith.cli.main", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def assert_one_line_error(code, stderr, fragment):
+    assert code == 2, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], stderr
+    assert "Traceback" not in stderr
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory):
+    """One real `bitsmith compress` of the bundled MiniLM with --json, on a short text file."""
+    root = tmp_path_factory.mktemp("cli")
+    text = root / "sentences.txt"
+    text.write_text(
+        "The quick brown fox jumps over the lazy dog.\n\n"
+        "Quantization maps floating point weights to small integers.\n"
+        "A list comprehension builds a new list from an iterable.\n"
+    )
+    code, stdout, stderr = run("compress", "minilm", "--recipe", "w8a16", "--out", str(root / "out"),
+                               "--text", str(text), "--repeats", "1", "--json")
+    assert code == 0, stderr
+    return root, json.loads(stdout)
+
+
+def test_compress_json_and_metadata(compressed):
+    root, result = compressed
+    metrics = result["metrics"]
+    assert metrics["sentences"] == 3 and metrics["mean_cosine"] > 0.999
+    assert 0.25 < metrics["size_ratio"] < 0.27  # 0.254: int8 weights and tables, float LayerNorms/biases
+    meta = json.loads((root / "out" / "bitsmith.json").read_text())
+    assert meta["metrics"]["mean_cosine"] == metrics["mean_cosine"]
+    assert meta["source"] == {"kind": "zoo", "name": "minilm", "framework": "transformers", "class": "BertModel"}
+
+
+def test_inspect_json_names_kernels(compressed):
+    root, _ = compressed
+    code, stdout, stderr = run("inspect", str(root / "out"), "--json")
+    assert code == 0, stderr
+    layers = {row["name"]: row for row in json.loads(stdout)["layers"]}
+    query = layers["encoder.layer.0.attention.self.query"]
+    assert query["bits"] == 8 and query["bytes"] == 384 * 384 + 384 * 4 + 384 * 4
+    assert "_weight_int8pack_mm" in query["kernel"]
+    assert layers["embeddings.word_embeddings"]["module"] == "QuantizedEmbedding"
+
+
+def test_eval_compressed_dir_on_text(compressed):
+    root, result = compressed
+    code, stdout, stderr = run("eval", str(root / "out"), "--text", str(root / "sentences.txt"),
+                               "--repeats", "1", "--json")
+    assert code == 0, stderr
+    metrics = json.loads(stdout)
+    assert metrics["compressed"] and metrics["mean_cosine"] == pytest.approx(result["metrics"]["mean_cosine"], abs=1e-5)
+
+
+def test_out_not_empty(compressed):
+    root, _ = compressed
+    code, _, stderr = run("compress", "--out", str(root / "out"))
+    assert_one_line_error(code, stderr, "already exists and is not an empty directory")
+
+
+def test_missing_model_path(tmp_path):
+    code, _, stderr = run("compress", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, stderr, "model not found")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_recipe(tmp_path):
+    code, _, stderr = run("compress", "--recipe", "w3a3", "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, stderr, "unknown recipe 'w3a3'")
+
+
+def test_unknown_recipe_key(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("version: 1\nname: r\nquantize:\n  rules:\n    - targets: [Linear]\n"
+                      "      scheme: {weights: {dtype: int8, bits: 8}}\n")
+    code, _, stderr = run("compress", "--recipe", str(recipe), "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, stderr, "unknown key 'quantize.rules.0.scheme.weights.bits'")
+
+
+def test_group_size_that_does_not_divide(tmp_path):
+    recipe = tmp_path / "g.yaml"
+    recipe.write_text("version: 1\nname: g\nquantize:\n  rules:\n    - targets: [Linear]\n"
+                      "      scheme: {weights: {dtype: int4, granularity: 100}}\n")
+    code, _, stderr = run("compress", "--recipe", str(recipe), "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, stderr, "group size 100 does not divide layer")
+    assert not (tmp_path / "o").exists() and len(list(tmp_path.iterdir())) == 1
+
+
+def test_unwritable_out(tmp_path):
+    code, _, stderr = run("compress", "--out", str(tmp_path / "no" / "such" / "dir"))
+    assert_one_line_error(code, stderr, "parent directory")
+
+
+def test_corrupt_checkpoint_for_inspect_and_eval(compressed, tmp_path):
+    import shutil
+
+    root, _ = compressed
+    broken = tmp_path / "broken"
+    shutil.copytree(root / "out", broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    for command in ("inspect", "eval"):
+        code, _, stderr = run(command, str(broken))
+        assert_one_line_error(code, stderr, "truncated or corrupt checkpoint")
+    (broken / "bitsmith.json").write_text("{not json")
+    code, _, stderr = run("inspect", str(broken))
+    assert_one_line_error(code, stderr, "is not valid JSON")
