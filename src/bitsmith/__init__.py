@@ -6,6 +6,7 @@
     model = bitsmith.load("out/minilm-w8a8")
 """
 
+from bitsmith.api.compress import compress, evaluate
 from bitsmith.api.config import ActivationSpec, QuantizeConfig, Recipe, Rule, Scheme, WeightSpec
 from bitsmith.api.quantize import quantize_
 from bitsmith.api.recipes import builtin_recipes, load_recipe
@@ -23,6 +24,8 @@ __all__ = [
     "Scheme",
     "WeightSpec",
     "builtin_recipes",
+    "compress",
+    "evaluate",
     "load",
     "load_recipe",
     "quantize_",
