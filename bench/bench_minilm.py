@@ -1,0 +1,253 @@
+"""all-MiniLM-L6-v2 on this CPU: torch fp32 / bf16 / quantize_dynamic, ONNX Runtime fp32 / int8, bitsmith recipes.
+
+All variants embed the same padded batch of 64 evaluation sentences; latency is timed in interleaved rounds
+(median), fidelity is the cosine of mean-pooled normalized embeddings to torch fp32's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+import bitsmith
+from bitsmith.api.compress import machine_summary
+from bitsmith.api.evaluate import cosine_fidelity, interleaved_latency
+from bitsmith.zoo.minilm import encode_batch, load_minilm, model_dir, sentence_embeddings
+from bitsmith.zoo.text import doc_sentences
+
+TORCH_QDYNAMIC = "torch quantize_dynamic int8 per-channel"
+INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
+# (label, variant, metric, op, bound); a bound given as a variant name means "that variant's value"
+TARGETS = [
+    ("w8a8-dynamic mean cosine", "bitsmith w8a8-dynamic", "mean_cosine", ">=", 0.995),
+    ("w8a8-dynamic latency vs fp32", "bitsmith w8a8-dynamic", "latency_ratio", "<=", 0.65),
+    ("w8a8-dynamic latency vs torch qdynamic", "bitsmith w8a8-dynamic", "latency_ratio", "<=", TORCH_QDYNAMIC),
+    ("w4a16 mean cosine", "bitsmith w4a16", "mean_cosine", ">=", 0.95),
+    ("w4a16 size vs fp32", "bitsmith w4a16", "size_ratio", "<=", 0.22),
+    ("w8a16 mean cosine", "bitsmith w8a16", "mean_cosine", ">=", 0.999),
+]
+
+
+def cpu_features() -> str:
+    """The instruction-set flags that decide which int8/bf16 kernels are fast here."""
+    wanted = ("avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+    flags = next((ln.split(":", 1)[1].split() for ln in open("/proc/cpuinfo") if ln.startswith("flags")), [])
+    return " ".join(f for f in wanted if f in flags) or "none of " + "/".join(wanted)
+
+
+def torch_fn(model, batch, autocast=False):
+    def run():
+        if not autocast:
+            return sentence_embeddings(model, batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return sentence_embeddings(model, batch)
+
+    return run
+
+
+def torch_fp32(model, batch, tmp):
+    return torch_fn(model, batch), (model_dir() / "model.safetensors").stat().st_size
+
+
+def torch_bf16(model, batch, tmp):  # weights stay fp32 on disk
+    return torch_fn(model, batch, autocast=True), (model_dir() / "model.safetensors").stat().st_size
+
+
+def torch_qdynamic(model, batch, tmp):
+    spec = {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}
+    qmodel = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), spec, dtype=torch.qint8)
+    torch.save(qmodel.state_dict(), tmp / "qdynamic.pt")
+    return torch_fn(qmodel, batch), (tmp / "qdynamic.pt").stat().st_size
+
+
+def bitsmith_variant(recipe):
+    def build(model, batch, tmp):
+        qmodel = copy.deepcopy(model)
+        bitsmith.quantize_(qmodel, bitsmith.load_recipe(recipe))
+        bitsmith.save(qmodel, tmp / recipe)
+        return torch_fn(qmodel, batch), (tmp / recipe / "model.safetensors").stat().st_size
+
+    return build
+
+
+class _LastHidden(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        return out.last_hidden_state
+
+
+def export_onnx(model, batch, path: Path) -> str:
+    """Export to ``path`` (legacy TorchScript exporter, else dynamo); returns which path worked."""
+    wrapper = _LastHidden(copy.deepcopy(model)).eval()  # export restores the wrapper's mode recursively
+    args = tuple(batch[n] for n in INPUTS)
+    axes = {n: {0: "batch", 1: "seq"} for n in INPUTS + ["last_hidden_state"]}
+    common = dict(input_names=INPUTS, output_names=["last_hidden_state"], dynamic_axes=axes)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            torch.onnx.export(wrapper, args, str(path), opset_version=17, dynamo=False, **common)
+            used = "legacy TorchScript exporter (dynamo=False), opset 17"
+        except Exception as err:  # noqa: BLE001 - fall back to the dynamo exporter
+            print(f"legacy ONNX export failed ({type(err).__name__}: {err}); trying dynamo=True")
+            torch.onnx.export(wrapper, args, str(path), dynamo=True, external_data=False, **common)
+            used = f"dynamo exporter (legacy failed: {type(err).__name__})"
+    kinds = sorted({w.category.__name__ for w in caught})
+    return f"{used}; {len(caught)} warnings during export ({', '.join(kinds) or 'none'})"
+
+
+def ort_fn(path: Path, batch, threads: int):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    feeds = {n: batch[n].numpy() for n in INPUTS}
+    mask = feeds["attention_mask"][..., None].astype(np.float32)
+
+    def run():
+        hidden = session.run(None, feeds)[0]
+        pooled = (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1.0)
+        return torch.from_numpy(pooled / np.linalg.norm(pooled, axis=-1, keepdims=True))
+
+    return run
+
+
+def preprocess_onnx(src: Path, dst: Path) -> tuple[Path, str]:
+    """ORT's quant_pre_process; symbolic shape inference needs auto_merge on this graph."""
+    from onnxruntime.quantization import quant_pre_process
+
+    for kwargs in ({"auto_merge": True}, {"skip_symbolic_shape": True}):
+        try:
+            quant_pre_process(str(src), str(dst), **kwargs)
+            return dst, f"quant_pre_process({', '.join(f'{k}={v}' for k, v in kwargs.items())})"
+        except Exception as err:  # noqa: BLE001 - try the next setting, else quantize the raw export
+            print(f"quant_pre_process{kwargs} failed: {type(err).__name__}: {err}")
+    return src, "none (quant_pre_process failed)"
+
+
+def build_all(model, batch, tmp: Path, threads: int, notes: dict):
+    builders = {
+        "torch fp32": torch_fp32,
+        "torch bf16 autocast": torch_bf16,
+        TORCH_QDYNAMIC: torch_qdynamic,
+    }
+    onnx_path = tmp / "minilm.onnx"
+    notes["onnx_export"] = export_onnx(model, batch, onnx_path)
+    builders["ORT fp32"] = lambda m, b, t: (ort_fn(onnx_path, b, threads), onnx_path.stat().st_size)
+    builders["ORT quantize_dynamic int8 per-channel"] = lambda m, b, t: ort_int8(onnx_path, b, t, threads, notes)
+    for recipe in ("w8a8-dynamic", "w8a16", "w4a16"):
+        builders[f"bitsmith {recipe}"] = bitsmith_variant(recipe)
+    fns, sizes, errors = {}, {}, {}
+    for name, build in builders.items():
+        try:
+            fns[name], sizes[name] = build(model, batch, tmp)
+        except Exception as err:  # noqa: BLE001 - report the failure, keep benchmarking the rest
+            errors[name] = f"{type(err).__name__}: {err}"
+            print(f"variant {name!r} failed: {errors[name]}")
+    return fns, sizes, errors
+
+
+def ort_int8(onnx_path: Path, batch, tmp: Path, threads: int, notes: dict):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src, notes["ort_preprocess"] = preprocess_onnx(onnx_path, tmp / "minilm-pre.onnx")
+    out = tmp / "minilm-int8.onnx"
+    quantize_dynamic(str(src), str(out), per_channel=True, weight_type=QuantType.QInt8)
+    return ort_fn(out, batch, threads), out.stat().st_size
+
+
+def measure(fns, sizes, errors, repeats: int) -> list[dict]:
+    ref_name = "torch fp32"
+    outputs = {name: fn() for name, fn in fns.items()}
+    latency = interleaved_latency(fns, repeats=repeats)
+    rows = []
+    for name in list(fns) + list(errors):
+        row = {"variant": name, "error": errors.get(name)}
+        if name in fns:
+            row.update(latency_s=latency[name], latency_ratio=latency[name] / latency[ref_name])
+            row.update(bytes=sizes[name], size_ratio=sizes[name] / sizes[ref_name])
+            row.update(cosine_fidelity(outputs[name], outputs[ref_name]))
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| variant | latency vs fp32 | median s | size MB | size vs fp32 | mean cosine | min cosine |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["error"]:
+            lines.append(f"| {r['variant']} | failed: {r['error'][:80]} | | | | | |")
+            continue
+        lines.append(
+            f"| {r['variant']} | {r['latency_ratio']:.2f} | {r['latency_s']:.3f} | {r['bytes'] / 1e6:.1f} "
+            f"| {r['size_ratio']:.3f} | {r['mean_cosine']:.5f} | {r['min_cosine']:.5f} |"
+        )
+    return "\n".join(lines)
+
+
+def check_targets(rows: list[dict]) -> list[dict]:
+    by_name = {r["variant"]: r for r in rows if not r["error"]}
+    checks = []
+    for label, variant, metric, op, bound in TARGETS:
+        if isinstance(bound, str):
+            bound = by_name[bound][metric] if bound in by_name else None
+        value = by_name[variant][metric] if variant in by_name else None
+        ok = None not in (value, bound) and (value >= bound if op == ">=" else value <= bound)
+        shown = "n/a" if bound is None else f"{bound:.4g}"
+        checks.append({"target": f"{label} {op} {shown}", "value": value, "bound": bound, "pass": bool(ok)})
+    return checks
+
+
+def report(machine: dict, notes: dict, rows: list[dict], checks: list[dict]) -> None:
+    print(f"\nCPU: {machine['cpu']} ({machine['features']}) | torch {machine['torch']} "
+          f"| onnxruntime {machine['onnxruntime']} | threads {machine['threads']}")
+    print(f"batch {notes['batch_shape']}, {notes['repeats']} interleaved rounds (median); sizes in MB = 1e6 bytes")
+    print(f"ONNX export: {notes.get('onnx_export')}; ORT int8 pre-processing: {notes.get('ort_preprocess')}\n")
+    print(markdown(rows) + "\n")
+    for c in checks:
+        value = "n/a" if c["value"] is None else f"{c['value']:.4f}"
+        print(f"{'PASS' if c['pass'] else 'FAIL'}  {c['target']}  (measured {value})")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds per variant (median); one warm-up")
+    parser.add_argument("--threads", type=int, default=2, help="torch and ORT intra-op threads")
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_minilm()
+    batch = encode_batch(tokenizer, doc_sentences(64), max_length=128)
+    notes = {"sentences": 64, "batch_shape": list(batch["input_ids"].shape), "repeats": args.repeats}
+    tmp = Path(tempfile.mkdtemp(prefix="bench-minilm-"))
+    try:
+        fns, sizes, errors = build_all(model, batch, tmp, args.threads, notes)
+        rows = measure(fns, sizes, errors, args.repeats)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    machine = {**machine_summary(), "features": cpu_features(), "onnxruntime": ort.__version__}
+    machine["threads"] = torch.get_num_threads()
+    checks = check_targets(rows)
+    report(machine, notes, rows, checks)
+    if args.json:
+        payload = {"machine": machine, "settings": notes, "results": rows, "checks": checks}
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
