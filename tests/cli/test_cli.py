@@ -101,9 +101,10 @@ def test_group_size_that_does_not_divide(tmp_path):
     assert not (tmp_path / "o").exists() and len(list(tmp_path.iterdir())) == 1
 
 
-def test_unwritable_out(tmp_path):
-    code, _, stderr = run("compress", "--out", str(tmp_path / "no" / "such" / "dir"))
-    assert_one_line_error(code, stderr, "parent directory")
+def test_out_under_a_file(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    code, _, stderr = run("compress", "--out", str(tmp_path / "afile" / "dir"))
+    assert_one_line_error(code, stderr, "is a file, not a directory")
 
 
 def test_corrupt_checkpoint_for_inspect_and_eval(compressed, tmp_path):

@@ -58,11 +58,14 @@ def prepare_output_dir(out: str | Path) -> Path:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BitsmithError(f"output {out} already exists and is not an empty directory; choose another --out")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise BitsmithError(f"cannot write {out}: parent directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise BitsmithError(f"cannot write {out}: no write permission in {parent}")
+    # missing parents are created at save time; the nearest existing one must be a writable directory
+    ancestor = out.resolve().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise BitsmithError(f"cannot write {out}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK):
+        raise BitsmithError(f"cannot write {out}: no write permission in {ancestor}")
     return out
 
 
@@ -101,6 +104,7 @@ def save(
 ) -> dict:
     """Write ``model`` to the new directory ``out``; returns the metadata written to bitsmith.json."""
     out = prepare_output_dir(out)
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent))
     try:
         tensors = _state_dict_for_disk(model)

@@ -71,6 +71,14 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, amax.div_(127.0)
 
 
+def _quantize_rows_chunked(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_per_token over row chunks that fit in L2, gathered into one (M, K) uint8 tensor."""
+    if x.shape[0] <= W8A8_CHUNK_ROWS:
+        return quantize_per_token(x)
+    parts = [quantize_per_token(rows) for rows in x.split(W8A8_CHUNK_ROWS)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
 def int8_dynamic_linear(
     x: torch.Tensor,
     packed_weight: torch.Tensor,
@@ -78,18 +86,25 @@ def int8_dynamic_linear(
     bias: torch.Tensor | None,
     out_features: int,
 ) -> torch.Tensor:
-    """W8A8: int8 per-channel weight (prepacked), int8 per-token activations quantized on the fly."""
+    """W8A8: int8 per-channel weight (prepacked), int8 per-token activations quantized on the fly.
+
+    Two schedules, by measurement (bench/bench_kernels.py): when the output is wider than the input
+    (N > K) one GEMM over all rows with the per-token scale applied in place on its result avoids a
+    second pass over the large output; otherwise row chunks keep input, codes and output in cache.
+    """
+    x = x.float()
     zero = torch.zeros(out_features, dtype=torch.long)
+    if out_features > x.shape[1]:
+        codes, token_scale = _quantize_rows_chunked(x)
+        acc = _qlinear(codes, packed_weight, weight_scale, zero)  # (M, N): sum(q_x * q_w) * s_w
+        return acc.mul_(token_scale) if bias is None else torch.addcmul(bias, acc, token_scale, out=acc)
     out = torch.empty(x.shape[0], out_features, dtype=torch.float32)
     for start in range(0, x.shape[0], W8A8_CHUNK_ROWS):
-        rows = x[start : start + W8A8_CHUNK_ROWS].float()
-        codes, token_scale = quantize_per_token(rows)
-        acc = _qlinear(codes, packed_weight, weight_scale, zero)  # (rows, N): sum(q_x * q_w) * s_w
-        if bias is None:
-            torch.mul(acc, token_scale, out=out[start : start + W8A8_CHUNK_ROWS])
-        else:
-            torch.addcmul(bias, acc, token_scale, out=out[start : start + W8A8_CHUNK_ROWS])
-    return out.to(x.dtype)
+        codes, token_scale = quantize_per_token(x[start : start + W8A8_CHUNK_ROWS])
+        acc = _qlinear(codes, packed_weight, weight_scale, zero)
+        rows = out[start : start + W8A8_CHUNK_ROWS]
+        torch.mul(acc, token_scale, out=rows) if bias is None else torch.addcmul(bias, acc, token_scale, out=rows)
+    return out
 
 
 def dequantized_bf16_linear(x: torch.Tensor, weight_bf16: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -134,7 +134,7 @@ class Int8DynamicLinear(_Int8Linear):
         if self._packed is None:
             self._packed = kernels.prepack_int8_weight(self.weight_codes)
         scale = self.weight_scale[:, 0].contiguous()
-        return kernels.int8_dynamic_linear(x, self._packed, scale, self.bias, self.out_features)
+        return kernels.int8_dynamic_linear(x, self._packed, scale, self.bias, self.out_features).to(x.dtype)
 
     def kernel(self) -> str:
         if kernels.onednn_int8_available():
