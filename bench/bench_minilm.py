@@ -112,6 +112,9 @@ def export_onnx(model, batch, path: Path) -> str:
 def ort_fn(path: Path, batch, threads: int):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    # ORT's worker threads spin after each run by default; in an interleaved run that spinning
+    # steals the 2 cores from whichever variant is timed next, so it is turned off here
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     feeds = {n: batch[n].numpy() for n in INPUTS}
     mask = feeds["attention_mask"][..., None].astype(np.float32)

@@ -8,7 +8,8 @@ BENCHMARKS.md), on a 2-core Sapphire Rapids with torch 2.13:
   (fp32 activations take a scalar path, 10-100x slower), and only for small M: at M=512 a bf16
   matmul on the dequantized weight (AMX) is faster. Weight-only schemes therefore run with bf16
   activations (the "a16" of w8a16 / w4a16) and switch at ``WEIGHT_ONLY_MAX_M`` rows.
-- W8A8 runs oneDNN's ``qlinear_pointwise`` (AMX/VNNI int8) on uint8 activations quantized per token.
+- W8A8 runs oneDNN's ``qlinear_pointwise`` (AMX/VNNI int8) on uint8 activations quantized per token,
+  by the fused native loop of ``native.py`` where it could be built, else by eager torch ops.
   The int8 (s8) activation path of that op is a reference loop (1000x slower), so per-token symmetric
   codes are stored as uint8 with a shared zero point of 128.
 """
@@ -18,6 +19,8 @@ from __future__ import annotations
 import functools
 
 import torch
+
+from bitsmith.nn import native
 
 __all__ = [
     "WEIGHT_ONLY_MAX_M",
@@ -92,8 +95,12 @@ def int8_dynamic_linear(
     (N > K) one GEMM over all rows with the per-token scale applied in place on its result avoids a
     second pass over the large output; otherwise row chunks keep input, codes and output in cache.
     """
-    x = x.float()
+    x = x.float().contiguous()
     zero = torch.zeros(out_features, dtype=torch.long)
+    if native.available():  # fused: one read of x for the codes, one in-place pass for the epilogue
+        codes, token_scale = native.quantize_per_token_u8(x)
+        acc = _qlinear(codes, packed_weight, weight_scale, zero)
+        return native.scale_rows_add_bias(acc, token_scale, None if bias is None else bias.float().contiguous())
     if out_features > x.shape[1]:
         codes, token_scale = _quantize_rows_chunked(x)
         acc = _qlinear(codes, packed_weight, weight_scale, zero)  # (M, N): sum(q_x * q_w) * s_w

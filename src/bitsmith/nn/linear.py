@@ -14,7 +14,7 @@ from torch import nn
 from bitsmith.algorithms.rtn import QuantizedWeight
 from bitsmith.formats.affine import dequantize_affine
 from bitsmith.formats.packing import pack_codes, unpack_codes
-from bitsmith.nn import kernels
+from bitsmith.nn import kernels, native
 
 __all__ = ["HalfLinear", "Int8WeightOnlyLinear", "Int8DynamicLinear", "IntxWeightOnlyLinear"]
 
@@ -138,7 +138,8 @@ class Int8DynamicLinear(_Int8Linear):
 
     def kernel(self) -> str:
         if kernels.onednn_int8_available():
-            return "oneDNN qlinear int8 x int8 (AMX/VNNI), per-token uint8 activations"
+            how = "fused native" if native.available() else "eager torch (no C compiler: slower)"
+            return f"oneDNN qlinear int8 x int8 (AMX/VNNI); per-token activation quantization: {how}"
         return "fallback: fp32 matmul on dequantized weight (oneDNN int8 not available)"
 
 
