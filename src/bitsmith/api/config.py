@@ -63,10 +63,23 @@ class WeightSpec(_Strict):
         return value
 
 
+ObserverName = Literal["minmax", "moving_average", "percentile", "entropy", "mse"]
+
+
 class ActivationSpec(_Strict):
     dtype: Literal["int8"] = "int8"
-    granularity: Literal["token"] = "token"  # one scale per row of the activation, chosen at run time
-    dynamic: Literal[True] = True  # static (calibrated) activations come with calibration support
+    # dynamic: one scale per token (row), chosen at run time; static: one calibrated scale per tensor
+    granularity: Literal["token", "tensor"] = "token"
+    dynamic: bool = True
+    observer: ObserverName = "minmax"  # how a static range is chosen from the calibration data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ActivationSpec":
+        if self.dynamic and self.granularity != "token":
+            raise ValueError("dynamic activations are quantized per token (granularity: token)")
+        if not self.dynamic and self.granularity != "tensor":
+            raise ValueError("static activations use one calibrated range per tensor (granularity: tensor)")
+        return self
 
 
 class Scheme(_Strict):
@@ -84,7 +97,9 @@ class Scheme(_Strict):
         if w.bits is None:
             return w.dtype
         gran = f"g{w.granularity}" if isinstance(w.granularity, int) else f"per-{w.granularity}"
-        act = "a8 per-token dynamic" if self.activations else "a16"
+        act = "a16"
+        if self.activations is not None:
+            act = "a8 per-token dynamic" if self.activations.dynamic else f"a8 static ({self.activations.observer})"
         return f"w{w.bits} {gran} {'sym' if w.symmetric else 'asym'} {act}"
 
 
@@ -110,6 +125,14 @@ class QuantizeConfig(_Strict):
     version: Literal[1] = CONFIG_VERSION
     rules: list[Rule]
     ignore: list[str] = []
+    # preparation before static quantization (on float weights, function-preserving)
+    fold_batchnorm: bool = True  # Conv2d -> BatchNorm2d pairs become one Conv2d
+    cross_layer_equalization: bool = False  # rescale channels of consecutive convolutions
+    bias_correction: bool = False  # subtract the output mean shift caused by weight rounding
+
+    @property
+    def is_static(self) -> bool:
+        return any(r.scheme and r.scheme.activations and not r.scheme.activations.dynamic for r in self.rules)
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from bitsmith.algorithms.rtn import quantize_weight_rtn
+from bitsmith.api.calibrate import build_static, collect_activation_stats, prepare_static_, relu_followers
 from bitsmith.api.config import QuantizeConfig, Recipe, Scheme, target_matches
 from bitsmith.errors import BitsmithError
 from bitsmith.nn import (
@@ -22,7 +24,7 @@ from bitsmith.nn import (
 
 __all__ = ["quantize_", "QuantizeReport", "plan"]
 
-SUPPORTED_TYPES = (nn.Linear, nn.Embedding)
+SUPPORTED_TYPES = (nn.Linear, nn.Embedding, nn.Conv2d)
 
 
 @dataclass
@@ -31,6 +33,7 @@ class QuantizeReport:
 
     quantized: dict[str, str] = field(default_factory=dict)  # name -> scheme description
     skipped: dict[str, str] = field(default_factory=dict)  # name -> reason kept in float
+    prepared: dict = field(default_factory=dict)  # BatchNorm folding / equalization applied
 
 
 def plan(model: nn.Module, config: QuantizeConfig) -> tuple[dict[str, Scheme], dict[str, str]]:
@@ -50,9 +53,29 @@ def plan(model: nn.Module, config: QuantizeConfig) -> tuple[dict[str, Scheme], d
                     if any(t.startswith("re:") or t == name for t in rule.targets):
                         skipped[name] = f"{type_name} is not a layer type bitsmith quantizes; left in float"
                     break
-                chosen[name] = rule.scheme
+                reason = _unsupported(module, rule.scheme)
+                if reason:
+                    skipped[name] = reason
+                else:
+                    chosen[name] = rule.scheme
                 break
     return chosen, skipped
+
+
+def _is_static(scheme: Scheme) -> bool:
+    return scheme.activations is not None and not scheme.activations.dynamic
+
+
+def _unsupported(module: nn.Module, scheme: Scheme) -> str | None:
+    """Why this scheme cannot run on this layer (it is then left in float and reported)."""
+    if isinstance(module, nn.Conv2d):
+        if not _is_static(scheme) or scheme.weights.dtype != "int8":
+            return "Conv2d is quantized only by w8a8-static schemes here; left in float"
+        if isinstance(module.padding, str) or module.padding_mode != "zeros":
+            return "Conv2d with string padding or non-zero padding mode has no int8 kernel; left in float"
+    elif _is_static(scheme) and isinstance(module, nn.Embedding):
+        return "static activation quantization does not apply to Embedding; left in float"
+    return None
 
 
 def _check_finite(name: str, weight: torch.Tensor) -> None:
@@ -95,18 +118,36 @@ def _quantize_embedding(name: str, embedding: nn.Embedding, scheme: Scheme) -> n
     return QuantizedEmbedding.from_quantized(qweight, embedding.padding_idx)
 
 
+def _quantize_static(name, module, stats, relu_slot, bias_correction, report) -> nn.Module | None:
+    if stats.count == 0:
+        report.skipped[name] = "saw no calibration data; left in float"
+        return None
+    new = build_static(name, module, stats, relu_slot is not None, bias_correction)
+    if relu_slot is not None:  # the ReLU now runs inside the int8 kernel
+        parent, index = relu_slot
+        parent[index] = nn.Identity()
+    return new
+
+
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
 
 
-def quantize_(model: nn.Module, config: QuantizeConfig | Recipe, progress=None) -> QuantizeReport:
+def quantize_(
+    model: nn.Module, config: QuantizeConfig | Recipe, calibration: Iterable | None = None, progress=None
+) -> QuantizeReport:
     """Quantize ``model`` in place. Every target is checked before any layer is replaced, so a bad
-    layer (NaN weights, a group size that does not divide it) leaves the model untouched."""
+    layer (NaN weights, a group size that does not divide it) leaves the model untouched.
+
+    Schemes with static activations need ``calibration``: an iterable of model inputs (tensors,
+    tuples, or keyword dicts), run through the float model to fix each layer's input range."""
     recipe_dict = config.model_dump(mode="json")
     if isinstance(config, Recipe):
         config = config.quantize
+    if config.is_static and calibration is None:
+        raise BitsmithError("this recipe quantizes activations statically: give calibration data (--calib)")
     chosen, skipped = plan(model, config)
     modules = dict(model.named_modules())
     for name, scheme in chosen.items():
@@ -114,10 +155,21 @@ def quantize_(model: nn.Module, config: QuantizeConfig | Recipe, progress=None) 
         if isinstance(modules[name], nn.Linear) and scheme.weights.bits is not None:
             _check_group(name, scheme, modules[name].in_features)
     report = QuantizeReport(skipped=skipped)
+    static = {name: scheme for name, scheme in chosen.items() if _is_static(scheme)}
+    stats, fusable = {}, {}
+    if static:
+        report.prepared = prepare_static_(model, config)
+        modules = dict(model.named_modules())
+        stats = collect_activation_stats(model, static, calibration, progress)
+        fusable = relu_followers(model)
     with torch.no_grad():
         for name, scheme in chosen.items():
             module = modules[name]
-            if isinstance(module, nn.Linear):
+            if name in static:
+                new = _quantize_static(name, module, stats[name], fusable.get(name), config.bias_correction, report)
+                if new is None:
+                    continue
+            elif isinstance(module, nn.Linear):
                 new = _quantize_linear(name, module, scheme)
             else:
                 new = _quantize_embedding(name, module, scheme)
@@ -126,5 +178,5 @@ def quantize_(model: nn.Module, config: QuantizeConfig | Recipe, progress=None) 
             if progress is not None:
                 progress(name)
     model.bitsmith_recipe = recipe_dict
-    model.bitsmith_skipped = {**getattr(model, "bitsmith_skipped", {}), **skipped}
+    model.bitsmith_skipped = {**getattr(model, "bitsmith_skipped", {}), **report.skipped}
     return report

@@ -115,6 +115,8 @@ def save(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         layers = {n: m.layer_info() for n, m in model.named_modules() if isinstance(m, QUANTIZED_MODULES)}
+        # layers that quantization turned into Identity (folded BatchNorm, ReLU fused into a kernel)
+        layers.update({n: {"module": "Identity"} for n, m in model.named_modules() if isinstance(m, nn.Identity)})
         meta = {
             "format_version": FORMAT_VERSION,
             "source": _source_of(model),

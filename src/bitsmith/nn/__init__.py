@@ -6,6 +6,7 @@ from torch import nn
 
 from bitsmith.nn.embedding import HalfEmbedding, QuantizedEmbedding
 from bitsmith.nn.linear import HalfLinear, Int8DynamicLinear, Int8WeightOnlyLinear, IntxWeightOnlyLinear
+from bitsmith.nn.static import StaticInt8Conv2d, StaticInt8Linear
 
 __all__ = [
     "HalfEmbedding",
@@ -14,6 +15,8 @@ __all__ = [
     "Int8WeightOnlyLinear",
     "IntxWeightOnlyLinear",
     "QuantizedEmbedding",
+    "StaticInt8Conv2d",
+    "StaticInt8Linear",
     "QUANTIZED_MODULES",
     "module_from_info",
 ]
@@ -25,6 +28,8 @@ QUANTIZED_MODULES = (
     Int8WeightOnlyLinear,
     IntxWeightOnlyLinear,
     QuantizedEmbedding,
+    StaticInt8Conv2d,
+    StaticInt8Linear,
 )
 
 
@@ -38,6 +43,15 @@ def module_from_info(info: dict) -> nn.Module:
         if kind == "IntxWeightOnlyLinear":
             return IntxWeightOnlyLinear(*args, bits=info["bits"], group_size=info["group_size"])
         return {"Int8DynamicLinear": Int8DynamicLinear, "Int8WeightOnlyLinear": Int8WeightOnlyLinear}[kind](*args)
+    if kind == "Identity":
+        return nn.Identity()
+    if kind == "StaticInt8Linear":
+        return StaticInt8Linear(info["in_features"], info["out_features"], info["has_bias"], info["fused_relu"])
+    if kind == "StaticInt8Conv2d":
+        return StaticInt8Conv2d(
+            info["in_channels"], info["out_channels"], info["kernel_size"], info["stride"], info["padding"],
+            info["dilation"], info["groups"], info["has_bias"], info["fused_relu"],
+        )
     if kind == "QuantizedEmbedding":
         return QuantizedEmbedding(info["num_embeddings"], info["embedding_dim"], info["bits"], info["padding_idx"])
     if kind == "HalfEmbedding":

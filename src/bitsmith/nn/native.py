@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "quantize_per_token_u8", "scale_rows_add_bias"]
+__all__ = ["available", "quantize_per_token_u8", "quantize_static_u8", "scale_rows_add_bias"]
 
 _SOURCE = Path(__file__).parent / "csrc" / "quant.c"
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
@@ -61,6 +61,7 @@ def _library() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.bitsmith_quantize_per_token_u8.argtypes = [ptr, i64, i64, ptr, ptr, ctypes.c_int]
     lib.bitsmith_scale_rows_add_bias.argtypes = [ptr, i64, i64, ptr, ptr, ctypes.c_int]
+    lib.bitsmith_quantize_static_u8.argtypes = [ptr, i64, ctypes.c_float, ctypes.c_int32, ptr, ctypes.c_int]
     return lib
 
 
@@ -87,3 +88,18 @@ def scale_rows_add_bias(out: torch.Tensor, scale: torch.Tensor, bias: torch.Tens
         out.data_ptr(), rows, cols, scale.data_ptr(), bias_ptr, torch.get_num_threads()
     )
     return out
+
+
+def quantize_static_u8(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """x float32 contiguous (any shape) -> uint8 codes ``clamp(round(x / scale) + zero_point, 0, 255)``."""
+    codes = torch.empty(x.shape, dtype=torch.uint8, memory_format=_memory_format(x))
+    _library().bitsmith_quantize_static_u8(
+        x.data_ptr(), x.numel(), 1.0 / scale, zero_point, codes.data_ptr(), torch.get_num_threads()
+    )
+    return codes
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format

@@ -48,3 +48,19 @@ void bitsmith_scale_rows_add_bias(float *out, int64_t rows, int64_t cols, const 
         }
     }
 }
+
+/* Static (calibrated) per-tensor quantization: codes = clamp(round(x / scale) + zero_point, 0, 255).
+ * x and codes have n elements. */
+void bitsmith_quantize_static_u8(const float *x, int64_t n, float inv_scale, int32_t zero_point, uint8_t *codes,
+                                 int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t start = 0; start < n; start += 16384) {
+        const int64_t end = start + 16384 < n ? start + 16384 : n;
+#pragma omp simd
+        for (int64_t j = start; j < end; ++j) {
+            float q = nearbyintf(x[j] * inv_scale) + (float)zero_point;
+            q = q < 0.0f ? 0.0f : (q > 255.0f ? 255.0f : q);
+            codes[j] = (uint8_t)q;
+        }
+    }
+}

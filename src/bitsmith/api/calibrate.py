@@ -1,0 +1,117 @@
+"""Static quantization plumbing: prepare the float model, observe activations on calibration data,
+and build the static int8 modules (the math lives in algorithms/)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from bitsmith.algorithms.bias_correction import bias_shift
+from bitsmith.algorithms.equalize import cross_layer_equalize_
+from bitsmith.algorithms.fold import fold_batchnorm_, sequential_pairs
+from bitsmith.algorithms.observers import make_observer, qparams_u8
+from bitsmith.algorithms.rtn import quantize_weight_rtn
+from bitsmith.api.config import QuantizeConfig, Scheme
+from bitsmith.errors import BitsmithError
+from bitsmith.formats.affine import dequantize_affine
+from bitsmith.nn.static import StaticInt8Conv2d, StaticInt8Linear
+
+__all__ = ["prepare_static_", "collect_activation_stats", "run_batch", "build_static", "ActivationStats"]
+
+
+@dataclass
+class ActivationStats:
+    observer: object
+    channel_sum: torch.Tensor | None = None  # (in,) running sum of the input per channel
+    count: int = 0
+
+    def channel_mean(self) -> torch.Tensor:
+        return self.channel_sum / max(self.count, 1)
+
+
+def prepare_static_(model: nn.Module, config: QuantizeConfig) -> dict:
+    """Function-preserving rewrites before observing: BatchNorm folding, cross-layer equalization."""
+    done = {}
+    if config.fold_batchnorm:
+        done["folded_batchnorm"] = fold_batchnorm_(model)
+    if config.cross_layer_equalization:
+        done["equalized"] = [list(pair) for pair in cross_layer_equalize_(model)]
+    return done
+
+
+def run_batch(model: nn.Module, batch):
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def _hook(stats: ActivationStats, channel_dim: int):
+    def observe(module, args):
+        x = args[0].detach().float()
+        stats.observer.update(x)
+        dims = [d for d in range(x.dim()) if d != channel_dim % x.dim()]
+        total = x.sum(dim=dims)  # (in,)
+        stats.channel_sum = total if stats.channel_sum is None else stats.channel_sum + total
+        stats.count += x.numel() // x.shape[channel_dim]
+
+    return observe
+
+
+def collect_activation_stats(
+    model: nn.Module, targets: dict[str, Scheme], batches: Iterable, progress=None
+) -> dict[str, ActivationStats]:
+    """Run ``batches`` through ``model`` with an observer on each target's input."""
+    modules = dict(model.named_modules())
+    stats, handles = {}, []
+    for name, scheme in targets.items():
+        stats[name] = ActivationStats(make_observer(scheme.activations.observer))
+        channel_dim = 1 if isinstance(modules[name], nn.Conv2d) else -1
+        handles.append(modules[name].register_forward_pre_hook(_hook(stats[name], channel_dim)))
+    seen = 0
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                run_batch(model, batch)
+                seen += 1
+                if progress is not None:
+                    progress(f"calibration batch {seen}")
+    finally:
+        for handle in handles:
+            handle.remove()
+    if seen == 0:
+        raise BitsmithError("the calibration set is empty: static quantization needs at least one sample")
+    return stats
+
+
+def relu_followers(model: nn.Module) -> dict[str, tuple[nn.Sequential, int]]:
+    """Conv2d / Linear layers directly followed by nn.ReLU in a Sequential: name -> (parent, relu index)."""
+    pairs = sequential_pairs(model, (nn.Conv2d, nn.Linear), (nn.ReLU,))
+    return {name: (parent, index + 1) for parent, index, name, _, _ in pairs}
+
+
+def build_static(
+    name: str, module: nn.Module, stats: ActivationStats, fuse_relu: bool, bias_correction: bool
+) -> nn.Module:
+    """The static int8 replacement of ``module`` (Linear or Conv2d) with its calibrated input range."""
+    weight = module.weight.detach()
+    flat = weight.reshape(weight.shape[0], -1)  # (out, in * taps): one scale per output channel
+    qweight = quantize_weight_rtn(flat, 8, "channel", symmetric=True)
+    bias = None if module.bias is None else module.bias.detach().clone()
+    if bias_correction:
+        dequantized = dequantize_affine(qweight.codes, (1, flat.shape[1]), qweight.scale, qweight.zero_point)
+        shift = bias_shift(weight, dequantized.reshape(weight.shape), stats.channel_mean())
+        bias = -shift if bias is None else bias - shift
+    if isinstance(module, nn.Conv2d):
+        new = StaticInt8Conv2d.like(module, fused_relu=fuse_relu)
+        if bias is not None and new.bias is None:
+            new.register_buffer("bias", torch.zeros(module.out_channels))
+    else:
+        new = StaticInt8Linear(module.in_features, module.out_features, bias is not None, fused_relu=fuse_relu)
+    new.set_weight(qweight.codes.reshape(weight.shape), qweight.scale, bias)
+    new.set_input_range(*qparams_u8(*stats.observer.range()))
+    return new
