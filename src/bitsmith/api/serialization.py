@@ -173,6 +173,12 @@ def read_metadata(path: str | Path, verify: bool = True) -> dict:
 
 def _skeleton(path: Path, meta: dict) -> nn.Module:
     source = meta["source"]
+    if source.get("kind") == "zoo":
+        from bitsmith.zoo import zoo_skeleton
+
+        skeleton = zoo_skeleton(source.get("name", ""))
+        if skeleton is not None:
+            return skeleton
     if source.get("framework") != "transformers":
         raise BitsmithError(
             f"{path} holds a {source.get('class', 'custom')} model: pass an instance of it, load(path, model=...)"

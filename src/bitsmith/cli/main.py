@@ -30,6 +30,13 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
+def _fidelity_columns(m: dict) -> dict[str, tuple[str, str]]:
+    """Column name -> (float model's value, compressed model's value) for the task's fidelity."""
+    if "mean_cosine" in m:
+        return {"mean cosine": ("1", f"{m['mean_cosine']:.5f}"), "min cosine": ("1", f"{m['min_cosine']:.5f}")}
+    return {"test accuracy": (f"{100 * m['float_accuracy']:.2f}%", f"{100 * m['accuracy']:.2f}%")}
+
+
 def _emit_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
@@ -40,6 +47,10 @@ def compress(
     recipe: str = typer.Option("w8a8-dynamic", "--recipe", "-r", help="Built-in recipe name or a YAML file."),
     out: Path = typer.Option(..., "--out", "-o", help="New (or empty) directory to write the compressed model to."),
     text: Optional[Path] = typer.Option(None, "--text", help="Evaluate on this text file (one sentence per line)."),
+    calib: Optional[Path] = typer.Option(
+        None, "--calib", help="Calibration set: text/JSONL file, folder of images or .npy/.pt, or a datasets folder."
+    ),
+    calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration samples to use."),
     repeats: int = typer.Option(5, help="Timed runs per model (median reported)."),
     as_json: bool = JSON_OPTION,
 ):
@@ -57,24 +68,27 @@ def compress(
         def step(name: str) -> None:
             progress.update(task, advance=1, description=name)
 
-        result = run_compress(model, recipe, out, text=text, repeats=repeats, progress=step)
+        result = run_compress(
+            model, recipe, out, text=text, calib=calib, calib_samples=calib_samples, repeats=repeats, progress=step
+        )
     result.pop("model")
     if as_json:
         _emit_json(result)
         return
     m = result["metrics"]
     table = Table(title=f"{model} -> {recipe}  ({m['machine']['cpu']}, {m['machine']['threads']} threads)")
-    for column in ("model", "size", "latency", "vs float", "mean cosine", "min cosine"):
+    fidelity = _fidelity_columns(m)
+    for column in ("model", "size", "latency", "vs float", *fidelity):
         table.add_column(column, justify="right" if column != "model" else "left")
-    table.add_row("float (original)", _mb(m["original_bytes"]), f"{m['original_latency_s'] * 1e3:.0f} ms", "1.00x", "1", "1")
-    table.add_row(
-        recipe, _mb(m["bytes"]), f"{m['latency_s'] * 1e3:.0f} ms", f"{m['latency_ratio']:.2f}x",
-        f"{m['mean_cosine']:.5f}", f"{m['min_cosine']:.5f}",
-    )
+    table.add_row("float (original)", _mb(m["original_bytes"]), f"{m['original_latency_s'] * 1e3:.0f} ms", "1.00x",
+                  *(v[0] for v in fidelity.values()))
+    table.add_row(recipe, _mb(m["bytes"]), f"{m['latency_s'] * 1e3:.0f} ms", f"{m['latency_ratio']:.2f}x",
+                  *(v[1] for v in fidelity.values()))
     out_console.print(table)
+    shape = m.get("batch_shape")
     out_console.print(
         f"size {m['size_ratio']:.3f}x of float; {result['quantized_layers']} layers quantized; "
-        f"{m['sentences']} sentences, batch {m['batch_shape']}; saved to {result['out']}"
+        f"timed on batch {shape}; {m['evaluation']}; saved to {result['out']}"
     )
     for name, reason in result["skipped"].items():
         out_console.print(f"[yellow]kept in float[/]: {name}: {reason}")
@@ -98,9 +112,11 @@ def eval_command(
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("evaluation", metrics["evaluation"])
-    table.add_row("sentences / batch", f"{metrics['sentences']} / {metrics['batch_shape']}")
-    table.add_row("mean cosine to float", f"{metrics['mean_cosine']:.5f}")
-    table.add_row("min cosine to float", f"{metrics['min_cosine']:.5f}")
+    table.add_row("input batch", str(metrics.get("batch_shape")))
+    for column, (float_value, value) in _fidelity_columns(metrics).items():
+        table.add_row(column + (" (float model)" if metrics["compressed"] else ""), float_value)
+        if metrics["compressed"]:
+            table.add_row(column, value)
     table.add_row("size", _mb(metrics["bytes"]))
     table.add_row("latency", f"{metrics['latency_s'] * 1e3:.0f} ms")
     if metrics["compressed"]:
@@ -133,11 +149,75 @@ def inspect(
     )
     if info.get("metrics"):
         m = info["metrics"]
-        out_console.print(
-            f"measured at compress time: mean cosine {m.get('mean_cosine')}, latency {m.get('latency_ratio')}x float"
-        )
+        if "latency_ratio" in m:
+            fidelity = ", ".join(f"{k} {v[1]}" for k, v in _fidelity_columns(m).items())
+            out_console.print(f"measured at compress time: {fidelity}, latency {m['latency_ratio']}x float")
     for name, reason in info.get("skipped", {}).items():
         out_console.print(f"[yellow]kept in float[/]: {name}: {reason}")
+
+
+@app.command()
+def analyze(
+    model: str = typer.Argument("minilm", help="Zoo name or transformers directory (float)."),
+    observers: bool = typer.Option(False, "--observers", help="Compare activation observers for a static recipe."),
+    recipe: str = typer.Option("w8a8-static", "--recipe", "-r", help="Static recipe to analyze."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration set (default: the model's own)."),
+    calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration samples to use."),
+    as_json: bool = JSON_OPTION,
+):
+    """Analyses of one model under a recipe (--observers: fidelity per activation observer)."""
+    from bitsmith.api.analyze import compare_observers
+
+    if not observers:
+        raise BitsmithError("say what to analyze: --observers")
+    with Progress(TextColumn("[bold]observers"), BarColumn(), TextColumn("{task.description}"),
+                  console=err_console, disable=as_json, transient=True) as progress:
+        task = progress.add_task("", total=5)
+        rows = compare_observers(model, recipe, calib, calib_samples,
+                                 progress=lambda name: progress.update(task, advance=1, description=name))
+    if as_json:
+        _emit_json(rows)
+        return
+    table = Table(title=f"{model} under {recipe}: fidelity per activation observer")
+    columns = [k for k in rows[0] if k not in ("batch_shape", "sentences", "test_samples")]
+    for column in columns:
+        table.add_column(column, justify="left" if column == "observer" else "right")
+    for row in rows:
+        table.add_row(*(str(row[c]) for c in columns))
+    out_console.print(table)
+
+
+zoo_app = typer.Typer(help="The bundled models.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+
+
+@zoo_app.command("list")
+def zoo_list(
+    measure: bool = typer.Option(True, "--measure/--no-measure", help="Evaluate each fp32 model (builds it if needed)."),
+    as_json: bool = JSON_OPTION,
+):
+    """All zoo entries with their evaluation and fp32 figure."""
+    from bitsmith.api.models import load_model
+    from bitsmith.api.tasks import task_for
+    from bitsmith.zoo import ZOO
+
+    rows = []
+    for name, entry in ZOO.items():
+        row = {"name": name, **entry}
+        if measure:
+            loaded = load_model(name)
+            fidelity = task_for(loaded.source, loaded.tokenizer).fidelity(loaded.model, loaded.model)
+            row["fp32"] = fidelity.get("accuracy", fidelity.get("mean_cosine"))
+        rows.append(row)
+    if as_json:
+        _emit_json(rows)
+        return
+    table = Table(title="bitsmith zoo")
+    for column in ("name", "description", "evaluation", "fp32"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["name"], row["description"], row["evaluation"], str(row.get("fp32", "")))
+    out_console.print(table)
 
 
 @app.command()

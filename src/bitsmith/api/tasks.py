@@ -1,0 +1,118 @@
+"""What "evaluate" and "calibrate" mean for each kind of model.
+
+    task                  | models                         | fidelity                         | calibration default
+      text-embedding      | minilm, transformers encoders  | mean / min cosine to float       | 128 Python-doc paragraphs
+      image-classification| digits-cnn                     | test-split accuracy (both)       | first 128 training images
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bitsmith.api.calibration_data import read_calibration
+from bitsmith.api.evaluate import cosine_fidelity, eval_sentences
+from bitsmith.errors import BitsmithError
+
+__all__ = ["TextEmbeddingTask", "ImageClassificationTask", "task_for"]
+
+CALIB_SAMPLES = 128
+CALIB_BATCH = 16
+
+
+class TextEmbeddingTask:
+    name = "text-embedding"
+    evaluation = "cosine of mean-pooled sentence embeddings to the float model"
+
+    def __init__(self, tokenizer, text: str | Path | None = None):
+        if tokenizer is None:
+            raise BitsmithError("this model has no tokenizer: bitsmith's text evaluation needs one")
+        from bitsmith.zoo.minilm import encode_batch
+
+        self.tokenizer = tokenizer
+        self.sentences = eval_sentences(text)
+        self.batch = encode_batch(tokenizer, self.sentences)
+
+    def calibration(self, path: str | Path | None, samples: int = CALIB_SAMPLES) -> list[dict]:
+        from bitsmith.zoo.minilm import encode_batch
+        from bitsmith.zoo.text import doc_sentences
+
+        texts = read_calibration(path, samples) if path else doc_sentences(samples, split="calib")
+        if not all(isinstance(t, str) for t in texts):
+            raise BitsmithError("this is a text model: give text calibration data (a .txt or .jsonl file)")
+        return [encode_batch(self.tokenizer, texts[i : i + CALIB_BATCH]) for i in range(0, len(texts), CALIB_BATCH)]
+
+    def runner(self, model: nn.Module):
+        from bitsmith.zoo.minilm import sentence_embeddings
+
+        return lambda: sentence_embeddings(model, self.batch)
+
+    def fidelity(self, float_model: nn.Module, quant_model: nn.Module) -> dict:
+        result = cosine_fidelity(self.runner(quant_model)(), self.runner(float_model)())
+        return {"sentences": len(self.sentences), "batch_shape": list(self.batch["input_ids"].shape), **result}
+
+
+class ImageClassificationTask:
+    name = "image-classification"
+    evaluation = "test-split accuracy of the digits classifier"
+
+    def __init__(self):
+        from bitsmith.zoo.digits import digits_data, example_input
+
+        self.x_test, self.y_test = digits_data("test")
+        self.batch = example_input(64)
+
+    def calibration(self, path: str | Path | None, samples: int = CALIB_SAMPLES) -> list[torch.Tensor]:
+        from bitsmith.zoo.digits import calibration_data
+
+        if path is None:
+            images = calibration_data(samples)
+        else:
+            items = read_calibration(path, samples)
+            if isinstance(items[0], str):
+                raise BitsmithError("this is an image model: give images or .npy/.pt tensors as calibration data")
+            images = torch.stack([_as_digit_image(t) for t in items])
+        return list(images.split(32))
+
+    def runner(self, model: nn.Module):
+        def run():
+            with torch.inference_mode():
+                return model(self.batch)
+
+        return run
+
+    def fidelity(self, float_model: nn.Module, quant_model: nn.Module) -> dict:
+        from bitsmith.zoo.digits import accuracy
+
+        float_accuracy = accuracy(float_model, self.x_test, self.y_test)
+        quant_accuracy = accuracy(quant_model, self.x_test, self.y_test)
+        return {
+            "test_samples": len(self.y_test),
+            "batch_shape": list(self.batch.shape),
+            "float_accuracy": round(float_accuracy, 5),
+            "accuracy": round(quant_accuracy, 5),
+            "accuracy_drop_points": round(100 * (float_accuracy - quant_accuracy), 3),
+        }
+
+
+def _as_digit_image(sample: torch.Tensor) -> torch.Tensor:
+    """Any (H, W), (1, H, W) or (C, H, W) image in [0, 1] (or 0..16 / 0..255) -> (1, 32, 32) like digits_data."""
+    image = sample.float()
+    if image.dim() == 2:
+        image = image.unsqueeze(0)
+    if image.dim() != 3:
+        raise BitsmithError(f"calibration image has shape {list(sample.shape)}; expected (H, W) or (C, H, W)")
+    image = image.mean(0, keepdim=True)
+    if image.max() > 1.0:
+        image = image / (16.0 if image.max() <= 16.0 else 255.0)
+    return nn.functional.interpolate(image[None], size=(32, 32), mode="bilinear", align_corners=False)[0]
+
+
+def task_for(source: dict, tokenizer=None, text=None):
+    if source.get("name") == "digits-cnn":
+        if text is not None:
+            raise BitsmithError("--text applies to text models; digits-cnn is evaluated on its test split")
+        return ImageClassificationTask()
+    return TextEmbeddingTask(tokenizer, text)
