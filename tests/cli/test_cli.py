@@ -121,3 +121,34 @@ def test_corrupt_checkpoint_for_inspect_and_eval(compressed, tmp_path):
     (broken / "bitsmith.json").write_text("{not json")
     code, _, stderr = run("inspect", str(broken))
     assert_one_line_error(code, stderr, "is not valid JSON")
+
+
+def test_compress_digits_static_and_analyze_observers(tmp_path):
+    code, stdout, stderr = run("compress", "digits-cnn", "--recipe", "w8a8-static", "--out", str(tmp_path / "d"),
+                               "--calib-samples", "64", "--repeats", "2", "--json")
+    assert code == 0, stderr
+    metrics = json.loads(stdout)["metrics"]
+    assert metrics["accuracy_drop_points"] <= 0.5 and metrics["calibration"]["batches"] == 2
+    code, stdout, stderr = run("inspect", str(tmp_path / "d"), "--json")
+    kernels = {row["kernel"].split(";")[0] for row in json.loads(stdout)["layers"]}
+    assert kernels == {"oneDNN qconv2d u8 x s8 + fused ReLU", "oneDNN qlinear u8 x s8"}
+    code, stdout, stderr = run("analyze", "digits-cnn", "--observers", "--calib-samples", "64", "--json")
+    assert code == 0, stderr
+    rows = json.loads(stdout)
+    assert [r["observer"] for r in rows] == ["minmax", "moving_average", "percentile", "entropy", "mse"]
+    assert all(r["accuracy"] > 0.95 for r in rows)
+
+
+def test_empty_calibration_file(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n")
+    code, _, stderr = run("compress", "--recipe", "w8a8-static", "--calib", str(tmp_path / "empty.txt"),
+                          "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, stderr, "is empty")
+    assert not (tmp_path / "o").exists()
+
+
+def test_zoo_list_json():
+    code, stdout, stderr = run("zoo", "list", "--json")
+    assert code == 0, stderr
+    rows = {row["name"]: row for row in json.loads(stdout)}
+    assert rows["minilm"]["fp32"] == 1.0 and rows["digits-cnn"]["fp32"] >= 0.97

@@ -11,7 +11,7 @@ from torch import nn
 
 from bitsmith.algorithms.bias_correction import bias_shift
 from bitsmith.algorithms.equalize import cross_layer_equalize_
-from bitsmith.algorithms.fold import fold_batchnorm_, sequential_pairs
+from bitsmith.algorithms.fold import fold_batchnorm_
 from bitsmith.algorithms.observers import make_observer, qparams_u8
 from bitsmith.algorithms.rtn import quantize_weight_rtn
 from bitsmith.api.config import QuantizeConfig, Scheme
@@ -89,9 +89,22 @@ def collect_activation_stats(
 
 
 def relu_followers(model: nn.Module) -> dict[str, tuple[nn.Sequential, int]]:
-    """Conv2d / Linear layers directly followed by nn.ReLU in a Sequential: name -> (parent, relu index)."""
-    pairs = sequential_pairs(model, (nn.Conv2d, nn.Linear), (nn.ReLU,))
-    return {name: (parent, index + 1) for parent, index, name, _, _ in pairs}
+    """Conv2d / Linear layers followed by nn.ReLU in a Sequential (Identity between, e.g. a folded
+    BatchNorm, is skipped): name -> (parent, relu index)."""
+    found = {}
+    for parent_name, parent in model.named_modules():
+        if not isinstance(parent, nn.Sequential):
+            continue
+        children = list(parent.named_children())
+        for index, (child_name, child) in enumerate(children):
+            if not isinstance(child, (nn.Conv2d, nn.Linear)):
+                continue
+            after = index + 1
+            while after < len(children) and isinstance(children[after][1], nn.Identity):
+                after += 1
+            if after < len(children) and isinstance(children[after][1], nn.ReLU):
+                found[f"{parent_name}.{child_name}" if parent_name else child_name] = (parent, after)
+    return found
 
 
 def build_static(

@@ -59,11 +59,14 @@ def load_model(name_or_path: str | os.PathLike) -> LoadedModel:
         from bitsmith.zoo.minilm import load_minilm
 
         model, tokenizer = load_minilm()
-        return LoadedModel(model, tokenizer, {"kind": "zoo", "name": "minilm"})
+        model.bitsmith_source = {"kind": "zoo", "name": "minilm"}
+        return LoadedModel(model, tokenizer, model.bitsmith_source)
     if text == "digits-cnn":
         from bitsmith.zoo.digits import load_digits_cnn
 
-        return LoadedModel(load_digits_cnn(), None, {"kind": "zoo", "name": "digits-cnn"})
+        model = load_digits_cnn()
+        model.bitsmith_source = {"kind": "zoo", "name": "digits-cnn"}  # save() records it; load() rebuilds it
+        return LoadedModel(model, None, model.bitsmith_source)
     path = Path(text)
     if not path.exists():
         raise BitsmithError(f"model not found: '{text}' is neither a zoo name ({', '.join(ZOO)}) nor a directory")
