@@ -22,8 +22,8 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 bench: $(STAMP)
-	$(PY) -m pip install -q -e ".[test,bench]"
 	$(PY) bench/bench_minilm.py
+	$(PY) bench/bench_kernels.py
 
 clean:
 	rm -rf out $(VENV)
