@@ -152,3 +152,26 @@ def test_zoo_list_json():
     assert code == 0, stderr
     rows = {row["name"]: row for row in json.loads(stdout)}
     assert rows["minilm"]["fp32"] == 1.0 and rows["digits-cnn"]["fp32"] >= 0.97
+
+
+def test_export_onnx_runs_in_onnxruntime(tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    from bitsmith.zoo.digits import digits_data
+
+    code, _, stderr = run("compress", "digits-cnn", "--recipe", "w8a8-static", "--out", str(tmp_path / "d"),
+                          "--calib-samples", "64", "--repeats", "1")
+    assert code == 0, stderr
+    code, stdout, stderr = run("export", str(tmp_path / "d"), "--format", "onnx", "--out", str(tmp_path / "d.onnx"),
+                               "--json")
+    assert code == 0, stderr
+    assert json.loads(stdout)["layers"] == {"StaticInt8Conv2d": 5, "StaticInt8Linear": 1}
+    session = ort.InferenceSession(str(tmp_path / "d.onnx"), providers=["CPUExecutionProvider"])
+    x, y = digits_data("test")
+    logits = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]  # batch 450, traced with 2
+    assert (np.argmax(logits, -1) == y.numpy()).mean() >= 0.985  # 0.9933
+    code, _, stderr = run("export", str(tmp_path / "d"), "--format", "gguf", "--out", str(tmp_path / "x.gguf"))
+    assert_one_line_error(code, stderr, "unknown export format 'gguf'")
+    code, _, stderr = run("export", str(tmp_path / "d"), "--out", str(tmp_path / "d.onnx"))
+    assert_one_line_error(code, stderr, "already exists")

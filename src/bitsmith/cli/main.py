@@ -187,6 +187,25 @@ def analyze(
     out_console.print(table)
 
 
+@app.command()
+def export(
+    path: Path = typer.Argument(..., help="A bitsmith model directory."),
+    fmt: str = typer.Option("onnx", "--format", "-f", help="Target format: onnx."),
+    out: Path = typer.Option(..., "--out", "-o", help="File to write (e.g. model.onnx)."),
+    dynamic: str = typer.Option("token", "--dynamic", help="W8A8-dynamic pattern in ONNX: token, tensor or block."),
+    as_json: bool = JSON_OPTION,
+):
+    """Export a compressed model for another runtime (ONNX Runtime: QDQ, MatMulNBits)."""
+    from bitsmith.api.export import export_checkpoint
+
+    result = export_checkpoint(path, fmt, out, dynamic_activations=dynamic)
+    if as_json:
+        _emit_json(result)
+        return
+    layers = ", ".join(f"{n} {k}" for k, n in result["layers"].items())
+    out_console.print(f"wrote {result['path']} ({_mb(result['bytes'])}, opset {result['opset']}): {layers}")
+
+
 zoo_app = typer.Typer(help="The bundled models.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
 

@@ -1,0 +1,42 @@
+"""``bitsmith export DIR --format ...``: turn a saved bitsmith checkpoint into a runtime's format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bitsmith.api.models import load_model
+from bitsmith.errors import BitsmithError
+
+__all__ = ["FORMATS", "export_checkpoint"]
+
+FORMATS = ("onnx",)
+
+
+def _example_inputs(loaded):
+    """A real input for tracing, and the output names, from the model's task."""
+    from bitsmith.api.tasks import ImageClassificationTask, task_for
+
+    task = task_for(loaded.source, loaded.tokenizer)
+    if isinstance(task, ImageClassificationTask):
+        return task.batch[:2], ["logits"]
+    batch = {name: tensor[:2] for name, tensor in task.batch.items()}
+    return batch, ["last_hidden_state"]
+
+
+def export_checkpoint(path: str | Path, fmt: str, out: str | Path, dynamic_activations: str = "token") -> dict:
+    if fmt not in FORMATS:
+        raise BitsmithError(f"unknown export format '{fmt}'; available: {', '.join(FORMATS)}")
+    out = Path(out)
+    if out.exists():
+        raise BitsmithError(f"{out} already exists; choose another --out")
+    if fmt == "onnx" and out.suffix != ".onnx":
+        raise BitsmithError(f"--out for ONNX should be a .onnx file, got {out.name}")
+    loaded = load_model(path)
+    if not loaded.compressed:
+        raise BitsmithError(f"{path} is not a bitsmith checkpoint; compress the model first")
+    from bitsmith.export.onnx import export_onnx
+
+    example, output_names = _example_inputs(loaded)
+    result = export_onnx(loaded.model, example, out, output_names=output_names, dynamic_activations=dynamic_activations)
+    result["source"] = loaded.source
+    return result
