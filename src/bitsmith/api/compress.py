@@ -74,7 +74,7 @@ def compress(
         float_model, source = model, getattr(model, "bitsmith_source", {"kind": "module"})
     task = task_for(source, tokenizer, text)
     calibration = None
-    if recipe.quantize.is_static or calib is not None:
+    if recipe.quantize.needs_calibration or calib is not None:
         calibration = task.calibration(calib, calib_samples)
     quant_model = copy.deepcopy(float_model)
     report = quantize_(quant_model, recipe, calibration=calibration, progress=progress)

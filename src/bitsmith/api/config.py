@@ -49,7 +49,8 @@ class WeightSpec(_Strict):
     dtype: WeightDtype
     granularity: Union[Literal["tensor", "channel"], int] = "channel"  # int = group size along inputs
     symmetric: bool = True
-    clip: Literal["minmax", "mse"] = "minmax"  # how each block's range is chosen
+    clip: Literal["minmax", "mse"] = "minmax"  # how each block's range is chosen (rtn)
+    algorithm: Literal["rtn", "gptq"] = "rtn"  # gptq needs calibration data; options in QuantizeConfig.gptq
 
     @property
     def bits(self) -> int | None:
@@ -92,6 +93,12 @@ class Scheme(_Strict):
             raise ValueError("int8 activations need symmetric int8 weights (the W8A8 kernels take nothing else)")
         return self
 
+    @model_validator(mode="after")
+    def _gptq_weights(self) -> "Scheme":
+        if self.weights.algorithm == "gptq" and (self.weights.bits is None or self.activations is not None):
+            raise ValueError("gptq applies to integer weight-only schemes (no activation quantization)")
+        return self
+
     def describe(self) -> str:
         w = self.weights
         if w.bits is None:
@@ -100,7 +107,15 @@ class Scheme(_Strict):
         act = "a16"
         if self.activations is not None:
             act = "a8 per-token dynamic" if self.activations.dynamic else f"a8 static ({self.activations.observer})"
-        return f"w{w.bits} {gran} {'sym' if w.symmetric else 'asym'} {act}"
+        algorithm = " gptq" if w.algorithm == "gptq" else ""
+        return f"w{w.bits} {gran} {'sym' if w.symmetric else 'asym'} {act}{algorithm}"
+
+
+class GPTQOptions(_Strict):
+    act_order: bool = True  # columns by decreasing Hessian diagonal (with static groups: same layout)
+    damp_percent: float = 0.01  # escalated automatically when the Cholesky factorization fails
+    block_size: int = 128  # columns per lazy update (speed only)
+    true_sequential: bool = True  # inside a block, quantize layer groups in execution order
 
 
 class Rule(_Strict):
@@ -129,6 +144,11 @@ class QuantizeConfig(_Strict):
     fold_batchnorm: bool = True  # Conv2d -> BatchNorm2d pairs become one Conv2d
     cross_layer_equalization: bool = False  # rescale channels of consecutive convolutions
     bias_correction: bool = False  # subtract the output mean shift caused by weight rounding
+    gptq: GPTQOptions = GPTQOptions()
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.is_static or any(r.scheme and r.scheme.weights.algorithm == "gptq" for r in self.rules)
 
     @property
     def is_static(self) -> bool:

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from bitsmith.algorithms.rtn import quantize_weight_rtn
-from bitsmith.api.calibrate import build_static, collect_activation_stats, prepare_static_, relu_followers
+from bitsmith.api.calibrate import build_static, collect_activation_stats, prepare_static_, relu_followers, run_batch
+from bitsmith.api.sequential import gptq_sequential_
 from bitsmith.api.config import QuantizeConfig, Recipe, Scheme, target_matches
 from bitsmith.errors import BitsmithError
 from bitsmith.nn import (
@@ -34,6 +35,7 @@ class QuantizeReport:
     quantized: dict[str, str] = field(default_factory=dict)  # name -> scheme description
     skipped: dict[str, str] = field(default_factory=dict)  # name -> reason kept in float
     prepared: dict = field(default_factory=dict)  # BatchNorm folding / equalization applied
+    notes: dict[str, str] = field(default_factory=dict)  # name -> how it was quantized, where not as asked
 
 
 def plan(model: nn.Module, config: QuantizeConfig) -> tuple[dict[str, Scheme], dict[str, str]]:
@@ -146,8 +148,8 @@ def quantize_(
     recipe_dict = config.model_dump(mode="json")
     if isinstance(config, Recipe):
         config = config.quantize
-    if config.is_static and calibration is None:
-        raise BitsmithError("this recipe quantizes activations statically: give calibration data (--calib)")
+    if config.needs_calibration and calibration is None:
+        raise BitsmithError("this recipe calibrates (static activations or gptq): give calibration data (--calib)")
     chosen, skipped = plan(model, config)
     modules = dict(model.named_modules())
     for name, scheme in chosen.items():
@@ -162,6 +164,14 @@ def quantize_(
         modules = dict(model.named_modules())
         stats = collect_activation_stats(model, static, calibration, progress)
         fusable = relu_followers(model)
+    gptq = {n: s for n, s in chosen.items() if s.weights.algorithm == "gptq" and isinstance(modules[n], nn.Linear)}
+    if gptq:
+        infos = gptq_sequential_(model, gptq, config.gptq, calibration, run_batch, progress)
+        for name in infos:
+            report.quantized[name] = chosen.pop(name).describe()
+        for name in set(gptq) - set(infos):  # outside the repeated blocks: no block inputs to calibrate on
+            report.notes[name] = "outside the repeated blocks: round-to-nearest instead of gptq"
+        modules = dict(model.named_modules())
     with torch.no_grad():
         for name, scheme in chosen.items():
             module = modules[name]
