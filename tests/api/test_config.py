@@ -6,7 +6,9 @@ from bitsmith.api.config import config_from_dict, config_from_yaml
 from bitsmith.api.recipes import builtin_recipes
 
 
-@pytest.mark.parametrize("name", ["fp16", "bf16", "w8a16", "w4a16", "w8a8-dynamic"])
+@pytest.mark.parametrize(
+    "name", ["fp16", "bf16", "w8a16", "w4a16", "w8a8-dynamic", "w8a8-static", "gptq-w4a16", "gptq-w3a16"]
+)
 def test_builtin_recipes_round_trip_yaml_and_json(name, tmp_path):
     recipe = load_recipe(name)
     assert recipe.name == name and recipe.version == 1

@@ -64,6 +64,7 @@ def gptq_quantize(
     static_groups: bool = False,  # group scales from the un-updated weight, before any column moves
     damp_percent: float = 0.01,  # added to diag(H), as a fraction of mean(diag(H))
     block_size: int = 128,  # columns per lazy batch update; speed only, not the result
+    clip: str = "minmax",  # range of the up-front (static) groups: "minmax" or "mse" (see choose_qparams_affine)
 ) -> tuple[QuantizedWeight, dict]:
     """Quantize ``weight`` (N, K) against ``hessian`` (K, K) from ``accumulate_hessian``.
 
@@ -105,7 +106,7 @@ def gptq_quantize(
     fixed_groups = group_size is None or static_groups
     n_groups = w.shape[1] // group
     if fixed_groups:  # original column layout: column c uses group c // group
-        scale, zero = choose_qparams_affine(w, (1, group), fmt, symmetric=symmetric)  # (N, n_groups)
+        scale, zero = choose_qparams_affine(w, (1, group), fmt, symmetric=symmetric, clip=clip)  # (N, n_groups)
         group_of = order // group  # group of each column, in processing order
     else:  # group j // group collects processed columns j, in processing order
         scale = w.new_zeros(w.shape[0], n_groups)

@@ -124,7 +124,7 @@ def _replace(block: nn.Module, local: str, linear: nn.Linear, scheme: Scheme, he
         hessian = torch.zeros(linear.in_features, linear.in_features)
     qweight, info = gptq_quantize(
         linear.weight.detach(), hessian, w.bits, group, w.symmetric, act_order=options.act_order,
-        static_groups=True, damp_percent=options.damp_percent, block_size=options.block_size,
+        static_groups=True, damp_percent=options.damp_percent, block_size=options.block_size, clip=w.clip,
     )
     if w.bits == 8 and w.symmetric:
         new = Int8WeightOnlyLinear.from_quantized(qweight, linear.bias)
