@@ -1,0 +1,589 @@
+"""Write bitsmith-quantized language models as checkpoints that transformers and vLLM load, and read them back.
+
+Two formats, both for weight-only 4- and 8-bit schemes with one scale (and zero point) per group or per row:
+
+    format                      | per quantized Linear (N = out_features, K = in_features, G = groups)
+    compressed-tensors          | weight_packed int32 (N, ceil(K * bits / 32)), codes along K
+      "pack-quantized"          | weight_scale (N, G) in the model's float dtype; weight_shape int64 [N, K]
+                                | weight_zero_point int32 (ceil(N * bits / 32), G), only when asymmetric
+    GPTQ, checkpoint_format     | qweight int32 (K * bits / 32, N), codes along K; scales fp16 (G, N)
+      "gptq" (v1)               | qzeros int32 (G, N * bits / 32) holding zero - 1; g_idx int32 (K,) = k // group
+
+Both pack ``32 // bits`` codes per int32 word, element j of a run at bits ``[j * bits, (j + 1) * bits)``,
+least significant first (``bitsmith.formats.packing.pack_int32``). compressed-tensors thinks of codes and zero
+points as signed, ``q_signed = q - 2**(bits - 1)``, and packs ``q_signed + 2**(bits - 1)``: exactly bitsmith's
+unsigned code, so bitsmith's codes and zero points are packed as they are and ``(q - zero) * scale`` is unchanged.
+
+Everything else (norms, float Linears such as ``lm_head``, embeddings, which bitsmith dequantizes to float
+here) is written as plain float tensors under the transformers names, with config.json, generation_config.json
+and the tokenizer files, so the directory is a complete model. ``load_compressed_tensors`` reads a
+pack-quantized directory (ours or llm-compressor's) back into a transformers model whose quantized Linears are
+bitsmith runtime modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from bitsmith.algorithms.rtn import QuantizedWeight
+from bitsmith.api.serialization import prepare_output_dir
+from bitsmith.errors import BitsmithError
+from bitsmith.formats.affine import IntFormat
+from bitsmith.formats.packing import pack_int32, unpack_int32
+from bitsmith.nn import (
+    QUANTIZED_MODULES,
+    HalfEmbedding,
+    HalfLinear,
+    Int8WeightOnlyLinear,
+    IntxWeightOnlyLinear,
+    QuantizedEmbedding,
+)
+
+__all__ = ["export_compressed_tensors", "export_gptq", "load_compressed_tensors", "is_compressed_tensors_dir"]
+
+WEIGHTS_FILE = "model.safetensors"
+_BITS = (4, 8)  # widths both formats pack 32 // bits to a word without straddling
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class _Scheme:
+    bits: int
+    group_size: int | None  # None: one group spanning each row (compressed-tensors "channel")
+    symmetric: bool
+
+
+@dataclass
+class _IntLinear:
+    """A quantized Linear seen in unsigned form: ``w = (codes - zero) * scale``, groups along K."""
+
+    codes: torch.Tensor  # (N, K) uint8 in [0, 2**bits - 1]
+    scale: torch.Tensor  # (N, G) float32
+    zero: torch.Tensor  # (N, G) uint8 in [0, 2**bits - 1]; 2**(bits - 1) everywhere when symmetric
+    bias: torch.Tensor | None
+    bits: int
+    group_size: int | None
+
+
+# ----------------------------------------------------------------------------------------------- reading the model
+
+
+def _as_int_linear(name: str, module: nn.Module) -> _IntLinear | None:
+    """The integer view of a bitsmith Linear; None for float ones (nn.Linear, HalfLinear)."""
+    if isinstance(module, (nn.Linear, HalfLinear)):
+        return None
+    if isinstance(module, Int8WeightOnlyLinear):
+        codes = (module.weight_codes.to(torch.int16) + 128).to(torch.uint8)  # signed symmetric -> unsigned
+        zero = torch.full_like(module.weight_scale, 128, dtype=torch.uint8)
+        return _IntLinear(codes, module.weight_scale.float(), zero, module.bias, 8, None)
+    if isinstance(module, IntxWeightOnlyLinear):
+        if module.bits not in _BITS:
+            raise BitsmithError(
+                f"layer '{name}' holds {module.bits}-bit weights: LLM checkpoints are written for 4 or 8 bits;"
+                " quantize with int4 or int8 weights"
+            )
+        group = None if module.group_size == module.in_features else module.group_size
+        return _IntLinear(
+            module.codes(), module.weight_scale.float(), module.weight_zero_point, module.bias, module.bits, group
+        )
+    raise BitsmithError(
+        f"layer '{name}' is {type(module).__name__} ({getattr(module, 'scheme', '?')}): LLM checkpoints hold"
+        " weight-only int4/int8 Linears; use a w4a16 or w8a16 recipe, or export to ONNX"
+    )
+
+
+def _collect(model: nn.Module) -> tuple[dict[str, _IntLinear], list[str], set[str]]:
+    """(quantized Linears by name, names of float Linears, names of every bitsmith module)."""
+    quantized, float_linears, special = {}, [], set()
+    for name, module in model.named_modules():
+        if isinstance(module, QUANTIZED_MODULES):
+            special.add(name)
+        if isinstance(module, QUANTIZED_MODULES) and not isinstance(module, (QuantizedEmbedding, HalfEmbedding)):
+            view = _as_int_linear(name, module)
+            if view is None:
+                float_linears.append(name)
+            else:
+                quantized[name] = view
+        elif type(module) is nn.Linear:
+            float_linears.append(name)
+    if not quantized:
+        raise BitsmithError("the model has no int4/int8 weight-only Linear layers: quantize it first (e.g. w4a16)")
+    return quantized, float_linears, special
+
+
+def _schemes(quantized: dict[str, _IntLinear]) -> dict[str, _Scheme]:
+    """Each layer's scheme. Symmetric means every zero point sits at 2**(bits - 1); it is decided per
+    (bits, group) family so that one asymmetric recipe gives one scheme even if a layer happens to be centred."""
+    families: dict[tuple[int, int | None], list[str]] = {}
+    for name, layer in quantized.items():
+        families.setdefault((layer.bits, layer.group_size), []).append(name)
+    schemes = {}
+    for (bits, group), names in families.items():
+        symmetric = all(bool((quantized[n].zero == 2 ** (bits - 1)).all()) for n in names)
+        schemes.update({n: _Scheme(bits, group, symmetric) for n in names})
+    return schemes
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's float parameters (norms, lm_head): what its checkpoint is written in."""
+    for parameter in model.parameters():
+        if parameter.dtype in _FLOAT_DTYPES:
+            return parameter.dtype
+    return torch.float32
+
+
+def _output_embedding_name(model: nn.Module) -> str | None:
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if getter is not None else None
+    return next((name for name, module in model.named_modules() if module is head), None) if head is not None else None
+
+
+def _plain_tensors(model: nn.Module, special: set[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor outside the quantized Linears, as transformers names it: float ones in ``dtype``,
+    bitsmith embeddings and half-precision Linears as plain float ``weight`` (and ``bias``)."""
+    modules = dict(model.named_modules())
+    tensors = {}
+    for key, tensor in model.state_dict().items():
+        if not any(prefix in special for prefix in _prefixes(key)):
+            tensors[key] = tensor
+    for name in special:
+        module = modules[name]
+        if isinstance(module, (QuantizedEmbedding, HalfEmbedding)):
+            tensors[f"{name}.weight"] = module.dequantize() if isinstance(module, QuantizedEmbedding) else module.weight
+        elif isinstance(module, HalfLinear):
+            tensors[f"{name}.weight"] = module.weight
+            if module.bias is not None:
+                tensors[f"{name}.bias"] = module.bias
+    cast = {k: v.to(dtype) if v.dtype.is_floating_point else v for k, v in tensors.items()}
+    return {k: v.detach().cpu().contiguous().clone() for k, v in cast.items()}  # clone: no shared storage
+
+
+def _prefixes(key: str) -> list[str]:
+    """Module names that own ``key``: 'a.b.weight' -> ['a.b', 'a']."""
+    parts = key.split(".")[:-1]
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
+
+def _untie_if_needed(model: nn.Module, tensors: dict[str, torch.Tensor], quantized: dict) -> bool:
+    """Whether the checkpoint must say ``tie_word_embeddings: false``. Quantizing the embedding or the head
+    breaks the tie (bitsmith quantizes them separately); if both stayed equal, the head's copy is dropped."""
+    config = getattr(model, "config", None)
+    head = _output_embedding_name(model)
+    if config is None or not getattr(config, "tie_word_embeddings", False) or head is None:
+        return False
+    embedding = next((n for n, m in model.named_modules() if m is model.get_input_embeddings()), None)
+    head_key, embedding_key = f"{head}.weight", f"{embedding}.weight"
+    if head not in quantized and head_key in tensors and torch.equal(tensors[head_key], tensors[embedding_key]):
+        del tensors[head_key]
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------------------ writing
+
+
+@contextlib.contextmanager
+def _staging_dir(out_dir: str | Path):
+    """A temporary directory beside ``out_dir``, renamed to it when the block ends without error."""
+    out = prepare_output_dir(out_dir)
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent))
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()  # empty, checked by prepare_output_dir
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_model_dir(
+    tmp: Path, model: nn.Module, tokenizer, tensors: dict, quantization_config: dict, dtype: torch.dtype, untie: bool
+) -> None:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "save_pretrained"):
+        raise BitsmithError("LLM checkpoints are written for transformers models (the model has no .config)")
+    save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt", "producer": "bitsmith"})
+    config.save_pretrained(tmp)
+    config_path = tmp / "config.json"
+    written = json.loads(config_path.read_text())
+    written["quantization_config"] = quantization_config
+    written["torch_dtype" if "torch_dtype" in written else "dtype"] = str(dtype).removeprefix("torch.")
+    if untie:
+        written["tie_word_embeddings"] = False
+    config_path.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+
+
+def _ct_group(scheme: _Scheme, targets: list[str]) -> dict:
+    weights = {
+        "num_bits": scheme.bits,
+        "type": "int",
+        "symmetric": scheme.symmetric,
+        "strategy": "channel" if scheme.group_size is None else "group",
+        "group_size": scheme.group_size,
+        "dynamic": False,
+        "actorder": None,
+        "observer": "minmax",
+    }
+    return {
+        "targets": targets,
+        "weights": weights,
+        "input_activations": None,
+        "output_activations": None,
+        "format": "pack-quantized",
+    }
+
+
+def _ct_quantization_config(schemes: dict[str, _Scheme], float_linears: list[str]) -> dict:
+    """One config group targeting every "Linear" when all layers share a scheme; otherwise one group per
+    scheme, targeting its layers by name."""
+    distinct = sorted(set(schemes.values()), key=lambda s: (s.bits, s.group_size or 0, s.symmetric))
+    if len(distinct) == 1:
+        groups = {"group_0": _ct_group(distinct[0], ["Linear"])}
+    else:
+        groups = {
+            f"group_{i}": _ct_group(s, sorted(n for n, t in schemes.items() if t == s)) for i, s in enumerate(distinct)
+        }
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": groups,
+        "ignore": sorted(float_linears),
+    }
+
+
+def _ct_tensors(name: str, layer: _IntLinear, scheme: _Scheme, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    out_features, in_features = layer.codes.shape
+    tensors = {
+        f"{name}.weight_packed": pack_int32(layer.codes, layer.bits, dim=1),  # (N, ceil(K * bits / 32))
+        f"{name}.weight_scale": layer.scale.to(dtype).contiguous(),  # (N, G)
+        f"{name}.weight_shape": torch.tensor([out_features, in_features], dtype=torch.int64),
+    }
+    if not scheme.symmetric:  # packed along N: (ceil(N * bits / 32), G)
+        tensors[f"{name}.weight_zero_point"] = pack_int32(layer.zero, layer.bits, dim=0).contiguous()
+    if layer.bias is not None:
+        tensors[f"{name}.bias"] = layer.bias.detach().to(dtype).clone()
+    return tensors
+
+
+def export_compressed_tensors(
+    model: nn.Module, tokenizer, out_dir: str | Path, *, dtype: torch.dtype | None = None
+) -> dict:
+    """Write ``model`` (quantized by bitsmith with int4/int8 weight-only schemes) as a compressed-tensors
+    ``pack-quantized`` model directory in the new directory ``out_dir``.
+
+    ``dtype`` (default: the dtype of the model's float parameters) is what scales and float tensors are
+    written in; bitsmith's fp16 scales are exact in fp16 and fp32. Returns a summary of what was written.
+    """
+    quantized, float_linears, special = _collect(model)
+    schemes = _schemes(quantized)
+    dtype = dtype or _float_dtype(model)
+    tensors = _plain_tensors(model, special, dtype)
+    for name, layer in quantized.items():
+        tensors.update(_ct_tensors(name, layer, schemes[name], dtype))
+    untie = _untie_if_needed(model, tensors, quantized)
+    config = _ct_quantization_config(schemes, float_linears)
+    with _staging_dir(out_dir) as tmp:
+        _write_model_dir(tmp, model, tokenizer, tensors, config, dtype, untie)
+    out = Path(out_dir)
+    return {"path": str(out), "bytes": (out / WEIGHTS_FILE).stat().st_size, "quantization_config": config}
+
+
+# ----------------------------------------------------------------------------------------------------------- GPTQ
+
+
+def _gptq_tensors(name: str, layer: _IntLinear, checkpoint_format: str) -> dict[str, torch.Tensor]:
+    out_features, in_features = layer.codes.shape
+    per_word = 32 // layer.bits
+    if in_features % per_word or out_features % per_word:
+        raise BitsmithError(
+            f"layer '{name}' is {out_features}x{in_features}: GPTQ packs {per_word} {layer.bits}-bit codes per word"
+            f" along both dimensions; both must be multiples of {per_word}"
+        )
+    group_size = layer.group_size or in_features
+    zeros = layer.zero.to(torch.int16)  # (N, G)
+    if checkpoint_format == "gptq":  # v1 stores zero - 1; its loaders add 1 back without masking
+        if bool((zeros == 0).any()):
+            raise BitsmithError(
+                f"layer '{name}' has zero points of 0, which GPTQ v1 (zero - 1) cannot store;"
+                " export with checkpoint_format='gptq_v2', quantize symmetrically, or export compressed-tensors"
+            )
+        zeros = zeros - 1
+    tensors = {
+        f"{name}.qweight": pack_int32(layer.codes.t(), layer.bits, dim=0).contiguous(),  # (K * bits / 32, N)
+        f"{name}.qzeros": pack_int32(zeros.t(), layer.bits, dim=1).contiguous(),  # (G, N * bits / 32)
+        f"{name}.scales": layer.scale.t().to(torch.float16).contiguous(),  # (G, N)
+        f"{name}.g_idx": (torch.arange(in_features) // group_size).to(torch.int32),  # (K,)
+    }
+    if layer.bias is not None:
+        tensors[f"{name}.bias"] = layer.bias.detach().to(torch.float16).clone()
+    return tensors
+
+
+def _check_gptq_layout(model: nn.Module, schemes: dict[str, _Scheme], float_linears: list[str]) -> _Scheme:
+    distinct = set(schemes.values())
+    if len(distinct) > 1:
+        raise BitsmithError(
+            f"a GPTQ checkpoint has one scheme, but the model mixes {len(distinct)} (bits/group/symmetry);"
+            " export compressed-tensors instead"
+        )
+    head = _output_embedding_name(model)
+    if head in schemes:
+        raise BitsmithError(f"GPTQ checkpoints keep '{head}' in float: add it to the recipe's ignore list")
+    stray = [n for n in float_linears if n != head]
+    if stray:  # GPTQ loaders turn every Linear inside the decoder blocks into a quantized one
+        raise BitsmithError(
+            f"layer '{stray[0]}' is a float Linear, but GPTQ loaders expect every Linear in the model's blocks"
+            " quantized; quantize it or export compressed-tensors"
+        )
+    return distinct.pop()
+
+
+def export_gptq(
+    model: nn.Module, tokenizer, out_dir: str | Path, *, checkpoint_format: str = "gptq", dtype=torch.float16
+) -> dict:
+    """Write ``model`` (int4/int8 weight-only, one scheme for every Linear but the output head) as a GPTQ
+    checkpoint in the new directory ``out_dir``.
+
+    ``checkpoint_format`` "gptq" (v1, what transformers, optimum and vLLM read) stores zero - 1 per group, so a
+    zero point of 0 is refused; "gptq_v2" (gptqmodel) stores zero points as they are. Scales are fp16 (the
+    format's); other float tensors are written in ``dtype``. The quantization itself is bitsmith's (RTN or
+    whatever the recipe ran); ``damp_percent`` and ``true_sequential`` are the format's customary fields.
+    """
+    if checkpoint_format not in ("gptq", "gptq_v2"):
+        raise BitsmithError(f"unknown GPTQ checkpoint_format {checkpoint_format!r}: use 'gptq' or 'gptq_v2'")
+    quantized, float_linears, special = _collect(model)
+    schemes = _schemes(quantized)
+    scheme = _check_gptq_layout(model, schemes, float_linears)
+    tensors = _plain_tensors(model, special, dtype)
+    for name, layer in quantized.items():
+        tensors.update(_gptq_tensors(name, layer, checkpoint_format))
+    untie = _untie_if_needed(model, tensors, quantized)
+    config = {
+        "quant_method": "gptq",
+        "bits": scheme.bits,
+        "group_size": scheme.group_size or -1,  # -1: one group per output row
+        "desc_act": False,
+        "sym": scheme.symmetric,
+        "true_sequential": True,
+        "damp_percent": 0.01,
+        "static_groups": False,
+        "checkpoint_format": checkpoint_format,
+    }
+    with _staging_dir(out_dir) as tmp:
+        _write_model_dir(tmp, model, tokenizer, tensors, config, dtype, untie)
+    out = Path(out_dir)
+    return {"path": str(out), "bytes": (out / WEIGHTS_FILE).stat().st_size, "quantization_config": config}
+
+
+# ------------------------------------------------------------------------------------------------------ loading
+
+
+def _read_config(path: Path) -> dict:
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise BitsmithError(f"{path} is not a transformers model directory (no config.json)")
+    try:
+        return json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BitsmithError(f"corrupt checkpoint: {config_path} is not valid JSON") from None
+
+
+def is_compressed_tensors_dir(path: str | Path) -> bool:
+    """Whether ``path`` holds a model whose config.json says ``quant_method: compressed-tensors``."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        return False
+    with contextlib.suppress(BitsmithError):
+        qc = _read_config(path).get("quantization_config") or {}
+        return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
+    return False
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of ``model.safetensors``, or of the shards listed in ``model.safetensors.index.json``."""
+    index = path / f"{WEIGHTS_FILE}.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [WEIGHTS_FILE]
+    tensors = {}
+    for file in files:
+        try:
+            tensors.update(load_file(path / file))
+        except (SafetensorError, OSError) as err:
+            raise BitsmithError(f"corrupt or missing checkpoint file {path / file} ({err})") from None
+    return tensors
+
+
+def _check_ct_config(qc: dict, path: Path) -> list[dict]:
+    """The config groups, each checked to be a weight-only int pack-quantized scheme bitsmith runs."""
+    top_format = qc.get("format")
+    sparsity = (qc.get("sparsity_config") or {}).get("format", "dense")
+    if sparsity != "dense":
+        raise BitsmithError(f"{path}: sparse compressed-tensors checkpoints ({sparsity}) are not supported")
+    if qc.get("quantization_status", "compressed") != "compressed":
+        status = qc["quantization_status"]
+        raise BitsmithError(f"{path}: quantization_status is {status!r}; bitsmith reads 'compressed' checkpoints")
+    groups = []
+    for group_name, group in (qc.get("config_groups") or {}).items():
+        weights, fmt = group.get("weights") or {}, group.get("format") or top_format
+        what = f"{path}: config group '{group_name}'"
+        if fmt != "pack-quantized":
+            raise BitsmithError(f"{what} has format {fmt!r}; bitsmith reads 'pack-quantized' checkpoints")
+        if group.get("input_activations") or group.get("output_activations"):
+            raise BitsmithError(f"{what} quantizes activations; bitsmith reads weight-only checkpoints")
+        if weights.get("type") != "int" or weights.get("num_bits") not in _BITS or weights.get("dynamic"):
+            raise BitsmithError(f"{what} is not a static int4/int8 weight scheme")
+        if weights.get("strategy") not in ("group", "channel", "tensor"):
+            raise BitsmithError(f"{what} has strategy {weights.get('strategy')!r}; use group, channel or tensor")
+        groups.append({"targets": list(group.get("targets") or []), "weights": weights})
+    if not groups:
+        raise BitsmithError(f"{path}: the quantization_config has no config_groups")
+    return groups
+
+
+def _matches(name: str, module: nn.Module, target: str) -> bool:
+    """compressed-tensors' rule: an exact module name, ``re:<regex>`` matched from the start of the name,
+    or a class name anywhere in the module's MRO."""
+    if target.startswith("re:"):
+        return re.match(target[3:], name) is not None
+    return target == name or any(cls.__name__ == target for cls in type(module).__mro__)
+
+
+def _weights_for(name: str, module: nn.Module, groups: list[dict], ignore: list[str]) -> dict | None:
+    """The weight args of the group quantizing ``name``; a target naming the layer (exactly or by regex) wins
+    over a class-name target, as in compressed-tensors."""
+    if any(_matches(name, module, target) for target in ignore):
+        return None
+    by_name = [g for g in groups if any(t == name or (t.startswith("re:") and _matches(name, module, t))
+                                        for t in g["targets"])]
+    by_class = [g for g in groups if any(_matches(name, module, t) for t in g["targets"])]
+    chosen = (by_name or by_class or [None])[0]
+    return chosen["weights"] if chosen is not None else None
+
+
+def _quantized_weight(name: str, tensors: dict, weights: dict, linear: nn.Linear) -> QuantizedWeight:
+    """Unpack one layer's compressed-tensors tensors into bitsmith's unsigned codes and zero points."""
+    bits, strategy = weights["num_bits"], weights["strategy"]
+    out_features, in_features = linear.out_features, linear.in_features
+    if f"{name}.weight_g_idx" in tensors:
+        raise BitsmithError(f"layer '{name}' uses activation-order groups (weight_g_idx); bitsmith cannot load it")
+    shape = tensors.get(f"{name}.weight_shape")
+    if shape is not None and shape.tolist() != [out_features, in_features]:
+        raise BitsmithError(
+            f"layer '{name}' is {shape.tolist()} in the checkpoint but {[out_features, in_features]} in the model"
+        )
+    codes = unpack_int32(tensors[f"{name}.weight_packed"], bits, in_features, dim=1)  # (N, K) = signed + 2**(b-1)
+    scale = tensors[f"{name}.weight_scale"].float().reshape(out_features if strategy != "tensor" else 1, -1)
+    group_size = (weights.get("group_size") or 0) if strategy == "group" else in_features
+    if group_size <= 0 or in_features % group_size or scale.shape[-1] != in_features // group_size:
+        raise BitsmithError(f"layer '{name}': group size {group_size} does not divide in_features={in_features}")
+    scale = scale.expand(out_features, -1)  # (N, G); a per-tensor scale repeats down the rows
+    zero = torch.full_like(scale, 2 ** (bits - 1), dtype=torch.int32)  # symmetric: signed zero 0
+    if not weights.get("symmetric", True):
+        stored = tensors[f"{name}.weight_zero_point"]
+        if stored.dtype == torch.int32:  # packed along N: (ceil(N * bits / 32), G)
+            zero = unpack_int32(stored.reshape(-1, scale.shape[-1]), bits, out_features, dim=0).to(torch.int32)
+        else:  # unpacked signed int8 (per-tensor, or written by older compressed-tensors)
+            zero = (stored.to(torch.int32) + 2 ** (bits - 1)).reshape(-1, scale.shape[-1]).expand_as(scale)
+    return QuantizedWeight(codes, scale.contiguous(), zero, IntFormat(bits, signed=False), group_size)
+
+
+def _runtime_linear(qweight: QuantizedWeight, bias: torch.Tensor | None) -> nn.Module:
+    """8-bit symmetric per-row weights run on bitsmith's int8 kernel (as ``quantize_`` builds them);
+    the rest on ``IntxWeightOnlyLinear`` (its fp16 scales round fp32/bf16 checkpoint scales)."""
+    per_row = qweight.group_size == qweight.codes.shape[1]
+    if qweight.fmt.bits == 8 and per_row and bool((qweight.zero_point == 128).all()):
+        signed = QuantizedWeight(
+            (qweight.codes.to(torch.int16) - 128).to(torch.int8), qweight.scale, torch.zeros_like(qweight.zero_point),
+            IntFormat(8, signed=True), qweight.group_size,
+        )
+        return Int8WeightOnlyLinear.from_quantized(signed, bias)
+    return IntxWeightOnlyLinear.from_quantized(qweight, bias)
+
+
+def _skeleton(path: Path):
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise BitsmithError(f"cannot read {path / 'config.json'} ({err})") from None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # bitsmith's modules replace the quantized layers, not compressed-tensors'
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers: initialize, only slower
+        no_init_weights = contextlib.nullcontext
+    with no_init_weights():  # every weight comes from the checkpoint: skip the random initialization
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.tie_weights()  # skipped with the initialization; ties lm_head to the embedding where the config says so
+    return model
+
+
+def load_compressed_tensors(path: str | Path) -> nn.Module:
+    """A compressed-tensors ``pack-quantized`` directory (bitsmith's or llm-compressor's) as a transformers
+    causal LM on CPU in float32, its quantized Linears replaced by bitsmith runtime modules, in eval mode.
+
+    Peak memory is one float copy of the model (the skeleton is built, then its Linears are swapped out).
+    """
+    path = Path(path)
+    qc = _read_config(path).get("quantization_config") or {}
+    if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
+        raise BitsmithError(f"{path} is not a compressed-tensors checkpoint (no quant_method 'compressed-tensors')")
+    groups, ignore = _check_ct_config(qc, path), list(qc.get("ignore") or [])
+    tensors = _read_tensors(path)
+    model = _skeleton(path)
+    replaced = set()
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or f"{name}.weight_packed" not in tensors:
+            continue
+        weights = _weights_for(name, module, groups, ignore)
+        if weights is None:
+            raise BitsmithError(f"layer '{name}' is packed in {path} but no config group of its config targets it")
+        bias = tensors.pop(f"{name}.bias", None)
+        new = _runtime_linear(_quantized_weight(name, tensors, weights, module), bias)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        replaced.add(name)
+    plain = {k: v.float() if v.dtype.is_floating_point else v for k, v in tensors.items()
+             if not any(p in replaced for p in _prefixes(k))}
+    _load_plain(model, plain, replaced, path)
+    model.bitsmith_source = {"kind": "compressed-tensors", "format": "pack-quantized"}
+    model.bitsmith_recipe, model.bitsmith_skipped = None, {}
+    return model.eval()
+
+
+def _load_plain(model: nn.Module, plain: dict[str, torch.Tensor], replaced: set[str], path: Path) -> None:
+    expected = {k: v for k, v in model.state_dict().items() if not any(p in replaced for p in _prefixes(k))}
+    unexpected = sorted(set(plain) - set(expected))
+    if unexpected:
+        raise BitsmithError(f"checkpoint {path} has tensor '{unexpected[0]}' that the model has no place for")
+    for key, tensor in plain.items():
+        if tensor.shape != expected[key].shape:
+            raise BitsmithError(
+                f"tensor '{key}' is {list(tensor.shape)} in {path} but {list(expected[key].shape)} in the model"
+            )
+    stored = {expected[k].data_ptr() for k in plain}
+    # a tied tensor (lm_head sharing the embedding) is stored once
+    missing = [k for k in expected if k not in plain and expected[k].data_ptr() not in stored]
+    if missing:
+        raise BitsmithError(f"incomplete checkpoint: tensor '{missing[0]}' is missing from {path}")
+    model.load_state_dict(plain, strict=False)
