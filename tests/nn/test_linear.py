@@ -75,3 +75,11 @@ def test_per_token_codes_round_to_nearest():
 def test_half_linear(linear, dtype, threshold):
     x = torch.randn(16, 256)
     assert sqnr_db(linear(x), HalfLinear.from_float(linear, dtype)(x)) > threshold
+
+
+def test_int8_symmetric_groups_go_through_the_generic_module(linear):
+    """Signed 8-bit codes are shifted to unsigned storage with the zero point moved along."""
+    qweight = quantize_weight_rtn(linear.weight, 8, 64, symmetric=True)
+    module = IntxWeightOnlyLinear.from_quantized(qweight, linear.bias)
+    assert module.weight_zero_point.unique().tolist() == [128]
+    assert torch.allclose(module.dequantize(), linear.weight, atol=qweight.scale.max().item() * 0.51)

@@ -169,9 +169,12 @@ class IntxWeightOnlyLinear(_QuantLinearBase):
     def from_quantized(cls, qweight: QuantizedWeight, bias: torch.Tensor | None):
         out_features, in_features = qweight.codes.shape
         module = cls(in_features, out_features, bias is not None, qweight.fmt.bits, qweight.group_size)
-        module.weight_packed.copy_(pack_codes(qweight.codes.to(torch.uint8).flatten(), qweight.fmt.bits))
+        # stored unsigned: signed codes (8-bit symmetric) move up by 2^(bits-1), their zero point with them
+        offset = 2 ** (qweight.fmt.bits - 1) if qweight.fmt.signed else 0
+        codes = (qweight.codes.to(torch.int16) + offset).to(torch.uint8)
+        module.weight_packed.copy_(pack_codes(codes.flatten(), qweight.fmt.bits))
         module.weight_scale.copy_(qweight.scale.expand_as(module.weight_scale))
-        module.weight_zero_point.copy_(qweight.zero_point.expand_as(module.weight_zero_point))
+        module.weight_zero_point.copy_((qweight.zero_point + offset).expand_as(module.weight_zero_point))
         if bias is not None:
             module.bias.copy_(bias.detach())
         return module
