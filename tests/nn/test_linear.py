@@ -82,4 +82,6 @@ def test_int8_symmetric_groups_go_through_the_generic_module(linear):
     qweight = quantize_weight_rtn(linear.weight, 8, 64, symmetric=True)
     module = IntxWeightOnlyLinear.from_quantized(qweight, linear.bias)
     assert module.weight_zero_point.unique().tolist() == [128]
-    assert torch.allclose(module.dequantize(), linear.weight, atol=qweight.scale.max().item() * 0.51)
+    # half a step of rounding, plus the fp16 rounding of the stored scale: measured 0.555 of a step
+    error = (module.dequantize() - linear.weight).abs() / qweight.scale.repeat_interleave(64, dim=1)
+    assert error.max() < 0.6  # before the shift, wrapped negative codes gave errors of ~250 steps
