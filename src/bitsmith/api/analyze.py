@@ -38,7 +38,7 @@ def compare_observers(
     loaded = load_model(model)
     if loaded.compressed:
         raise BitsmithError(f"{model} is already compressed; analyze its float original")
-    task = task_for(loaded.source, loaded.tokenizer)
+    task = task_for(loaded.source, loaded.tokenizer, model=loaded.model)
     calibration = task.calibration(calib, calib_samples)
     rows = []
     for name in observers or list(OBSERVERS):

@@ -72,7 +72,7 @@ def compress(
         float_model, tokenizer, source = loaded.model, loaded.tokenizer, loaded.source
     else:
         float_model, source = model, getattr(model, "bitsmith_source", {"kind": "module"})
-    task = task_for(source, tokenizer, text)
+    task = task_for(source, tokenizer, text, model=float_model)
     calibration = None
     if recipe.quantize.needs_calibration or calib is not None:
         calibration = task.calibration(calib, calib_samples)
@@ -104,13 +104,13 @@ def compress(
 def evaluate(name_or_path: str | Path, text: str | Path | None = None, repeats: int = 5) -> dict:
     """Evaluate a zoo model (its float original) or a compressed directory against its float source."""
     loaded = load_model(name_or_path)
-    if loaded.compressed:
+    if loaded.compressed and loaded.source.get("kind") != "compressed-tensors":
         float_model, float_tokenizer = load_float_source(loaded.source)
-        task = task_for(loaded.source, loaded.tokenizer or float_tokenizer, text)
+        task = task_for(loaded.source, loaded.tokenizer or float_tokenizer, text, model=float_model)
         metrics = _measure(task, float_model, loaded.model, repeats)
         metrics["original_bytes"] = state_bytes(float_model)
     else:
-        task = task_for(loaded.source, loaded.tokenizer, text)
+        task = task_for(loaded.source, loaded.tokenizer, text, model=loaded.model)
         metrics = _measure(task, loaded.model, loaded.model, repeats)
         metrics["original_bytes"] = state_bytes(loaded.model)
     metrics["bytes"] = state_bytes(loaded.model)

@@ -9,14 +9,14 @@ from bitsmith.errors import BitsmithError
 
 __all__ = ["FORMATS", "export_checkpoint"]
 
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "compressed-tensors", "gptq")
 
 
 def _example_inputs(loaded):
     """A real input for tracing, and the output names, from the model's task."""
     from bitsmith.api.tasks import ImageClassificationTask, task_for
 
-    task = task_for(loaded.source, loaded.tokenizer)
+    task = task_for(loaded.source, loaded.tokenizer, model=loaded.model)
     if isinstance(task, ImageClassificationTask):
         return task.batch[:2], ["logits"]
     batch = {name: tensor[:2] for name, tensor in task.batch.items()}
@@ -34,6 +34,15 @@ def export_checkpoint(path: str | Path, fmt: str, out: str | Path, dynamic_activ
     loaded = load_model(path)
     if not loaded.compressed:
         raise BitsmithError(f"{path} is not a bitsmith checkpoint; compress the model first")
+    if fmt in ("compressed-tensors", "gptq"):
+        from bitsmith.export.llm_formats import export_compressed_tensors, export_gptq
+
+        if loaded.tokenizer is None:
+            raise BitsmithError(f"{path} has no tokenizer files; a {fmt} export is a complete transformers directory")
+        writer = export_compressed_tensors if fmt == "compressed-tensors" else export_gptq
+        result = writer(loaded.model, loaded.tokenizer, out)
+        result["source"] = loaded.source
+        return result
     from bitsmith.export.onnx import export_onnx
 
     example, output_names = _example_inputs(loaded)

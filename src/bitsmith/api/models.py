@@ -24,12 +24,23 @@ class LoadedModel:
     meta: dict = field(default_factory=dict)  # bitsmith.json of a compressed directory
 
 
+def _is_causal_lm_dir(path: Path) -> bool:
+    import json
+
+    try:
+        architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return False
+    return any(a.endswith("ForCausalLM") for a in architectures)
+
+
 def _load_transformers_dir(path: Path):
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    auto = AutoModelForCausalLM if _is_causal_lm_dir(path) else AutoModel  # keep the LM head of a causal LM
     try:
-        model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+        model = auto.from_pretrained(path, local_files_only=True).eval()
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise BitsmithError(f"cannot load a transformers model from {path}: {first}") from None
@@ -61,6 +72,12 @@ def load_model(name_or_path: str | os.PathLike) -> LoadedModel:
         model, tokenizer = load_minilm()
         model.bitsmith_source = {"kind": "zoo", "name": "minilm"}
         return LoadedModel(model, tokenizer, model.bitsmith_source)
+    if text == "docs-lm":
+        from bitsmith.zoo.docs_lm import load_docs_lm
+
+        model, tokenizer = load_docs_lm()
+        model.bitsmith_source = {"kind": "zoo", "name": "docs-lm"}
+        return LoadedModel(model, tokenizer, model.bitsmith_source)
     if text == "digits-cnn":
         from bitsmith.zoo.digits import load_digits_cnn
 
@@ -84,6 +101,16 @@ def load_model(name_or_path: str | os.PathLike) -> LoadedModel:
             tokenizer = None
         return LoadedModel(model, tokenizer, meta["source"], compressed=True, meta=meta)
     if (path / "config.json").exists():
+        from bitsmith.export.llm_formats import is_compressed_tensors_dir, load_compressed_tensors
+
+        if is_compressed_tensors_dir(path):  # e.g. made by llm-compressor: runs on bitsmith's modules
+            from transformers import AutoTokenizer
+
+            model = load_compressed_tensors(path)
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            source = {"kind": "compressed-tensors", "path": str(path.resolve())}
+            model.bitsmith_source = source
+            return LoadedModel(model, tokenizer, source, compressed=True)
         model, tokenizer = _load_transformers_dir(path)
         return LoadedModel(model, tokenizer, {"kind": "transformers-dir", "path": str(path.resolve())})
     raise BitsmithError(f"{path} is neither a transformers model directory (no config.json) nor a bitsmith checkpoint")

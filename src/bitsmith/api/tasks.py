@@ -3,6 +3,7 @@
     task                  | models                         | fidelity                         | calibration default
       text-embedding      | minilm, transformers encoders  | mean / min cosine to float       | 128 Python-doc paragraphs
       image-classification| digits-cnn                     | test-split accuracy (both)       | first 128 training images
+      language-model      | docs-lm, transformers *ForCausalLM | held-out perplexity (both)   | 128 training documents
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from bitsmith.api.calibration_data import read_calibration
 from bitsmith.api.evaluate import cosine_fidelity, eval_sentences
 from bitsmith.errors import BitsmithError
 
-__all__ = ["TextEmbeddingTask", "ImageClassificationTask", "task_for"]
+__all__ = ["TextEmbeddingTask", "ImageClassificationTask", "LanguageModelTask", "task_for"]
 
 CALIB_SAMPLES = 128
 CALIB_BATCH = 16
@@ -97,6 +98,66 @@ class ImageClassificationTask:
         }
 
 
+class LanguageModelTask:
+    name = "language-model"
+    evaluation = "perplexity over fixed-length windows of held-out text"
+    window = 256
+
+    def __init__(self, tokenizer, text: str | Path | None = None):
+        from bitsmith.zoo.docs_lm import heldout_text
+
+        if tokenizer is None:
+            raise BitsmithError("this language model has no tokenizer files")
+        self.tokenizer = tokenizer
+        self.text = _read_text(text) if text else heldout_text()
+        ids = tokenizer(self.text, return_tensors="pt")["input_ids"][0]
+        rows = min(8, len(ids) // self.window)
+        if rows == 0:
+            raise BitsmithError(f"text too short for one window of {self.window} tokens")
+        self.batch = {"input_ids": ids[: rows * self.window].reshape(rows, self.window)}  # (rows, window)
+
+    def calibration(self, path: str | Path | None, samples: int = CALIB_SAMPLES) -> list[dict]:
+        from bitsmith.zoo.docs_lm import calibration_texts
+
+        texts = read_calibration(path, samples) if path else calibration_texts(samples)
+        if not all(isinstance(t, str) for t in texts):
+            raise BitsmithError("this is a language model: give text calibration data (a .txt or .jsonl file)")
+        ids = self.tokenizer("\n\n".join(texts), return_tensors="pt")["input_ids"][0]
+        rows = max(1, min(samples, len(ids) // self.window))
+        windows = ids[: rows * self.window].reshape(rows, self.window) if len(ids) >= self.window else ids[None]
+        return [{"input_ids": chunk} for chunk in windows.split(8)]
+
+    def runner(self, model: nn.Module):
+        def run():
+            with torch.inference_mode():
+                return model(**self.batch).logits
+
+        return run
+
+    def fidelity(self, float_model: nn.Module, quant_model: nn.Module) -> dict:
+        from bitsmith.zoo.docs_lm import perplexity
+
+        base = perplexity(float_model, self.tokenizer, self.text, window=self.window)
+        result = base if quant_model is float_model else perplexity(quant_model, self.tokenizer, self.text, window=self.window)
+        return {
+            "batch_shape": list(self.batch["input_ids"].shape), "tokens": result["tokens"],
+            "float_perplexity": round(base["perplexity"], 4), "perplexity": round(result["perplexity"], 4),
+            "perplexity_increase_pct": round(100 * (result["perplexity"] / base["perplexity"] - 1), 3),
+        }
+
+
+def _read_text(path: str | Path) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BitsmithError(f"text file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise BitsmithError(f"cannot read text file {path}: {err}") from None
+    if not text.strip():
+        raise BitsmithError(f"text file {path} is empty")
+    return text
+
+
 def _as_digit_image(sample: torch.Tensor) -> torch.Tensor:
     """Any (H, W), (1, H, W) or (C, H, W) image in [0, 1] (or 0..16 / 0..255) -> (1, 32, 32) like digits_data."""
     image = sample.float()
@@ -110,9 +171,16 @@ def _as_digit_image(sample: torch.Tensor) -> torch.Tensor:
     return nn.functional.interpolate(image[None], size=(32, 32), mode="bilinear", align_corners=False)[0]
 
 
-def task_for(source: dict, tokenizer=None, text=None):
+def task_for(source: dict, tokenizer=None, text=None, model: nn.Module | None = None):
+    if source.get("name") == "docs-lm" or _is_causal_lm(model):
+        return LanguageModelTask(tokenizer, text)
     if source.get("name") == "digits-cnn":
         if text is not None:
             raise BitsmithError("--text applies to text models; digits-cnn is evaluated on its test split")
         return ImageClassificationTask()
     return TextEmbeddingTask(tokenizer, text)
+
+
+def _is_causal_lm(model: nn.Module | None) -> bool:
+    architectures = getattr(getattr(model, "config", None), "architectures", None) or []
+    return any(a.endswith("ForCausalLM") for a in architectures) or type(model).__name__.endswith("ForCausalLM")

@@ -34,6 +34,9 @@ def _fidelity_columns(m: dict) -> dict[str, tuple[str, str]]:
     """Column name -> (float model's value, compressed model's value) for the task's fidelity."""
     if "mean_cosine" in m:
         return {"mean cosine": ("1", f"{m['mean_cosine']:.5f}"), "min cosine": ("1", f"{m['min_cosine']:.5f}")}
+    if "perplexity" in m:
+        return {"perplexity": (f"{m['float_perplexity']:.3f}", f"{m['perplexity']:.3f}"),
+                "increase": ("", f"{m['perplexity_increase_pct']:+.2f}%")}
     return {"test accuracy": (f"{100 * m['float_accuracy']:.2f}%", f"{100 * m['accuracy']:.2f}%")}
 
 
@@ -190,20 +193,24 @@ def analyze(
 @app.command()
 def export(
     path: Path = typer.Argument(..., help="A bitsmith model directory."),
-    fmt: str = typer.Option("onnx", "--format", "-f", help="Target format: onnx."),
+    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx, compressed-tensors or gptq."),
     out: Path = typer.Option(..., "--out", "-o", help="File to write (e.g. model.onnx)."),
     dynamic: str = typer.Option("token", "--dynamic", help="W8A8-dynamic pattern in ONNX: token, tensor or block."),
     as_json: bool = JSON_OPTION,
 ):
-    """Export a compressed model for another runtime (ONNX Runtime: QDQ, MatMulNBits)."""
+    """Export a compressed model for another runtime: ONNX (QDQ, MatMulNBits) for ONNX Runtime;
+    compressed-tensors or GPTQ transformers directories for transformers and vLLM."""
     from bitsmith.api.export import export_checkpoint
 
     result = export_checkpoint(path, fmt, out, dynamic_activations=dynamic)
     if as_json:
         _emit_json(result)
         return
-    layers = ", ".join(f"{n} {k}" for k, n in result["layers"].items())
-    out_console.print(f"wrote {result['path']} ({_mb(result['bytes'])}, opset {result['opset']}): {layers}")
+    if "layers" in result:
+        layers = ", ".join(f"{n} {k}" for k, n in result["layers"].items())
+        out_console.print(f"wrote {result['path']} ({_mb(result['bytes'])}, opset {result['opset']}): {layers}")
+    else:
+        out_console.print(f"wrote {result['path']} ({_mb(result['bytes'])}), a {fmt} transformers model directory")
 
 
 zoo_app = typer.Typer(help="The bundled models.", no_args_is_help=True)
@@ -220,13 +227,18 @@ def zoo_list(
     from bitsmith.api.tasks import task_for
     from bitsmith.zoo import ZOO
 
+    from bitsmith.zoo import is_built
+
     rows = []
     for name, entry in ZOO.items():
-        row = {"name": name, **entry}
-        if measure:
+        row = {"name": name, **entry, "built": is_built(name)}
+        if measure and row["built"]:
             loaded = load_model(name)
-            fidelity = task_for(loaded.source, loaded.tokenizer).fidelity(loaded.model, loaded.model)
-            row["fp32"] = fidelity.get("accuracy", fidelity.get("mean_cosine"))
+            task = task_for(loaded.source, loaded.tokenizer, model=loaded.model)
+            fidelity = task.fidelity(loaded.model, loaded.model)
+            row["fp32"] = fidelity.get("accuracy", fidelity.get("mean_cosine", fidelity.get("perplexity")))
+        elif not row["built"]:
+            row["fp32"] = f"not built yet: bitsmith zoo build {name}"
         rows.append(row)
     if as_json:
         _emit_json(rows)
@@ -237,6 +249,23 @@ def zoo_list(
     for row in rows:
         table.add_row(row["name"], row["description"], row["evaluation"], str(row.get("fp32", "")))
     out_console.print(table)
+
+
+@zoo_app.command("build")
+def zoo_build(name: str = typer.Argument(..., help="Zoo entry to build (train) and cache."),
+              force: bool = typer.Option(False, "--force", help="Rebuild even if cached."),
+              as_json: bool = JSON_OPTION):
+    """Train (or fetch from the package) a zoo model and cache it."""
+    from bitsmith.zoo import build
+
+    with Progress(TextColumn("[bold]building"), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=err_console, disable=as_json, transient=True) as progress:
+        task = progress.add_task(name, total=None)
+        info = build(name, force=force, progress=lambda text: progress.update(task, description=text))
+    if as_json:
+        _emit_json(info)
+        return
+    out_console.print(", ".join(f"{k}: {v}" for k, v in info.items()))
 
 
 @app.command()
