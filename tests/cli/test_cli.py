@@ -175,3 +175,26 @@ def test_export_onnx_runs_in_onnxruntime(tmp_path):
     assert_one_line_error(code, stderr, "unknown export format 'gguf'")
     code, _, stderr = run("export", str(tmp_path / "d"), "--out", str(tmp_path / "d.onnx"))
     assert_one_line_error(code, stderr, "already exists")
+
+
+def test_export_s8s8_qdq_matches_u8(tmp_path):
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from bitsmith.zoo.digits import digits_data
+
+    code, _, stderr = run("compress", "digits-cnn", "--recipe", "w8a8-static", "--out", str(tmp_path / "d"),
+                          "--calib-samples", "64", "--repeats", "1")
+    assert code == 0, stderr
+    x = digits_data("test")[0][:64].numpy()
+    outputs = {}
+    for kind in ("u8", "s8"):
+        path = tmp_path / f"{kind}.onnx"
+        code, _, stderr = run("export", str(tmp_path / "d"), "--out", str(path), "--activations", kind)
+        assert code == 0, stderr
+        zero_types = {init.data_type for init in onnx.load(str(path)).graph.initializer if "input_zero" in init.name}
+        assert zero_types == {onnx.TensorProto.UINT8 if kind == "u8" else onnx.TensorProto.INT8}
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        outputs[kind] = session.run(None, {session.get_inputs()[0].name: x})[0]
+    assert np.abs(outputs["u8"] - outputs["s8"]).max() < 1e-3 * np.abs(outputs["u8"]).max()

@@ -23,7 +23,9 @@ def _example_inputs(loaded):
     return batch, ["last_hidden_state"]
 
 
-def export_checkpoint(path: str | Path, fmt: str, out: str | Path, dynamic_activations: str = "token") -> dict:
+def export_checkpoint(
+    path: str | Path, fmt: str, out: str | Path, dynamic_activations: str = "token", activation_type: str = "u8"
+) -> dict:
     if fmt not in FORMATS:
         raise BitsmithError(f"unknown export format '{fmt}'; available: {', '.join(FORMATS)}")
     out = Path(out)
@@ -46,6 +48,9 @@ def export_checkpoint(path: str | Path, fmt: str, out: str | Path, dynamic_activ
     from bitsmith.export.onnx import export_onnx
 
     example, output_names = _example_inputs(loaded)
-    result = export_onnx(loaded.model, example, out, output_names=output_names, dynamic_activations=dynamic_activations)
+    result = export_onnx(
+        loaded.model, example, out, output_names=output_names, dynamic_activations=dynamic_activations,
+        activation_type=activation_type,
+    )
     result["source"] = loaded.source
     return result

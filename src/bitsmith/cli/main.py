@@ -196,13 +196,14 @@ def export(
     fmt: str = typer.Option("onnx", "--format", "-f", help="onnx, compressed-tensors or gptq."),
     out: Path = typer.Option(..., "--out", "-o", help="File to write (e.g. model.onnx)."),
     dynamic: str = typer.Option("token", "--dynamic", help="W8A8-dynamic pattern in ONNX: token, tensor or block."),
+    activations: str = typer.Option("u8", "--activations", help="Static int8 QDQ activations: u8 (U8S8) or s8 (S8S8)."),
     as_json: bool = JSON_OPTION,
 ):
     """Export a compressed model for another runtime: ONNX (QDQ, MatMulNBits) for ONNX Runtime;
     compressed-tensors or GPTQ transformers directories for transformers and vLLM."""
     from bitsmith.api.export import export_checkpoint
 
-    result = export_checkpoint(path, fmt, out, dynamic_activations=dynamic)
+    result = export_checkpoint(path, fmt, out, dynamic_activations=dynamic, activation_type=activations)
     if as_json:
         _emit_json(result)
         return

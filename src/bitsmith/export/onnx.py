@@ -75,6 +75,7 @@ def export_onnx(
     opset: int = 21,
     dynamic_activations: str = "token",
     accuracy_level: int = 4,
+    activation_type: str = "u8",
 ) -> dict:
     """Write ``model`` to the ONNX file ``path`` (atomically) and describe what was written.
 
@@ -90,7 +91,8 @@ def export_onnx(
 
     ``dynamic_activations`` picks the pattern of ``Int8DynamicLinear`` ("token", "tensor" or "block",
     see the module docstring); ``accuracy_level`` is MatMulNBits' for 2- and 4-bit weights (4: int8
-    compute, 0: fp32). Returns {"path", "bytes", "opset", "layers": {bitsmith module type: count in the
+    compute, 0: fp32). ``activation_type`` sets static int8 layers' QDQ activations: "u8" (U8S8, the
+    faster in ONNX Runtime here) or "s8" (S8S8). Returns {"path", "bytes", "opset", "layers": {bitsmith module type: count in the
     graph}, "ops": {ONNX op type: count}, "trace_warnings": [the tracer's warnings about the model]}.
     """
     try:
@@ -104,7 +106,10 @@ def export_onnx(
     names = list(input_names or kwarg_names or [f"input_{i}" for i in range(len(args))])
     wrapper = _ExportWrapper(model, kwarg_names, output_names)
     modes = {m: m.training for m in model.modules()}
-    swapped = _swap_in_stand_ins(wrapper, {"dynamic": dynamic_activations, "accuracy_level": accuracy_level})
+    if activation_type not in ("u8", "s8"):
+        raise BitsmithError(f"activation_type must be 'u8' or 's8', not {activation_type!r}")
+    options = {"dynamic": dynamic_activations, "accuracy_level": accuracy_level, "activation_type": activation_type}
+    swapped = _swap_in_stand_ins(wrapper, options)
     try:
         if opset < 21 and any(getattr(stand_in, "mode", None) == "token" for *_, stand_in in swapped):
             raise BitsmithError("per-token activations need opset 21 (blocked QuantizeLinear): use opset=21, "
@@ -358,7 +363,7 @@ class _StaticLinear(_StandIn):
         super().__init__(module, "StaticInt8Linear", {
             "weight_t": module.weight_codes.t(),  # (K, N) int8, MatMul layout
             "weight_scale": module.weight_scale[:, 0].float(),  # (N,); symmetric: no zero point
-            **_static_input_qparams(module),
+            **_static_input_qparams(module, options),
             "bias": None if module.bias is None else module.bias.float(),
         })
         self.fused_relu = module.fused_relu
@@ -380,7 +385,7 @@ class _StaticConv(_StandIn):
         super().__init__(module, "StaticInt8Conv2d", {
             "weight": module.weight_codes,  # (O, I/groups, kh, kw) int8
             "weight_scale": weight_scale,
-            **_static_input_qparams(module),
+            **_static_input_qparams(module, options),
             "bias": bias,
             "bias_scale": None if bias is None else bias_scale,
         })
@@ -400,14 +405,17 @@ class _StaticConv(_StandIn):
         return g.op("Relu", out) if self.fused_relu else out
 
 
-def _static_input_qparams(module) -> dict[str, torch.Tensor]:
-    # uint8 activations with bitsmith's own zero point: U8S8, as ORT's quantize_dynamic emits. S8S8 QDQ
-    # (codes - 128) ran 1.3x slower on MiniLM here: ORT fused only the layers whose QuantizeLinear has
-    # one consumer, so q/k/v (one input, one range, merged by ORT's CSE) stayed fp32 MatMuls.
-    return {
-        "input_scale": module.input_scale.float().reshape(()),  # scalar: per-tensor
-        "input_zero": module.input_zero_point.reshape(()).to(torch.uint8),
-    }
+def _static_input_qparams(module, options: dict) -> dict[str, torch.Tensor]:
+    # default: uint8 activations with bitsmith's own zero point, U8S8 as ORT's quantize_dynamic emits.
+    # S8S8 QDQ (the same codes - 128 with the same scale; ORT's documented default) is exact too, but ran
+    # 1.3x slower on MiniLM here: ORT fused only the layers whose QuantizeLinear has one consumer, so
+    # q/k/v (one input, one range, merged by ORT's CSE) stayed fp32 MatMuls.
+    zero = module.input_zero_point.reshape(())
+    if options.get("activation_type", "u8") == "s8":
+        zero = (zero.to(torch.int32) - 128).to(torch.int8)
+    else:
+        zero = zero.to(torch.uint8)
+    return {"input_scale": module.input_scale.float().reshape(()), "input_zero": zero}  # scalar: per-tensor
 
 
 def _qdq_input(g, x, t):
