@@ -21,8 +21,16 @@ def _bits(module) -> int:
 def inspect_checkpoint(path: str | Path) -> dict:
     """Load the checkpoint (so the kernel each layer will use is the one actually chosen here)."""
     path = Path(path)
-    meta = read_metadata(path)
-    model = load(path)
+    from bitsmith.export.llm_formats import is_compressed_tensors_dir, load_compressed_tensors
+
+    if path.is_dir() and not (path / "bitsmith.json").exists() and is_compressed_tensors_dir(path):
+        model = load_compressed_tensors(path)  # e.g. made by llm-compressor
+        files = sorted(path.glob("*.safetensors"))
+        meta = {"source": {"kind": "compressed-tensors", "path": str(path)}, "recipe": None,
+                "files": {"model.safetensors": {"bytes": sum(f.stat().st_size for f in files)}}}
+    else:
+        meta = read_metadata(path)
+        model = load(path)
     rows, quantized_bytes = [], 0
     quantized_names = set()
     for name, module in model.named_modules():

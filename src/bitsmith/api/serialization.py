@@ -200,6 +200,11 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     layers on their runtime kernels, in eval mode. For a plain ``nn.Module`` pass a float instance
     of it as ``model``; it is quantized in place."""
     path = Path(path)
+    if model is None and path.is_dir() and not (path / META_FILE).exists():
+        from bitsmith.export.llm_formats import is_compressed_tensors_dir, load_compressed_tensors
+
+        if is_compressed_tensors_dir(path):  # a compressed-tensors checkpoint (ours or llm-compressor's)
+            return load_compressed_tensors(path).eval()
     meta = read_metadata(path)
     if model is None:
         model = _skeleton(path, meta)

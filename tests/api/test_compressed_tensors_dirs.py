@@ -1,0 +1,36 @@
+"""A compressed-tensors directory is a first-class input: load, inspect and eval read it."""
+
+import json
+import subprocess
+import sys
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import bitsmith
+from bitsmith.export.llm_formats import export_compressed_tensors
+
+
+def test_load_and_inspect_a_compressed_tensors_dir(tmp_path):
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300)
+    model = LlamaForCausalLM(config).eval()
+    vocab = {f"w{i}": i for i in range(300)} | {"[UNK]": 300}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    bitsmith.quantize_(model, bitsmith.QuantizeConfig.model_validate({
+        "rules": [{"targets": ["Linear"], "scheme": {"weights": {"dtype": "int4", "granularity": 128}}}],
+        "ignore": ["lm_head"],
+    }))
+    export_compressed_tensors(model, tokenizer, tmp_path / "ct")
+    loaded = bitsmith.load(tmp_path / "ct")
+    x = torch.randint(0, 300, (2, 12))
+    assert type(loaded) is LlamaForCausalLM and torch.equal(loaded(x).logits, model(x).logits)
+    proc = subprocess.run([sys.executable, "-m", "bitsmith.cli.main", "inspect", str(tmp_path / "ct"), "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    layers = json.loads(proc.stdout)["layers"]
+    assert len(layers) == 14 and {row["bits"] for row in layers} == {4}  # 2 blocks x 7 Linears
