@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bitsmith-installed
 DEMO_OUT ?= out/demo
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench zoo clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,7 +18,12 @@ demo: $(STAMP)
 	$(VENV)/bin/bitsmith compress minilm --recipe w8a8-dynamic --out $(DEMO_OUT)
 	$(VENV)/bin/bitsmith inspect $(DEMO_OUT)
 
-test: $(STAMP)
+# the zoo models bitsmith trains itself (digits-cnn: seconds, docs-lm: minutes), built once and cached
+zoo: $(STAMP)
+	$(VENV)/bin/bitsmith zoo build digits-cnn
+	$(VENV)/bin/bitsmith zoo build docs-lm
+
+test: $(STAMP) zoo
 	$(PY) -m pytest
 
 bench: $(STAMP)
