@@ -11,22 +11,26 @@ from torch import nn
 
 from bitsmith.errors import BitsmithError
 
-__all__ = ["read_sentences", "cosine_fidelity", "interleaved_latency", "eval_sentences"]
+__all__ = ["read_text", "read_sentences", "cosine_fidelity", "interleaved_latency", "eval_sentences"]
 
 
-def read_sentences(path: str | Path, limit: int = 64) -> list[str]:
-    """Non-empty lines of a user's text file (one sentence or paragraph per line)."""
+def read_text(path: str | Path) -> str:
+    """A user's text file, whole; a missing, unreadable or blank file is a one-line BitsmithError."""
     path = Path(path)
     try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise BitsmithError(f"text file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise BitsmithError(f"cannot read text file {path}: {err}") from None
-    lines = [line for line in lines if line]
-    if not lines:
+    if not text.strip():
         raise BitsmithError(f"text file {path} has no non-empty lines")
-    return lines[:limit]
+    return text
+
+
+def read_sentences(path: str | Path, limit: int = 64) -> list[str]:
+    """Non-empty lines of a user's text file (one sentence or paragraph per line)."""
+    return [line.strip() for line in read_text(path).splitlines() if line.strip()][:limit]
 
 
 def eval_sentences(text: str | Path | None = None, count: int = 64) -> list[str]:

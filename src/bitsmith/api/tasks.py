@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from bitsmith.api.calibration_data import read_calibration
-from bitsmith.api.evaluate import cosine_fidelity, eval_sentences
+from bitsmith.api.evaluate import cosine_fidelity, eval_sentences, read_text
 from bitsmith.errors import BitsmithError
 
 __all__ = ["TextEmbeddingTask", "ImageClassificationTask", "LanguageModelTask", "task_for"]
@@ -109,7 +109,7 @@ class LanguageModelTask:
         if tokenizer is None:
             raise BitsmithError("this language model has no tokenizer files")
         self.tokenizer = tokenizer
-        self.text = _read_text(text) if text else heldout_text()
+        self.text = read_text(text) if text else heldout_text()
         ids = tokenizer(self.text, return_tensors="pt")["input_ids"][0]
         rows = min(8, len(ids) // self.window)
         if rows == 0:
@@ -144,18 +144,6 @@ class LanguageModelTask:
             "float_perplexity": round(base["perplexity"], 4), "perplexity": round(result["perplexity"], 4),
             "perplexity_increase_pct": round(100 * (result["perplexity"] / base["perplexity"] - 1), 3),
         }
-
-
-def _read_text(path: str | Path) -> str:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise BitsmithError(f"text file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise BitsmithError(f"cannot read text file {path}: {err}") from None
-    if not text.strip():
-        raise BitsmithError(f"text file {path} is empty")
-    return text
 
 
 def _as_digit_image(sample: torch.Tensor) -> torch.Tensor:
