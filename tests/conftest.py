@@ -23,3 +23,11 @@ def minilm():
     model, tokenizer = load_minilm()
     batch = encode_batch(tokenizer, doc_sentences(16))
     return model, tokenizer, batch, sentence_embeddings(model, batch)
+
+
+@pytest.fixture(scope="session")
+def docs_lm_model():
+    """(model, tokenizer) of the zoo model from the shared cache: built at most once per session (~10 minutes)."""
+    from bitsmith.zoo import docs_lm
+
+    return docs_lm.load_docs_lm()

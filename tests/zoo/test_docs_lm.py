@@ -17,12 +17,6 @@ TINY = dataclasses.replace(
 )
 
 
-@pytest.fixture(scope="session")
-def docs_lm_model():
-    """(model, tokenizer) of the zoo model from the shared cache: built at most once per session (~10 minutes)."""
-    return docs_lm.load_docs_lm()
-
-
 @pytest.fixture
 def tiny_split(monkeypatch):
     """Six train and two held-out topic pages instead of the whole corpus."""

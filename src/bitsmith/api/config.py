@@ -30,6 +30,10 @@ __all__ = [
     "ActivationSpec",
     "Scheme",
     "Rule",
+    "GPTQOptions",
+    "AWQOptions",
+    "SmoothQuantOptions",
+    "MappingSpec",
     "QuantizeConfig",
     "Recipe",
     "config_from_dict",
@@ -50,7 +54,8 @@ class WeightSpec(_Strict):
     granularity: Union[Literal["tensor", "channel"], int] = "channel"  # int = group size along inputs
     symmetric: bool = True
     clip: Literal["minmax", "mse"] = "minmax"  # how each block's range is chosen (rtn)
-    algorithm: Literal["rtn", "gptq"] = "rtn"  # gptq needs calibration data; options in QuantizeConfig.gptq
+    # gptq and awq need calibration data; their options are QuantizeConfig.gptq / .awq
+    algorithm: Literal["rtn", "gptq", "awq"] = "rtn"
 
     @property
     def bits(self) -> int | None:
@@ -95,8 +100,11 @@ class Scheme(_Strict):
 
     @model_validator(mode="after")
     def _gptq_weights(self) -> "Scheme":
-        if self.weights.algorithm == "gptq" and (self.weights.bits is None or self.activations is not None):
-            raise ValueError("gptq applies to integer weight-only schemes (no activation quantization)")
+        algorithm = self.weights.algorithm
+        if algorithm != "rtn" and (self.weights.bits is None or self.activations is not None):
+            raise ValueError(f"{algorithm} applies to integer weight-only schemes (no activation quantization)")
+        if algorithm != "rtn" and not isinstance(self.weights.granularity, int) and self.weights.granularity != "channel":
+            raise ValueError(f"{algorithm} quantizes per channel or per group, not per tensor")
         return self
 
     def describe(self) -> str:
@@ -107,7 +115,7 @@ class Scheme(_Strict):
         act = "a16"
         if self.activations is not None:
             act = "a8 per-token dynamic" if self.activations.dynamic else f"a8 static ({self.activations.observer})"
-        algorithm = " gptq" if w.algorithm == "gptq" else ""
+        algorithm = f" {w.algorithm}" if w.algorithm != "rtn" else ""
         return f"w{w.bits} {gran} {'sym' if w.symmetric else 'asym'} {act}{algorithm}"
 
 
@@ -116,6 +124,46 @@ class GPTQOptions(_Strict):
     damp_percent: float = 0.01  # escalated automatically when the Cholesky factorization fails
     block_size: int = 128  # columns per lazy update (speed only)
     true_sequential: bool = True  # inside a block, quantize layer groups in execution order
+
+
+class AWQOptions(_Strict):
+    grid: int = 20  # candidate scale exponents r = 0, 1/grid, ..., (grid-1)/grid
+    duo_scaling: bool = True  # s = mean|x|^r / mean|w|^(1-r) (False: mean|x|^r alone)
+    clip_search: bool = True  # then shrink each group's range where that lowers the output error
+    clip_grid: int = 20
+    max_shrink: float = 0.5  # the narrowest range tried is (1 - max_shrink) of min-max
+
+    @field_validator("grid", "clip_grid")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"must be at least 1, got {value}")
+        return value
+
+    @field_validator("max_shrink")
+    @classmethod
+    def _shrink(cls, value: float) -> float:
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"must be in [0, 1), got {value}")
+        return value
+
+
+class SmoothQuantOptions(_Strict):
+    alpha: float = 0.5  # migration strength: 0 leaves activations alone, 1 moves all of their range to weights
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, value: float) -> float:
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {value}")
+        return value
+
+
+class MappingSpec(_Strict):
+    """A layer group and the operation whose output it reads, as regexes relative to one block."""
+
+    prev: str
+    layers: list[str]
 
 
 class Rule(_Strict):
@@ -145,10 +193,16 @@ class QuantizeConfig(_Strict):
     cross_layer_equalization: bool = False  # rescale channels of consecutive convolutions
     bias_correction: bool = False  # subtract the output mean shift caused by weight rounding
     gptq: GPTQOptions = GPTQOptions()
+    awq: AWQOptions = AWQOptions()
+    smoothquant: SmoothQuantOptions | None = None  # set: smooth W8A8 layers' inputs before quantizing
+    # where SmoothQuant/AWQ scales go: a family of algorithms/families.yaml (default: detected), or own maps
+    family: str | None = None
+    mappings: list[MappingSpec] | None = None
 
     @property
     def needs_calibration(self) -> bool:
-        return self.is_static or any(r.scheme and r.scheme.weights.algorithm == "gptq" for r in self.rules)
+        calibrated = any(r.scheme and r.scheme.weights.algorithm != "rtn" for r in self.rules)
+        return self.is_static or calibrated or self.smoothquant is not None
 
     @property
     def is_static(self) -> bool:

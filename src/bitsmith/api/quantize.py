@@ -10,7 +10,8 @@ from torch import nn
 
 from bitsmith.algorithms.rtn import quantize_weight_rtn
 from bitsmith.api.calibrate import build_static, collect_activation_stats, prepare_static_, relu_followers, run_batch
-from bitsmith.api.sequential import gptq_sequential_
+from bitsmith.api.sequential import awq_sequential_, gptq_sequential_
+from bitsmith.api.smoothing import smoothquant_
 from bitsmith.api.config import QuantizeConfig, Recipe, Scheme, target_matches
 from bitsmith.errors import BitsmithError
 from bitsmith.nn import (
@@ -149,7 +150,7 @@ def quantize_(
     if isinstance(config, Recipe):
         config = config.quantize
     if config.needs_calibration and calibration is None:
-        raise BitsmithError("this recipe calibrates (static activations or gptq): give calibration data (--calib)")
+        raise BitsmithError("this recipe calibrates (static activations, gptq, awq or smoothquant): give calibration data (--calib)")
     chosen, skipped = plan(model, config)
     modules = dict(model.named_modules())
     for name, scheme in chosen.items():
@@ -159,8 +160,13 @@ def quantize_(
     report = QuantizeReport(skipped=skipped)
     static = {name: scheme for name, scheme in chosen.items() if _is_static(scheme)}
     stats, fusable = {}, {}
+    if config.smoothquant is not None:
+        w8a8 = {n: s for n, s in chosen.items() if s.activations is not None}
+        if not w8a8:
+            raise BitsmithError("smoothquant smooths int8 activations: the recipe quantizes no layer's activations")
+        report.prepared["smoothquant"] = smoothquant_(model, w8a8, config, calibration, run_batch, progress)
     if static:
-        report.prepared = prepare_static_(model, config)
+        report.prepared.update(prepare_static_(model, config))
         modules = dict(model.named_modules())
         stats = collect_activation_stats(model, static, calibration, progress)
         fusable = relu_followers(model)
@@ -171,6 +177,17 @@ def quantize_(
             report.quantized[name] = chosen.pop(name).describe()
         for name in set(gptq) - set(infos):  # outside the repeated blocks: no block inputs to calibrate on
             report.notes[name] = "outside the repeated blocks: round-to-nearest instead of gptq"
+        modules = dict(model.named_modules())
+    awq = {n: s for n, s in chosen.items() if s.weights.algorithm == "awq" and isinstance(modules[n], nn.Linear)}
+    if awq:
+        infos, awq_notes = awq_sequential_(model, awq, config, calibration, run_batch, progress)
+        for name in infos:
+            report.quantized[name] = chosen.pop(name).describe()
+        for name in set(awq) - set(infos):
+            report.notes[name] = "outside the repeated blocks: round-to-nearest instead of awq"
+        if awq_notes:
+            report.prepared["awq_notes"] = awq_notes
+        report.prepared["awq"] = {n: i for n, i in infos.items() if i}
         modules = dict(model.named_modules())
     with torch.no_grad():
         for name, scheme in chosen.items():

@@ -1,4 +1,4 @@
-"""Block-by-block GPTQ: calibration runs one block (encoder/decoder layer) at a time.
+"""Block-by-block GPTQ and AWQ: calibration runs one block (encoder/decoder layer) at a time.
 
 1. The calibration batches run up to the first block, whose inputs (args and kwargs) are kept.
 2. For each block, in order: its target Linears are grouped by the tensor they read (q/k/v share
@@ -6,6 +6,10 @@
    with hooks accumulating each Linear's Hessian, then GPTQ quantizes the group and it is replaced
    by its runtime module, so later groups see quantized outputs.
 3. The quantized block runs once more; its outputs are the next block's inputs.
+
+AWQ is the same loop with one statistics pass per block (each input's Gram matrix and mean
+magnitude), then a scale search per mapping of the model family (algorithms/families.yaml), the
+scales folded into the previous operation, a clipping search per layer, and round-to-nearest.
 
 Only one block's inputs and outputs are held at a time, which is what lets models larger than
 memory be quantized when blocks are loaded from disk one at a time.
@@ -19,11 +23,14 @@ import torch
 from torch import nn
 
 from bitsmith.algorithms.gptq import accumulate_hessian, gptq_quantize
-from bitsmith.api.config import GPTQOptions, Scheme
+from bitsmith.algorithms.rtn import QuantizedWeight
+from bitsmith.algorithms.smooth import awq_clip_ratios, awq_scales, fold_scales_, quantize_weight_ranged
+from bitsmith.api.config import AWQOptions, GPTQOptions, QuantizeConfig, Scheme
+from bitsmith.api.families import custom_family, family_for, resolve_block
 from bitsmith.errors import BitsmithError
 from bitsmith.nn import Int8WeightOnlyLinear, IntxWeightOnlyLinear
 
-__all__ = ["find_blocks", "gptq_sequential_"]
+__all__ = ["find_blocks", "gptq_sequential_", "awq_sequential_"]
 
 
 class _Stop(Exception):
@@ -40,7 +47,7 @@ def find_blocks(model: nn.Module, targets: Iterable[str]) -> tuple[str, nn.Modul
             if count > best_count:
                 best, best_count = (name, module), count
     if best is None:
-        raise BitsmithError("gptq needs a model made of repeated blocks (an nn.ModuleList of layers); none found")
+        raise BitsmithError("gptq and awq need a model made of repeated blocks (an nn.ModuleList of layers); none found")
     return best
 
 
@@ -62,7 +69,7 @@ def _capture_inputs(model: nn.Module, first: nn.Module, batches: Iterable, run_b
     finally:
         handle.remove()
     if not captured:
-        raise BitsmithError("the calibration set is empty: gptq needs at least one sample")
+        raise BitsmithError("the calibration set is empty: gptq and awq need at least one sample")
     return captured
 
 
@@ -99,12 +106,18 @@ def _execution_groups(block: nn.Module, names: dict[str, str], inputs: list) -> 
     return groups + ([sorted(missing)] if missing else [])
 
 
-def _hessians(block: nn.Module, locals_: dict[str, str], inputs: list) -> dict[str, tuple]:
+def _hessians(block: nn.Module, locals_: dict[str, str], inputs: list, absmean: bool = False) -> dict[str, tuple]:
+    """Per target: (H, rows) from ``accumulate_hessian``, plus mean |x| per input channel with ``absmean``."""
     state = {full: (None, 0) for full in locals_.values()}
+    sums = {}
     handles = []
     for local, full in locals_.items():
         def hook(module, args, full=full):
-            state[full] = accumulate_hessian(*state[full][:1], args[0], state[full][1])
+            x = args[0]
+            state[full] = accumulate_hessian(*state[full][:1], x, state[full][1])
+            if absmean:
+                total = x.detach().reshape(-1, x.shape[-1]).float().abs().sum(dim=0)
+                sums[full] = total if full not in sums else sums[full] + total
 
         handles.append(block.get_submodule(local).register_forward_pre_hook(hook))
     try:
@@ -112,26 +125,38 @@ def _hessians(block: nn.Module, locals_: dict[str, str], inputs: list) -> dict[s
     finally:
         for handle in handles:
             handle.remove()
+    if absmean:
+        return {full: (h, n, sums.get(full, None) if n == 0 else sums[full] / n) for full, (h, n) in state.items()}
     return state
+
+
+def _set_quantized(block: nn.Module, local: str, qweight: QuantizedWeight, bias, scheme: Scheme) -> None:
+    w = scheme.weights
+    if w.bits == 8 and w.symmetric:
+        new = Int8WeightOnlyLinear.from_quantized(qweight, bias)
+    else:
+        new = IntxWeightOnlyLinear.from_quantized(qweight, bias)
+    parent_name, _, child = local.rpartition(".")
+    setattr(block.get_submodule(parent_name) if parent_name else block, child, new)
+
+
+def _group_size(linear: nn.Linear, scheme: Scheme) -> int:
+    w = scheme.weights
+    if w.granularity == "tensor":
+        raise BitsmithError(f"{w.algorithm} quantizes per channel or per group, not per tensor")
+    return w.granularity if isinstance(w.granularity, int) else linear.in_features
 
 
 def _replace(block: nn.Module, local: str, linear: nn.Linear, scheme: Scheme, hessian, options: GPTQOptions):
     w = scheme.weights
-    group = w.granularity if isinstance(w.granularity, int) else None
-    if w.granularity == "tensor":
-        raise BitsmithError("gptq quantizes per channel or per group, not per tensor")
+    group = _group_size(linear, scheme)
     if hessian is None:  # the layer never ran on calibration data: zero Hessian -> RTN inside gptq_quantize
         hessian = torch.zeros(linear.in_features, linear.in_features)
     qweight, info = gptq_quantize(
         linear.weight.detach(), hessian, w.bits, group, w.symmetric, act_order=options.act_order,
         static_groups=True, damp_percent=options.damp_percent, block_size=options.block_size, clip=w.clip,
     )
-    if w.bits == 8 and w.symmetric:
-        new = Int8WeightOnlyLinear.from_quantized(qweight, linear.bias)
-    else:
-        new = IntxWeightOnlyLinear.from_quantized(qweight, linear.bias)
-    parent_name, _, child = local.rpartition(".")
-    setattr(block.get_submodule(parent_name) if parent_name else block, child, new)
+    _set_quantized(block, local, qweight, linear.bias, scheme)
     return info
 
 
@@ -157,3 +182,69 @@ def gptq_sequential_(
                     progress(full)
         inputs = _run_block(block, inputs)
     return infos
+
+
+def _awq_block(block: nn.Module, names: dict[str, str], targets: dict[str, Scheme], plan, inputs: list,
+               options: AWQOptions) -> dict[str, dict]:
+    """Scale search + fold per mapping, then clipping search + round-to-nearest per layer, in one block."""
+    local_of = {full: local for local, full in names.items()}
+    stats = _hessians(block, names, inputs, absmean=True)  # full -> (H, rows, mean|x|)
+    infos: dict[str, dict] = {full: {} for full in names.values()}
+    for mapping in plan.mappings:
+        fulls = [names[local] for local in mapping.layers]
+        hessian, rows, absmean = stats[fulls[0]]
+        if rows == 0:
+            continue
+        w0 = targets[fulls[0]].weights
+        group = _group_size(block.get_submodule(mapping.layers[0]), targets[fulls[0]])
+        layers = [block.get_submodule(local) for local in mapping.layers]
+        schemes = {targets[f].weights for f in fulls}
+        if len(schemes) != 1:  # layers sharing one input but quantized differently: no common search
+            continue
+        s, info = awq_scales([layer.weight for layer in layers], hessian, absmean, w0.bits, group, w0.symmetric,
+                             grid=options.grid, duo_scaling=options.duo_scaling)
+        fold_scales_(block.get_submodule(mapping.prev), layers, s)
+        inv = 1.0 / s
+        for full in fulls:  # the layers now read x / s: H -> H / (s s^T)
+            h, n, m = stats[full]
+            stats[full] = (h * inv[:, None] * inv[None, :], n, m * inv)
+            infos[full] = {"scale_ratio": info["ratio"], "error_vs_rtn": info["error"] / max(info["rtn_error"], 1e-30),
+                           "smoothed_by": mapping.prev}
+    for full, local in local_of.items():
+        linear = block.get_submodule(local)
+        w = targets[full].weights
+        group = _group_size(linear, targets[full])
+        hessian, rows, _ = stats[full]
+        ratios = None
+        if options.clip_search and rows > 0:
+            ratios = awq_clip_ratios(linear.weight, hessian, w.bits, group, w.symmetric,
+                                     grid=options.clip_grid, max_shrink=options.max_shrink)
+            infos[full]["mean_clip"] = float(ratios.mean())
+        qweight = quantize_weight_ranged(linear.weight, w.bits, group, w.symmetric, ratios)
+        _set_quantized(block, local, qweight, linear.bias, targets[full])
+    return infos
+
+
+def awq_sequential_(
+    model: nn.Module, targets: dict[str, Scheme], config: QuantizeConfig, batches: Iterable, run_batch, progress=None
+) -> tuple[dict[str, dict], list[str]]:
+    """Quantize ``targets`` (nn.Linear inside the model's blocks) with AWQ, block by block.
+    Returns AWQ's info per layer and notes on mappings that could not be used."""
+    prefix, blocks = find_blocks(model, targets)
+    if config.mappings is not None:
+        family = custom_family(config.mappings)
+    else:
+        family = family_for(model, blocks[0], config.family)
+    inputs = _capture_inputs(model, blocks[0], batches, run_batch)
+    infos, notes = {}, []
+    for index, block in enumerate(blocks):
+        block_prefix = f"{prefix}.{index}."
+        names = {t[len(block_prefix):]: t for t in targets if t.startswith(block_prefix)}
+        plan = resolve_block(block, family, set(names))
+        notes += [f"{block_prefix}{note}" for note in plan.notes]
+        infos.update(_awq_block(block, names, targets, plan, inputs, config.awq))
+        if progress is not None:
+            for full in names.values():
+                progress(full)
+        inputs = _run_block(block, inputs)
+    return infos, notes

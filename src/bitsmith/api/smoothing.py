@@ -1,0 +1,77 @@
+"""SmoothQuant plumbing: observe each mapped layer group's input range on calibration data, then
+move part of it into the weights (algorithms/smooth.py) before W8A8 quantization."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from bitsmith.algorithms.smooth import fold_scales_, smoothquant_scales
+from bitsmith.api.config import QuantizeConfig, Scheme
+from bitsmith.api.families import custom_family, family_for, resolve_block
+from bitsmith.api.sequential import find_blocks
+from bitsmith.errors import BitsmithError
+
+__all__ = ["smoothquant_"]
+
+
+def _absmax_hook(store: dict, key: str):
+    def observe(module, args):
+        x = args[0].detach()
+        amax = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
+        store[key] = amax if key not in store else torch.maximum(store[key], amax)
+
+    return observe
+
+
+def smoothquant_(
+    model: nn.Module, targets: dict[str, Scheme], config: QuantizeConfig, batches: Iterable, run_batch, progress=None
+) -> dict:
+    """Smooth the inputs of the W8A8 ``targets`` in place (function-preserving on the float model).
+
+    Every mapping of the model family whose layers are all targets gets
+    ``s = max|x|^alpha / max|W|^(1-alpha)`` folded into its previous operation. Returns what was
+    smoothed: {"family", "alpha", "smoothed": [prev -> layers], "notes": [...]}.
+    """
+    linear_targets = {n: s for n, s in targets.items() if isinstance(model.get_submodule(n), nn.Linear)}
+    prefix, blocks = find_blocks(model, linear_targets)
+    family = custom_family(config.mappings) if config.mappings is not None else family_for(model, blocks[0], config.family)
+    plans, handles, absmax = [], [], {}
+    for index, block in enumerate(blocks):
+        block_prefix = f"{prefix}.{index}."
+        local = {t[len(block_prefix):] for t in linear_targets if t.startswith(block_prefix)}
+        plan = resolve_block(block, family, local)
+        plans.append((block_prefix, block, plan))
+        for mapping in plan.mappings:
+            key = block_prefix + mapping.prev
+            handles.append(block.get_submodule(mapping.layers[0]).register_forward_pre_hook(_absmax_hook(absmax, key)))
+    seen = 0
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                run_batch(model, batch)
+                seen += 1
+                if progress is not None:
+                    progress(f"smoothquant calibration batch {seen}")
+    finally:
+        for handle in handles:
+            handle.remove()
+    if seen == 0:
+        raise BitsmithError("the calibration set is empty: smoothquant needs at least one sample")
+    alpha = config.smoothquant.alpha
+    done = {"family": family.name, "alpha": alpha, "smoothed": [], "notes": []}
+    for block_prefix, block, plan in plans:
+        done["notes"] += [block_prefix + note for note in plan.notes]
+        for mapping in plan.mappings:
+            key = block_prefix + mapping.prev
+            if key not in absmax:
+                continue
+            layers = [block.get_submodule(n) for n in mapping.layers]
+            s = smoothquant_scales(absmax[key], [layer.weight for layer in layers], alpha)
+            fold_scales_(block.get_submodule(mapping.prev), layers, s)
+            done["smoothed"].append(f"{key} -> {', '.join(block_prefix + n for n in mapping.layers)}")
+        for group in plan.unfoldable:
+            done["notes"].append(f"{block_prefix}{', '.join(group)}: input has no foldable producer; not smoothed")
+    return done
