@@ -190,3 +190,23 @@ def test_export_failure_is_a_one_line_error(tmp_path):
     with pytest.raises(bitsmith.BitsmithError, match=r"^ONNX export failed: .*'aten::searchsorted'[^\n]*$"):
         export_onnx(nn.Sequential(nn.Linear(4, 4), Bucketize()), torch.randn(2, 4), tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []  # no temporary file left behind
+
+
+def test_explicit_smoothing_exports_as_a_mul_before_quantization(tmp_path):
+    from bitsmith.nn import StaticInt8Linear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32)
+    s = torch.rand(64) * 4 + 0.25
+    module = StaticInt8Linear(64, 32, True)
+    q = quantize_weight_rtn(linear.weight.detach() * s, 8, "channel", True)
+    module.set_weight(q.codes, q.scale, linear.bias)
+    x = torch.randn(4, 64)
+    module.set_input_range(2 * (x / s).abs().max().item() / 255, 128)
+    module.set_input_smooth(1.0 / s)
+    model = nn.Sequential(module)
+    info = export_onnx(model, (x,), tmp_path / "smooth.onnx")
+    assert "Mul" in info["ops"]
+    session = ort_session(info["path"])
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert sqnr_db(module(x), torch.from_numpy(out)) > 35.0

@@ -127,4 +127,6 @@ def build_static(
         new = StaticInt8Linear(module.in_features, module.out_features, bias is not None, fused_relu=fuse_relu)
     new.set_weight(qweight.codes.reshape(weight.shape), qweight.scale, bias)
     new.set_input_range(*qparams_u8(*stats.observer.range()))
+    if getattr(module, "input_smooth", None) is not None:  # explicit SmoothQuant scale (api/smoothing.py)
+        new.set_input_smooth(module.input_smooth)
     return new

@@ -47,6 +47,9 @@ def smoothquant_(
         for mapping in plan.mappings:
             key = block_prefix + mapping.prev
             handles.append(block.get_submodule(mapping.layers[0]).register_forward_pre_hook(_absmax_hook(absmax, key)))
+        for group in plan.unfoldable:
+            key = block_prefix + group[0]
+            handles.append(block.get_submodule(group[0]).register_forward_pre_hook(_absmax_hook(absmax, key)))
     seen = 0
     try:
         with torch.inference_mode():
@@ -73,5 +76,33 @@ def smoothquant_(
             fold_scales_(block.get_submodule(mapping.prev), layers, s)
             done["smoothed"].append(f"{key} -> {', '.join(block_prefix + n for n in mapping.layers)}")
         for group in plan.unfoldable:
-            done["notes"].append(f"{block_prefix}{', '.join(group)}: input has no foldable producer; not smoothed")
+            key = block_prefix + group[0]
+            full = [block_prefix + n for n in group]
+            if key not in absmax:
+                continue
+            if not all(_is_static(targets[n]) for n in full):
+                done["notes"].append(f"{', '.join(full)}: no foldable producer and not static; not smoothed")
+                continue
+            layers = [block.get_submodule(n) for n in group]
+            s = smoothquant_scales(absmax[key], [layer.weight for layer in layers], alpha)
+            for layer in layers:
+                _smooth_explicitly_(layer, s)
+            done["smoothed"].append(f"explicit per-channel scale -> {', '.join(full)}")
     return done
+
+
+def _is_static(scheme: Scheme) -> bool:
+    return scheme.activations is not None and not scheme.activations.dynamic
+
+
+def _multiply_input(module: nn.Module, args):
+    return (args[0] * module.input_smooth, *args[1:])
+
+
+@torch.no_grad()
+def _smooth_explicitly_(linear: nn.Linear, s: torch.Tensor) -> None:
+    """``W * s`` with the input multiplied by ``1 / s`` first: a buffer the static int8 module takes
+    over into its quantization step, and a hook that keeps the float layer exact until then."""
+    linear.weight.mul_(s.to(linear.weight.dtype))
+    linear.register_buffer("input_smooth", (1.0 / s).to(linear.weight.dtype))
+    linear.register_forward_pre_hook(_multiply_input)

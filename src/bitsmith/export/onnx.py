@@ -365,10 +365,13 @@ class _StaticLinear(_StandIn):
             "weight_scale": module.weight_scale[:, 0].float(),  # (N,); symmetric: no zero point
             **_static_input_qparams(module, options),
             "bias": None if module.bias is None else module.bias.float(),
+            "input_smooth": None if module.input_smooth is None else module.input_smooth.float(),
         })
         self.fused_relu = module.fused_relu
 
     def _emit(self, g, x, t):
+        if "input_smooth" in t:  # explicit SmoothQuant scale: x * (1 / s) before the quantization step
+            x = g.op("Mul", x, t["input_smooth"])
         xq = _qdq_input(g, x, t)
         w = g.op("DequantizeLinear", t["weight_t"], t["weight_scale"], axis_i=1)
         out = _add_bias(g, g.op("MatMul", xq, w), t)

@@ -46,7 +46,8 @@ def module_from_info(info: dict) -> nn.Module:
     if kind == "Identity":
         return nn.Identity()
     if kind == "StaticInt8Linear":
-        return StaticInt8Linear(info["in_features"], info["out_features"], info["has_bias"], info["fused_relu"])
+        return StaticInt8Linear(info["in_features"], info["out_features"], info["has_bias"], info["fused_relu"],
+                                info.get("input_smooth", False))
     if kind == "StaticInt8Conv2d":
         return StaticInt8Conv2d(
             info["in_channels"], info["out_channels"], info["kernel_size"], info["stride"], info["padding"],

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "quantize_per_token_u8", "quantize_static_u8", "scale_rows_add_bias"]
+__all__ = ["available", "quantize_per_token_u8", "quantize_static_u8", "quantize_static_channel_u8", "scale_rows_add_bias"]
 
 _SOURCE = Path(__file__).parent / "csrc" / "quant.c"
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
@@ -62,6 +62,7 @@ def _library() -> ctypes.CDLL | None:
     lib.bitsmith_quantize_per_token_u8.argtypes = [ptr, i64, i64, ptr, ptr, ctypes.c_int]
     lib.bitsmith_scale_rows_add_bias.argtypes = [ptr, i64, i64, ptr, ptr, ctypes.c_int]
     lib.bitsmith_quantize_static_u8.argtypes = [ptr, i64, ctypes.c_float, ctypes.c_int32, ptr, ctypes.c_int]
+    lib.bitsmith_quantize_static_channel_u8.argtypes = [ptr, i64, i64, ptr, ctypes.c_int32, ptr, ctypes.c_int]
     return lib
 
 
@@ -95,6 +96,17 @@ def quantize_static_u8(x: torch.Tensor, scale: float, zero_point: int) -> torch.
     codes = torch.empty(x.shape, dtype=torch.uint8, memory_format=_memory_format(x))
     _library().bitsmith_quantize_static_u8(
         x.data_ptr(), x.numel(), 1.0 / scale, zero_point, codes.data_ptr(), torch.get_num_threads()
+    )
+    return codes
+
+
+def quantize_static_channel_u8(x: torch.Tensor, multiplier: torch.Tensor, zero_point: int) -> torch.Tensor:
+    """x (M, K) float32 contiguous, multiplier (K,) float32 -> codes ``clamp(round(x * multiplier) + zp, 0, 255)``."""
+    rows, cols = x.shape
+    codes = torch.empty(rows, cols, dtype=torch.uint8)
+    multiplier = multiplier.float().contiguous()
+    _library().bitsmith_quantize_static_channel_u8(
+        x.data_ptr(), rows, cols, multiplier.data_ptr(), zero_point, codes.data_ptr(), torch.get_num_threads()
     )
     return codes
 

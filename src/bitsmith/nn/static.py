@@ -16,8 +16,14 @@ from bitsmith.nn import kernels, native
 __all__ = ["StaticInt8Linear", "StaticInt8Conv2d"]
 
 
-def _quantize_input(x: torch.Tensor, scale: float, zero: int) -> torch.Tensor:
+def _quantize_input(x: torch.Tensor, scale: float, zero: int, smooth: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 codes of x; ``smooth`` (K,) multiplies the last dimension first (explicit SmoothQuant scale)."""
     x = x.float()
+    if smooth is not None:
+        multiplier = smooth.float() / scale
+        if native.available():
+            return native.quantize_static_channel_u8(x.contiguous(), multiplier, zero)
+        return torch.clamp(torch.round(x * multiplier) + zero, 0, 255).to(torch.uint8)
     if native.available():
         if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
             x = x.contiguous()
@@ -60,7 +66,7 @@ class _StaticBase(nn.Module):
 
     def _fake_quant_input(self, x: torch.Tensor) -> torch.Tensor:
         scale, zero = self.input_scale.item(), int(self.input_zero_point.item())
-        return (_quantize_input(x, scale, zero).float() - zero) * scale
+        return (_quantize_input(x, scale, zero, getattr(self, "input_smooth", None)).float() - zero) * scale
 
     def _post(self) -> str:
         return "relu" if self.fused_relu else "none"
@@ -69,6 +75,8 @@ class _StaticBase(nn.Module):
         if not kernels.onednn_int8_available():
             return "fallback: fp32 on dequantized weight and fake-quantized input (oneDNN int8 not available)"
         how = "fused native" if native.available() else "eager torch"
+        if getattr(self, "input_smooth", None) is not None:
+            how += " with per-channel smoothing"
         relu = " + fused ReLU" if self.fused_relu else ""
         return f"oneDNN {self._op} u8 x s8{relu}; static input quantization: {how}"
 
@@ -76,10 +84,19 @@ class _StaticBase(nn.Module):
 class StaticInt8Linear(_StaticBase):
     _op = "qlinear"
 
-    def __init__(self, in_features: int, out_features: int, has_bias: bool, fused_relu: bool = False):
+    def __init__(self, in_features: int, out_features: int, has_bias: bool, fused_relu: bool = False,
+                 smooth: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self._init_storage((out_features, in_features), has_bias, fused_relu)
+        # explicit SmoothQuant: the input is multiplied by this (1 / s) per channel inside the quantization
+        # step, where no previous operation could absorb it (e.g. a post-LayerNorm that is also the residual)
+        self.register_buffer("input_smooth", torch.ones(in_features) if smooth else None)
+
+    def set_input_smooth(self, inverse_scale: torch.Tensor) -> None:
+        if self.input_smooth is None:
+            self.register_buffer("input_smooth", torch.ones(self.in_features))
+        self.input_smooth.copy_(inverse_scale.reshape(-1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -91,7 +108,7 @@ class StaticInt8Linear(_StaticBase):
         if self._packed is None:
             self._packed = kernels.prepack_int8_weight(self.weight_codes)
         scale, zero = self.input_scale.item(), int(self.input_zero_point.item())
-        codes = _quantize_input(x2, scale, zero)
+        codes = _quantize_input(x2, scale, zero, self.input_smooth)
         out = torch.ops.onednn.qlinear_pointwise(
             codes, scale, zero, self._packed, self.weight_scale[:, 0].contiguous(),
             torch.zeros(self.out_features, dtype=torch.long), self.bias, 1.0, 0, torch.float32, self._post(), [None], "",
@@ -102,6 +119,7 @@ class StaticInt8Linear(_StaticBase):
         return {
             "module": type(self).__name__, "in_features": self.in_features, "out_features": self.out_features,
             "has_bias": self.bias is not None, "fused_relu": self.fused_relu,
+            "input_smooth": self.input_smooth is not None,
         }
 
 

@@ -64,3 +64,20 @@ void bitsmith_quantize_static_u8(const float *x, int64_t n, float inv_scale, int
         }
     }
 }
+
+/* Static quantization with a per-input-channel multiplier (an explicit SmoothQuant scale folded into
+ * the step): codes[i, j] = clamp(round(x[i, j] * mult[j]) + zero_point, 0, 255), x (rows, cols). */
+void bitsmith_quantize_static_channel_u8(const float *x, int64_t rows, int64_t cols, const float *mult,
+                                         int32_t zero_point, uint8_t *codes, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < rows; ++i) {
+        const float *xi = x + i * cols;
+        uint8_t *ci = codes + i * cols;
+#pragma omp simd
+        for (int64_t j = 0; j < cols; ++j) {
+            float q = nearbyintf(xi[j] * mult[j]) + (float)zero_point;
+            q = q < 0.0f ? 0.0f : (q > 255.0f ? 255.0f : q);
+            ci[j] = (uint8_t)q;
+        }
+    }
+}
