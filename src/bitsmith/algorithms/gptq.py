@@ -90,7 +90,8 @@ def gptq_quantize(
     fmt = weight_format(bits, symmetric)
     group = _check_inputs(weight, hessian, group_size, damp_percent, block_size)
     w = weight.detach().to(torch.float32).clone()  # (N, K)
-    h = hessian.detach().to(device=w.device, dtype=torch.float64).clone()  # (K, K)
+    h = hessian.detach().to(device=w.device, dtype=torch.float64)  # (K, K)
+    h = h.clone() if h.data_ptr() == hessian.data_ptr() else h  # a copy of our own, changed in place
     dead = torch.diagonal(h) == 0
     if dead.all():
         rtn = quantize_weight_rtn(weight, bits, "channel" if group_size is None else group_size, symmetric)
@@ -101,7 +102,9 @@ def gptq_quantize(
     order = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(w.shape[1])
     order = order.to(w.device)
     # the factor depends on the column order: factorize H permuted into processing order
-    upper, damp_rel, damp, fallback = _inverse_hessian_factor(h[order][:, order], damp_percent)
+    h = h.index_select(0, order).index_select(1, order)
+    upper, damp_rel, damp, fallback = _inverse_hessian_factor(h, damp_percent)
+    del h  # (K, K) float64: 254 MB for a 5632-wide layer; peak memory matters block by block
 
     fixed_groups = group_size is None or static_groups
     n_groups = w.shape[1] // group
@@ -114,8 +117,9 @@ def gptq_quantize(
         group_of = torch.arange(w.shape[1], device=w.device) // group
     # a group must not straddle two lazy blocks, so its columns are up to date when its scale is chosen
     step = block_size if fixed_groups else group * max(1, block_size // group)
+    upper = upper.to(torch.float32)  # the float64 factor is dropped before the column loop
     codes, loss = _quantize_columns(
-        w[:, order], upper.to(torch.float32), scale, zero, group_of, fmt, symmetric, group, not fixed_groups, step
+        w[:, order], upper, scale, zero, group_of, fmt, symmetric, group, not fixed_groups, step
     )
     original = torch.empty_like(codes)
     original[:, order] = codes  # back to the original column order
@@ -171,19 +175,26 @@ def _inverse_hessian_factor(h: torch.Tensor, damp_percent: float) -> tuple[torch
     factorization succeeds with finite values.
     """
     diag_mean = float(torch.diagonal(h).abs().mean())
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     damp_rel = damp_percent
     for step in range(_DAMP_STEPS):
         if step:
             damp_rel = damp_rel * 10 if damp_rel > 0 else 0.01
         damp = damp_rel * diag_mean
         # with J the order reversal and J H J = L L^T, H^-1 = U^T U for U = J L^-1 J (upper): one
-        # Cholesky and one triangular inverse, 8x faster on CPU than cholesky_inverse + a second Cholesky
-        lower, status = torch.linalg.cholesky_ex((h + damp * eye).flip(0, 1))
+        # Cholesky and one triangular inverse, 8x faster on CPU than cholesky_inverse + a second Cholesky.
+        # (K, K) temporaries are made one at a time and dropped early: three live at most.
+        damped = h.flip(0, 1)
+        damped.diagonal().add_(damp)  # the reversal maps the diagonal onto itself
+        lower, status = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(status) == 0 and torch.isfinite(lower).all():
-            upper = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
+            eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+            upper = torch.linalg.solve_triangular(lower, eye, upper=False)
+            del lower, eye
+            upper = upper.flip(0, 1)
             if torch.isfinite(upper).all():
                 return upper, damp_rel, damp, None
+        del lower
     # no damping in reach made it positive definite: keep only the diagonal, i.e. round each column
     # with no error feedback (RTN with GPTQ's group scales) rather than fail
     return torch.diag((torch.diagonal(h).abs() + damp).rsqrt()), damp_rel, damp, "diagonal"

@@ -33,6 +33,9 @@ from bitsmith.nn import Int8WeightOnlyLinear, IntxWeightOnlyLinear
 __all__ = ["find_blocks", "gptq_sequential_", "awq_sequential_"]
 
 
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
 class _Stop(Exception):
     """Raised by the hook on the first block once its inputs are captured."""
 
@@ -55,6 +58,10 @@ def _capture_inputs(model: nn.Module, first: nn.Module, batches: Iterable, run_b
     captured = []
 
     def hook(module, args, kwargs):
+        # a KV cache passed down the blocks would grow with every block run on these inputs
+        kwargs = {k: (None if k in _CACHE_KWARGS or "Cache" in type(v).__name__ else v) for k, v in kwargs.items()}
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
         captured.append((args, kwargs))
         raise _Stop
 
@@ -160,6 +167,28 @@ def _replace(block: nn.Module, local: str, linear: nn.Linear, scheme: Scheme, he
     return info
 
 
+def _gptq_block(block: nn.Module, names: dict[str, str], targets: dict[str, Scheme], inputs: list,
+                options: GPTQOptions, progress=None) -> dict[str, dict]:
+    """GPTQ on one block's targets (local -> full names), group by group in execution order."""
+    infos = {}
+    groups = _execution_groups(block, names, inputs) if options.true_sequential else [list(names.values())]
+    local_of = {full: local for local, full in names.items()}
+    for group in groups:
+        state = _hessians(block, {local_of[f]: f for f in group}, inputs)
+        for full in group:
+            linear = block.get_submodule(local_of[full])
+            infos[full] = _replace(block, local_of[full], linear, targets[full], state[full][0], options)
+            if progress is not None:
+                progress(full)
+    return infos
+
+
+def block_targets(prefix: str, index: int, targets) -> dict[str, str]:
+    """Targets inside block ``index``: local name -> full name."""
+    block_prefix = f"{prefix}.{index}."
+    return {t[len(block_prefix):]: t for t in targets if t.startswith(block_prefix)}
+
+
 def gptq_sequential_(
     model: nn.Module, targets: dict[str, Scheme], options: GPTQOptions, batches: Iterable, run_batch, progress=None
 ) -> dict[str, dict]:
@@ -169,20 +198,9 @@ def gptq_sequential_(
     inputs = _capture_inputs(model, blocks[0], batches, run_batch)
     infos = {}
     for index, block in enumerate(blocks):
-        block_prefix = f"{prefix}.{index}."
-        names = {t[len(block_prefix):]: t for t in targets if t.startswith(block_prefix)}
-        groups = _execution_groups(block, names, inputs) if options.true_sequential else [list(names.values())]
-        local_of = {full: local for local, full in names.items()}
-        for group in groups:
-            state = _hessians(block, {local_of[f]: f for f in group}, inputs)
-            for full in group:
-                linear = block.get_submodule(local_of[full])
-                infos[full] = _replace(block, local_of[full], linear, targets[full], state[full][0], options)
-                if progress is not None:
-                    progress(full)
+        infos.update(_gptq_block(block, block_targets(prefix, index, targets), targets, inputs, options, progress))
         inputs = _run_block(block, inputs)
     return infos
-
 
 def _awq_block(block: nn.Module, names: dict[str, str], targets: dict[str, Scheme], plan, inputs: list,
                options: AWQOptions) -> dict[str, dict]:
@@ -231,20 +249,29 @@ def awq_sequential_(
     """Quantize ``targets`` (nn.Linear inside the model's blocks) with AWQ, block by block.
     Returns AWQ's info per layer and notes on mappings that could not be used."""
     prefix, blocks = find_blocks(model, targets)
-    if config.mappings is not None:
-        family = custom_family(config.mappings)
-    else:
-        family = family_for(model, blocks[0], config.family)
+    family = model_family(model, blocks[0], config)
     inputs = _capture_inputs(model, blocks[0], batches, run_batch)
     infos, notes = {}, []
     for index, block in enumerate(blocks):
-        block_prefix = f"{prefix}.{index}."
-        names = {t[len(block_prefix):]: t for t in targets if t.startswith(block_prefix)}
-        plan = resolve_block(block, family, set(names))
-        notes += [f"{block_prefix}{note}" for note in plan.notes]
-        infos.update(_awq_block(block, names, targets, plan, inputs, config.awq))
-        if progress is not None:
-            for full in names.values():
-                progress(full)
+        block_infos, block_notes = awq_block(block, f"{prefix}.{index}.", targets, family, inputs, config, progress)
+        infos.update(block_infos)
+        notes += block_notes
         inputs = _run_block(block, inputs)
     return infos, notes
+
+
+def model_family(model: nn.Module, first_block: nn.Module, config: QuantizeConfig):
+    if config.mappings is not None:
+        return custom_family(config.mappings)
+    return family_for(model, first_block, config.family)
+
+
+def awq_block(block, block_prefix: str, targets, family, inputs, config: QuantizeConfig, progress=None):
+    """AWQ on one block: returns (info per layer, notes)."""
+    names = {t[len(block_prefix):]: t for t in targets if t.startswith(block_prefix)}
+    plan = resolve_block(block, family, set(names))
+    infos = _awq_block(block, names, targets, plan, inputs, config.awq)
+    if progress is not None:
+        for full in names.values():
+            progress(full)
+    return infos, [f"{block_prefix}{note}" for note in plan.notes]

@@ -1,7 +1,9 @@
 """``save`` / ``load``: safetensors with packed low-bit tensors plus ``bitsmith.json``; never pickle.
 
 A saved directory holds
-    model.safetensors   every tensor of the model, quantized ones in their packed storage form
+    model.safetensors   every tensor of the model, quantized ones in their packed storage form (a model
+                        quantized block by block from disk has one file per block instead, all listed
+                        in bitsmith.json's "files")
     bitsmith.json       format version, source model, recipe, per-layer modules, library versions,
                         measured metrics, and each file's size and sha256 (so corruption is caught)
     config.json, tokenizer files   for transformers models, so the directory is self-contained
@@ -28,7 +30,7 @@ from torch import nn
 from bitsmith.errors import BitsmithError
 from bitsmith.nn import QUANTIZED_MODULES, module_from_info
 
-__all__ = ["save", "load", "read_metadata", "prepare_output_dir", "FORMAT_VERSION", "WEIGHTS_FILE", "META_FILE"]
+__all__ = ["save", "load", "read_metadata", "write_metadata", "weight_files", "prepare_output_dir", "FORMAT_VERSION", "WEIGHTS_FILE", "META_FILE"]
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -114,23 +116,7 @@ def save(
             config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        layers = {n: m.layer_info() for n, m in model.named_modules() if isinstance(m, QUANTIZED_MODULES)}
-        # layers that quantization turned into Identity (folded BatchNorm, ReLU fused into a kernel)
-        layers.update({n: {"module": "Identity"} for n, m in model.named_modules() if isinstance(m, nn.Identity)})
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "source": _source_of(model),
-            "recipe": getattr(model, "bitsmith_recipe", None),
-            "layers": layers,
-            "skipped": getattr(model, "bitsmith_skipped", {}),
-            "versions": _versions(),
-            "metrics": metrics or {},
-            "files": {
-                WEIGHTS_FILE: {"bytes": (tmp / WEIGHTS_FILE).stat().st_size, "sha256": _sha256(tmp / WEIGHTS_FILE)}
-            },
-            **(extra or {}),
-        }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        meta = write_metadata(tmp, model, [WEIGHTS_FILE], metrics, extra)
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(tmp, out)
@@ -138,6 +124,35 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
+
+
+def write_metadata(directory: Path, model: nn.Module, weight_files: list[str], metrics: dict | None = None,
+                   extra: dict | None = None) -> dict:
+    """Write bitsmith.json into ``directory`` (which already holds ``weight_files``) and return it."""
+    layers = {n: m.layer_info() for n, m in model.named_modules() if isinstance(m, QUANTIZED_MODULES)}
+    # layers that quantization turned into Identity (folded BatchNorm, ReLU fused into a kernel)
+    layers.update({n: {"module": "Identity"} for n, m in model.named_modules() if isinstance(m, nn.Identity)})
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "source": _source_of(model),
+        "recipe": getattr(model, "bitsmith_recipe", None),
+        "layers": layers,
+        "skipped": getattr(model, "bitsmith_skipped", {}),
+        "versions": _versions(),
+        "metrics": metrics or {},
+        "files": {
+            name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+            for name in weight_files
+        },
+        **(extra or {}),
+    }
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def weight_files(meta: dict) -> list[str]:
+    files = [name for name in meta.get("files", {}) if name.endswith(".safetensors")]
+    return files or [WEIGHTS_FILE]
 
 
 def read_metadata(path: str | Path, verify: bool = True) -> dict:
@@ -156,18 +171,19 @@ def read_metadata(path: str | Path, verify: bool = True) -> dict:
         raise BitsmithError(f"corrupt checkpoint: {meta_path} is not valid JSON") from None
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION or "layers" not in meta:
         raise BitsmithError(f"corrupt or unsupported checkpoint: {meta_path} lacks format_version {FORMAT_VERSION}")
-    weights = path / WEIGHTS_FILE
-    if not weights.exists():
-        raise BitsmithError(f"incomplete checkpoint: {weights} is missing")
-    if verify:
-        recorded = meta.get("files", {}).get(WEIGHTS_FILE, {})
-        if recorded.get("bytes") is not None and weights.stat().st_size != recorded["bytes"]:
-            raise BitsmithError(
-                f"truncated or corrupt checkpoint: {weights} has {weights.stat().st_size} bytes,"
-                f" {recorded['bytes']} were written"
-            )
-        if recorded.get("sha256") and _sha256(weights) != recorded["sha256"]:
-            raise BitsmithError(f"corrupt checkpoint: {weights} does not match the checksum in {META_FILE}")
+    for name in weight_files(meta):
+        weights = path / name
+        if not weights.exists():
+            raise BitsmithError(f"incomplete checkpoint: {weights} is missing")
+        if verify:
+            recorded = meta.get("files", {}).get(name, {})
+            if recorded.get("bytes") is not None and weights.stat().st_size != recorded["bytes"]:
+                raise BitsmithError(
+                    f"truncated or corrupt checkpoint: {weights} has {weights.stat().st_size} bytes,"
+                    f" {recorded['bytes']} were written"
+                )
+            if recorded.get("sha256") and _sha256(weights) != recorded["sha256"]:
+                raise BitsmithError(f"corrupt checkpoint: {weights} does not match the checksum in {META_FILE}")
     return meta
 
 
@@ -217,10 +233,12 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         except (KeyError, AttributeError, TypeError):
             raise BitsmithError(f"corrupt checkpoint: layer '{name}' in {META_FILE} does not fit the model") from None
         setattr(parent, child, new)
-    try:
-        tensors = load_file(path / WEIGHTS_FILE)
-    except (SafetensorError, OSError) as err:
-        raise BitsmithError(f"corrupt or truncated checkpoint: {path / WEIGHTS_FILE} ({err})") from None
+    tensors = {}
+    for name in weight_files(meta):
+        try:
+            tensors.update(load_file(path / name))
+        except (SafetensorError, OSError) as err:
+            raise BitsmithError(f"corrupt or truncated checkpoint: {path / name} ({err})") from None
     _load_tensors(model, tensors, path)
     model.bitsmith_recipe = meta.get("recipe")
     model.bitsmith_source = meta.get("source")

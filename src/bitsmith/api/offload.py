@@ -1,0 +1,314 @@
+"""Quantize a model larger than memory: one decoder block in memory at a time, the rest on disk.
+
+    1. The model is built from its config with every parameter on the ``meta`` device (no memory),
+       buffers real (rotary tables); the parameters outside the blocks (embeddings, final norm,
+       lm_head) are read from the checkpoint's safetensors files.
+    2. The calibration batches run up to the first block; its inputs are kept.
+    3. For each block: its tensors are read from the memory-mapped safetensors file(s) (the file is
+       mapped for that read only, so its pages leave this process afterwards), its layers are
+       quantized (GPTQ, AWQ or round-to-nearest, as the recipe says, on the kept inputs), the block
+       runs once to give the next block's inputs, its quantized tensors are written to their own
+       shard, and the block goes back to ``meta``.
+    4. The layers outside the blocks are quantized round-to-nearest and written last.
+
+Peak memory is about the non-block parameters plus one block, its quantization temporaries (a GPTQ
+Hessian) and the calibration activations. The output is an ordinary bitsmith directory (one weights
+file per block, all listed in bitsmith.json) that ``bitsmith.load`` reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import gc
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from bitsmith.api.calibrate import run_batch
+from bitsmith.api.config import QuantizeConfig, Recipe
+from bitsmith.api.quantize import _check_finite, _check_group, _quantize_linear, plan, quantize_
+from bitsmith.api.sequential import (
+    _capture_inputs,
+    _gptq_block,
+    _run_block,
+    awq_block,
+    block_targets,
+    find_blocks,
+    model_family,
+)
+from bitsmith.api.serialization import prepare_output_dir, write_metadata
+from bitsmith.errors import BitsmithError
+
+__all__ = ["quantize_offloaded", "checkpoint_files"]
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                    "generation_config.json", "vocab.json", "merges.txt")
+
+
+def checkpoint_files(source: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file of a transformers checkpoint directory (single file or sharded)."""
+    index = source / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+            raise BitsmithError(f"corrupt checkpoint: {index} has no weight_map") from None
+        return {name: source / file for name, file in weight_map.items()}
+    single = source / "model.safetensors"
+    if not single.exists():
+        raise BitsmithError(f"{source} has no model.safetensors or model.safetensors.index.json")
+    return {name: single for name in _keys(single)}
+
+
+def _keys(path: Path) -> list[str]:
+    try:
+        with safe_open(path, framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as err:
+        raise BitsmithError(f"corrupt or truncated checkpoint: {path} ({err})") from None
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Every nn.Parameter registered inside goes to the meta device; buffers stay real."""
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def _read(files: dict[str, Path], names: list[str]) -> dict[str, torch.Tensor]:
+    """Tensors by name, each file mapped once for this read and unmapped after."""
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        if name not in files:
+            raise BitsmithError(f"incomplete checkpoint: tensor '{name}' is in no safetensors file")
+        by_file.setdefault(files[name], []).append(name)
+    out = {}
+    for path, keys in by_file.items():
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in keys:
+                    out[key] = f.get_tensor(key)
+        except (SafetensorError, OSError) as err:
+            raise BitsmithError(f"corrupt or truncated checkpoint: {path} ({err})") from None
+    return out
+
+
+def _materialize(module: nn.Module, prefix: str, files: dict[str, Path]) -> None:
+    """Replace ``module``'s meta parameters with the checkpoint's tensors (names ``prefix + local``)."""
+    locals_ = [n for n, p in module.named_parameters() if p.device.type == "meta"]
+    tensors = _read(files, [prefix + n for n in locals_])
+    for local in locals_:
+        owner_name, _, attr = local.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        expected = owner._parameters[attr]
+        tensor = tensors[prefix + local]
+        if tuple(tensor.shape) != tuple(expected.shape):
+            raise BitsmithError(
+                f"corrupt checkpoint: tensor '{prefix + local}' is {list(tensor.shape)},"
+                f" the model expects {list(expected.shape)}"
+            )
+        owner._parameters[attr] = nn.Parameter(tensor.to(expected.dtype), requires_grad=False)
+
+
+def _to_meta(module: nn.Module) -> None:
+    for sub in module.modules():
+        for name, param in sub._parameters.items():
+            if param is not None:
+                sub._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
+        for name, buffer in sub._buffers.items():
+            if buffer is not None:
+                sub._buffers[name] = buffer.to("meta")
+        for name, value in list(vars(sub).items()):  # runtime caches (prepacked weights) go too
+            if name.startswith("_") and (isinstance(value, torch.Tensor) or (
+                    isinstance(value, tuple) and value and all(isinstance(v, torch.Tensor) for v in value))):
+                setattr(sub, name, None)
+
+
+def _release_memory() -> None:
+    """Give freed memory back to the OS (glibc keeps freed heap pages otherwise: RSS would grow by
+    about a block per block)."""
+    gc.collect()
+    libc_name = ctypes.util.find_library("c")
+    if libc_name:
+        try:
+            ctypes.CDLL(libc_name).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
+def _params_to_meta(model: nn.Module, names: list[str]) -> None:
+    for name in names:
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        owner._parameters[attr] = nn.Parameter(owner._parameters[attr].to("meta"), requires_grad=False)
+
+
+def _weight_only_rtn(config: QuantizeConfig) -> QuantizeConfig:
+    """The same rules with every calibrated algorithm replaced by round-to-nearest (for non-block layers)."""
+    data = config.model_dump(mode="json")
+    for rule in data["rules"]:
+        if rule["scheme"] is not None:
+            rule["scheme"]["weights"]["algorithm"] = "rtn"
+    return QuantizeConfig.model_validate(data)
+
+
+def _quantize_block(block, prefix, index, chosen, config, family, inputs, progress) -> dict[str, str]:
+    names = block_targets(prefix, index, chosen)
+    modules = dict(block.named_modules())
+    for local, full in names.items():
+        _check_finite(full, modules[local].weight)
+        _check_group(full, chosen[full], modules[local].in_features)
+    by_algorithm: dict[str, dict[str, str]] = {}
+    for local, full in names.items():
+        by_algorithm.setdefault(chosen[full].weights.algorithm, {})[local] = full
+    if "gptq" in by_algorithm:
+        _gptq_block(block, by_algorithm["gptq"], chosen, inputs, config.gptq, progress)
+    if "awq" in by_algorithm:
+        awq_block(block, f"{prefix}.{index}.", {f: chosen[f] for f in by_algorithm["awq"].values()}, family,
+                  inputs, config, progress)
+    with torch.no_grad():
+        for local, full in by_algorithm.get("rtn", {}).items():
+            parent_name, _, child = local.rpartition(".")
+            parent = block.get_submodule(parent_name) if parent_name else block
+            setattr(parent, child, _quantize_linear(full, getattr(parent, child), chosen[full]))
+            if progress is not None:
+                progress(full)
+    return {full: chosen[full].describe() for full in names.values()}
+
+
+def quantize_offloaded(
+    source: str | Path,
+    config: QuantizeConfig | Recipe,
+    out: str | Path,
+    calibration: Iterable,
+    *,
+    progress=None,
+) -> dict:
+    """Quantize the transformers causal-LM checkpoint in ``source`` block by block from disk into the
+    bitsmith directory ``out``; returns {"quantized": {name: scheme}, "blocks": n, "files": [...]}.
+
+    Weight-only schemes (round-to-nearest, GPTQ, AWQ) and dynamic W8A8 are supported; static
+    activation ranges need the whole model run at once and are refused."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = Path(source)
+    if not source.is_dir():
+        raise BitsmithError(f"no such model directory: {source}")
+    recipe_dict = config.model_dump(mode="json")
+    if isinstance(config, Recipe):
+        config = config.quantize
+    if config.is_static or config.smoothquant is not None:
+        raise BitsmithError("the block-by-block pipeline quantizes weights (rtn, gptq, awq) and dynamic W8A8 only")
+    out = prepare_output_dir(out)
+    files = checkpoint_files(source)
+    try:
+        hf_config = AutoConfig.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise BitsmithError(f"cannot read {source / 'config.json'} ({err})") from None
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(hf_config).eval()
+    chosen, skipped = plan(model, config)
+    prefix, blocks = find_blocks(model, chosen)
+    outside = [n for n, p in model.named_parameters(remove_duplicate=False) if not n.startswith(prefix + ".")]
+    present = [n for n in outside if n in files]
+    _load_outside(model, prefix, present, files)
+    family = model_family(model, blocks[0], config) if any(s.weights.algorithm == "awq" for s in chosen.values()) else None
+
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent))
+    try:
+        inputs = _capture_inputs(model, blocks[0], calibration, run_batch)
+        _params_to_meta(model, present)  # embeddings and lm_head wait on disk while the blocks run
+        _release_memory()
+        quantized, written = {}, []
+        for index, block in enumerate(blocks):
+            block_prefix = f"{prefix}.{index}."
+            _materialize(block, block_prefix, files)
+            quantized.update(_quantize_block(block, prefix, index, chosen, config, family, inputs, progress))
+            inputs = _run_block(block, inputs)
+            name = f"model-block-{index:05d}.safetensors"
+            save_file({block_prefix + k: v.contiguous() for k, v in block.state_dict().items()}, tmp / name,
+                      metadata={"format": "pt", "producer": "bitsmith"})
+            written.append(name)
+            _to_meta(block)
+            _release_memory()
+            if progress is not None:
+                progress(f"block {index + 1}/{len(blocks)} written")
+        del inputs
+        _load_outside(model, prefix, present, files)
+        rest = {n: s for n, s in chosen.items() if not n.startswith(prefix + ".")}
+        if rest:
+            report = quantize_(model, _weight_only_rtn(config))
+            quantized.update(report.quantized)
+        state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith(prefix + ".")}
+        state = _untie(state)
+        save_file(state, tmp / "model-rest.safetensors", metadata={"format": "pt", "producer": "bitsmith"})
+        written.append("model-rest.safetensors")
+        model.bitsmith_recipe = recipe_dict
+        model.bitsmith_skipped = skipped
+        hf_config.save_pretrained(tmp)
+        for name in _TOKENIZER_FILES:
+            if (source / name).exists():
+                shutil.copy(source / name, tmp / name)
+        write_metadata(tmp, model, written, extra={"pipeline": "block by block from disk"})
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"quantized": quantized, "skipped": skipped, "blocks": len(blocks), "files": written}
+
+
+def _load_outside(model: nn.Module, prefix: str, present: list[str], files: dict[str, Path]) -> None:
+    """Parameters outside the blocks from the checkpoint; tied ones (lm_head = embedding) re-tied."""
+    _materialize_named(model, present, files)
+    outside = lambda: [(n, p) for n, p in model.named_parameters(remove_duplicate=False)  # noqa: E731
+                       if not n.startswith(prefix + ".")]
+    if any(p.device.type == "meta" for _, p in outside()):
+        model.tie_weights()  # e.g. lm_head tied to the embedding and stored once
+    missing = [n for n, p in outside() if p.device.type == "meta"]
+    if missing:
+        raise BitsmithError(f"incomplete checkpoint: tensor '{missing[0]}' is in no safetensors file")
+
+
+def _materialize_named(model: nn.Module, names: list[str], files: dict[str, Path]) -> None:
+    tensors = _read(files, names)
+    for name in names:
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        expected = owner._parameters[attr]
+        if tuple(tensors[name].shape) != tuple(expected.shape):
+            raise BitsmithError(f"corrupt checkpoint: tensor '{name}' is {list(tensors[name].shape)},"
+                                f" the model expects {list(expected.shape)}")
+        owner._parameters[attr] = nn.Parameter(tensors[name].to(expected.dtype), requires_grad=False)
+
+
+def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tied tensors are stored once (safetensors refuses shared storage)."""
+    seen, out = set(), {}
+    for name, tensor in state.items():
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor
+    return out
