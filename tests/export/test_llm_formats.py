@@ -43,6 +43,7 @@ CONFIGS = {  # each like w4a16 (lm_head left in float)
     # (int8 symmetric per-channel runs on Int8WeightOnlyLinear, the rest on IntxWeightOnlyLinear)
     "mixed-sym": [_linear_rule("int4", 128, True, ["re:.*mlp.*"]), _linear_rule("int8", "channel", True)],
     "mixed-asym": [_linear_rule("int8", 64, False, ["re:.*mlp.*"]), _linear_rule("int4", "channel", False)],
+    "int3-g128-asym": [_linear_rule("int3", 128, False)],  # compressed-tensors only: codes straddle words
 }
 
 
@@ -115,16 +116,25 @@ def _fields(words: np.ndarray, bits: int, count: int, axis: int) -> np.ndarray:
     return np.moveaxis(out[..., :count], -1, axis)
 
 
+def _dense_fields(words: np.ndarray, bits: int, count: int, axis: int) -> np.ndarray:
+    """compressed-tensors' dense packing read bit by bit: the int32 words along ``axis`` as one little-endian
+    bit stream, element i at bits [i * bits, (i + 1) * bits), least significant first."""
+    moved = np.ascontiguousarray(np.moveaxis(words.astype("<i4"), axis, -1))  # (..., words)
+    stream = np.unpackbits(moved.view(np.uint8), axis=-1, bitorder="little")  # (..., words * 32)
+    fields = stream[..., : count * bits].reshape(*stream.shape[:-1], count, bits).astype(np.int64)
+    return np.moveaxis((fields << np.arange(bits)).sum(axis=-1), -1, axis)
+
+
 def _ct_dequantize(tensors: dict, name: str, weights: dict) -> np.ndarray:
     """compressed-tensors pack-quantized, read as documented: signed values stored + 2**(b-1)."""
     bits, offset = weights["num_bits"], 2 ** (weights["num_bits"] - 1)
     out_features, in_features = tensors[f"{name}.weight_shape"].tolist()
-    q = _fields(tensors[f"{name}.weight_packed"].numpy(), bits, in_features, axis=1) - offset  # (N, K) signed
+    q = _dense_fields(tensors[f"{name}.weight_packed"].numpy(), bits, in_features, axis=1) - offset  # (N, K) signed
     scale = tensors[f"{name}.weight_scale"].float().numpy()  # (N, G)
     if weights["symmetric"]:
         zero = np.zeros_like(scale)
     else:
-        zero = _fields(tensors[f"{name}.weight_zero_point"].numpy(), bits, out_features, axis=0) - offset  # (N, G)
+        zero = _dense_fields(tensors[f"{name}.weight_zero_point"].numpy(), bits, out_features, axis=0) - offset
     group = in_features // scale.shape[1]
     # integer difference exact, then one float32 rounding, as bitsmith's dequantize
     return (q - np.repeat(zero, group, axis=1)).astype(np.float32) * np.repeat(scale, group, axis=1)
@@ -197,17 +207,17 @@ def test_compressed_tensors_layout(float_llama, tokenizer, tmp_path, config_name
     assert len(weights) == 14  # 2 blocks x (q, k, v, o, gate, up, down)
     for name, layer in _bitsmith_layers(model).items():
         args, n, k = weights[name], layer.out_features, layer.in_features
-        per_word = 32 // args["num_bits"]
+        bits = args["num_bits"]
         groups = 1 if args["strategy"] == "channel" else k // args["group_size"]
         assert tensors[f"{name}.weight_packed"].dtype == torch.int32
-        assert tensors[f"{name}.weight_packed"].shape == (n, k // per_word)
+        assert tensors[f"{name}.weight_packed"].shape == (n, -(-k * bits // 32))
         assert tensors[f"{name}.weight_scale"].shape == (n, groups)
         assert tensors[f"{name}.weight_scale"].dtype == torch.float32  # the model's dtype
         assert torch.equal(tensors[f"{name}.weight_shape"], torch.tensor([n, k]))
         if args["symmetric"]:
             assert f"{name}.weight_zero_point" not in tensors
         else:
-            assert tensors[f"{name}.weight_zero_point"].shape == (n // per_word, groups)
+            assert tensors[f"{name}.weight_zero_point"].shape == (-(-n * bits // 32), groups)
         # scales written in fp32 are bitsmith's exactly: the documented reading gives bitsmith's weight exactly
         np.testing.assert_array_equal(_ct_dequantize(tensors, name, args), layer.dequantize().numpy())
     assert torch.equal(tensors["lm_head.weight"], float_llama.lm_head.weight)
@@ -244,6 +254,7 @@ TRANSFORMERS_CASES = [  # (config, dequantize at load)
     # asymmetric checkpoints load only dequantized: compressed-tensors 0.20 builds the transformers skeleton with
     # unpacked (N, G) zero points, so the default path reports a size mismatch (llm-compressor issue #1618)
     ("int4-g128-asym", True),
+    ("int3-g128-asym", True),
 ]
 
 
@@ -437,11 +448,12 @@ def test_unsupported_schemes(float_llama, tokenizer, tmp_path, export):
         export(dynamic, tokenizer, tmp_path / "out")
     assert "\n" not in str(err.value)
 
-    two_bit = copy.deepcopy(float_llama)
-    config = {"rules": [_linear_rule("int2", 128, False)], "ignore": ["lm_head"]}
-    bitsmith.quantize_(two_bit, bitsmith.QuantizeConfig.model_validate(config))
-    with pytest.raises(BitsmithError, match="2-bit"):
-        export(two_bit, tokenizer, tmp_path / "out")
+    if export is export_gptq:  # compressed-tensors packs 2-8 bits densely; GPTQ v1/v2 here only 4 and 8
+        two_bit = copy.deepcopy(float_llama)
+        config = {"rules": [_linear_rule("int2", 128, False)], "ignore": ["lm_head"]}
+        bitsmith.quantize_(two_bit, bitsmith.QuantizeConfig.model_validate(config))
+        with pytest.raises(BitsmithError, match="2-bit"):
+            export(two_bit, tokenizer, tmp_path / "out")
 
     with pytest.raises(BitsmithError, match="quantize it first"):
         export(copy.deepcopy(float_llama), tokenizer, tmp_path / "out")

@@ -91,3 +91,23 @@ def test_pack_int32_hand_written_words():
     assert pack_int32(torch.full((1, 8), 8), 4).tolist() == [[0x88888888 - 2**32]]
     with pytest.raises(BitsmithError, match="2 int32 words of 4-bit codes cannot hold exactly 20 codes"):
         unpack_int32(torch.zeros(1, 2, dtype=torch.int32), 4, 20)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_dense_int32_packing_is_compressed_tensors_layout(bits):
+    """Dense packing (a 3-bit code may straddle two words) matches compressed-tensors' own packer bit for bit,
+    and equals the per-word layout at 4 and 8 bits."""
+    helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    from bitsmith.formats.packing import pack_int32, pack_int32_dense, unpack_int32_dense
+
+    g = torch.Generator().manual_seed(bits)
+    for cols in (1, 7, 32, 33, 100, 256):
+        codes = torch.randint(0, 2**bits, (5, cols), generator=g)
+        ours = pack_int32_dense(codes.to(torch.uint8), bits, dim=1)
+        theirs = helpers.pack_to_int32((codes - 2 ** (bits - 1)).to(torch.int8), bits, packed_dim=1)
+        assert torch.equal(ours, theirs)
+        assert torch.equal(unpack_int32_dense(ours, bits, cols, dim=1), codes.to(torch.uint8))
+        along_rows = helpers.pack_to_int32((codes.T.contiguous() - 2 ** (bits - 1)).to(torch.int8), bits, packed_dim=0)
+        assert torch.equal(pack_int32_dense(codes.T.to(torch.uint8), bits, dim=0), along_rows)
+        if bits in (4, 8):
+            assert torch.equal(ours, pack_int32(codes.to(torch.uint8), bits, dim=1))

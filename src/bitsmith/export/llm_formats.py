@@ -1,6 +1,7 @@
 """Write bitsmith-quantized language models as checkpoints that transformers and vLLM load, and read them back.
 
-Two formats, both for weight-only 4- and 8-bit schemes with one scale (and zero point) per group or per row:
+Two formats for weight-only schemes with one scale (and zero point) per group or per row (compressed-tensors:
+2 to 8 bits; GPTQ: 4 and 8 bits):
 
     format                      | per quantized Linear (N = out_features, K = in_features, G = groups)
     compressed-tensors          | weight_packed int32 (N, ceil(K * bits / 32)), codes along K
@@ -9,8 +10,9 @@ Two formats, both for weight-only 4- and 8-bit schemes with one scale (and zero 
     GPTQ, checkpoint_format     | qweight int32 (K * bits / 32, N), codes along K; scales fp16 (G, N)
       "gptq" (v1)               | qzeros int32 (G, N * bits / 32) holding zero - 1; g_idx int32 (K,) = k // group
 
-Both pack ``32 // bits`` codes per int32 word, element j of a run at bits ``[j * bits, (j + 1) * bits)``,
-least significant first (``bitsmith.formats.packing.pack_int32``). compressed-tensors thinks of codes and zero
+Both pack codes along K as one bit stream, element j of a run at bits ``[j * bits, (j + 1) * bits)``, least
+significant first (``bitsmith.formats.packing.pack_int32_dense``; for 4 and 8 bits, ``32 // bits`` whole codes per
+word; compressed-tensors lets a 3-bit code straddle two words). compressed-tensors thinks of codes and zero
 points as signed, ``q_signed = q - 2**(bits - 1)``, and packs ``q_signed + 2**(bits - 1)``: exactly bitsmith's
 unsigned code, so bitsmith's codes and zero points are packed as they are and ``(q - zero) * scale`` is unchanged.
 
@@ -41,7 +43,7 @@ from bitsmith.algorithms.rtn import QuantizedWeight
 from bitsmith.api.serialization import prepare_output_dir
 from bitsmith.errors import BitsmithError
 from bitsmith.formats.affine import IntFormat
-from bitsmith.formats.packing import pack_int32, unpack_int32
+from bitsmith.formats.packing import pack_int32, pack_int32_dense, unpack_int32_dense
 from bitsmith.nn import (
     QUANTIZED_MODULES,
     HalfEmbedding,
@@ -54,7 +56,8 @@ from bitsmith.nn import (
 __all__ = ["export_compressed_tensors", "export_gptq", "load_compressed_tensors", "is_compressed_tensors_dir"]
 
 WEIGHTS_FILE = "model.safetensors"
-_BITS = (4, 8)  # widths both formats pack 32 // bits to a word without straddling
+_BITS = (4, 8)  # GPTQ: widths that pack 32 // bits to a word without straddling
+_CT_BITS = (2, 3, 4, 5, 6, 7, 8)  # compressed-tensors packs any width densely
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -80,7 +83,7 @@ class _IntLinear:
 # ----------------------------------------------------------------------------------------------- reading the model
 
 
-def _as_int_linear(name: str, module: nn.Module) -> _IntLinear | None:
+def _as_int_linear(name: str, module: nn.Module, allowed_bits=_BITS) -> _IntLinear | None:
     """The integer view of a bitsmith Linear; None for float ones (nn.Linear, HalfLinear)."""
     if isinstance(module, (nn.Linear, HalfLinear)):
         return None
@@ -89,10 +92,10 @@ def _as_int_linear(name: str, module: nn.Module) -> _IntLinear | None:
         zero = torch.full_like(module.weight_scale, 128, dtype=torch.uint8)
         return _IntLinear(codes, module.weight_scale.float(), zero, module.bias, 8, None)
     if isinstance(module, IntxWeightOnlyLinear):
-        if module.bits not in _BITS:
+        if module.bits not in allowed_bits:
             raise BitsmithError(
-                f"layer '{name}' holds {module.bits}-bit weights: LLM checkpoints are written for 4 or 8 bits;"
-                " quantize with int4 or int8 weights"
+                f"layer '{name}' holds {module.bits}-bit weights: this format is written for"
+                f" {' or '.join(str(b) for b in allowed_bits)} bits; use --format compressed-tensors or int4/int8 weights"
             )
         group = None if module.group_size == module.in_features else module.group_size
         return _IntLinear(
@@ -104,14 +107,14 @@ def _as_int_linear(name: str, module: nn.Module) -> _IntLinear | None:
     )
 
 
-def _collect(model: nn.Module) -> tuple[dict[str, _IntLinear], list[str], set[str]]:
+def _collect(model: nn.Module, allowed_bits=_BITS) -> tuple[dict[str, _IntLinear], list[str], set[str]]:
     """(quantized Linears by name, names of float Linears, names of every bitsmith module)."""
     quantized, float_linears, special = {}, [], set()
     for name, module in model.named_modules():
         if isinstance(module, QUANTIZED_MODULES):
             special.add(name)
         if isinstance(module, QUANTIZED_MODULES) and not isinstance(module, (QuantizedEmbedding, HalfEmbedding)):
-            view = _as_int_linear(name, module)
+            view = _as_int_linear(name, module, allowed_bits)
             if view is None:
                 float_linears.append(name)
             else:
@@ -119,7 +122,7 @@ def _collect(model: nn.Module) -> tuple[dict[str, _IntLinear], list[str], set[st
         elif type(module) is nn.Linear:
             float_linears.append(name)
     if not quantized:
-        raise BitsmithError("the model has no int4/int8 weight-only Linear layers: quantize it first (e.g. w4a16)")
+        raise BitsmithError("the model has no integer weight-only Linear layers: quantize it first (e.g. w4a16)")
     return quantized, float_linears, special
 
 
@@ -274,12 +277,12 @@ def _ct_quantization_config(schemes: dict[str, _Scheme], float_linears: list[str
 def _ct_tensors(name: str, layer: _IntLinear, scheme: _Scheme, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     out_features, in_features = layer.codes.shape
     tensors = {
-        f"{name}.weight_packed": pack_int32(layer.codes, layer.bits, dim=1),  # (N, ceil(K * bits / 32))
+        f"{name}.weight_packed": pack_int32_dense(layer.codes, layer.bits, dim=1),  # (N, ceil(K * bits / 32))
         f"{name}.weight_scale": layer.scale.to(dtype).contiguous(),  # (N, G)
         f"{name}.weight_shape": torch.tensor([out_features, in_features], dtype=torch.int64),
     }
     if not scheme.symmetric:  # packed along N: (ceil(N * bits / 32), G)
-        tensors[f"{name}.weight_zero_point"] = pack_int32(layer.zero, layer.bits, dim=0).contiguous()
+        tensors[f"{name}.weight_zero_point"] = pack_int32_dense(layer.zero, layer.bits, dim=0).contiguous()
     if layer.bias is not None:
         tensors[f"{name}.bias"] = layer.bias.detach().to(dtype).clone()
     return tensors
@@ -294,7 +297,7 @@ def export_compressed_tensors(
     ``dtype`` (default: the dtype of the model's float parameters) is what scales and float tensors are
     written in; bitsmith's fp16 scales are exact in fp16 and fp32. Returns a summary of what was written.
     """
-    quantized, float_linears, special = _collect(model)
+    quantized, float_linears, special = _collect(model, _CT_BITS)
     schemes = _schemes(quantized)
     dtype = dtype or _float_dtype(model)
     tensors = _plain_tensors(model, special, dtype)
@@ -449,8 +452,8 @@ def _check_ct_config(qc: dict, path: Path) -> list[dict]:
             raise BitsmithError(f"{what} has format {fmt!r}; bitsmith reads 'pack-quantized' checkpoints")
         if group.get("input_activations") or group.get("output_activations"):
             raise BitsmithError(f"{what} quantizes activations; bitsmith reads weight-only checkpoints")
-        if weights.get("type") != "int" or weights.get("num_bits") not in _BITS or weights.get("dynamic"):
-            raise BitsmithError(f"{what} is not a static int4/int8 weight scheme")
+        if weights.get("type") != "int" or weights.get("num_bits") not in _CT_BITS or weights.get("dynamic"):
+            raise BitsmithError(f"{what} is not a static 2- to 8-bit integer weight scheme")
         if weights.get("strategy") not in ("group", "channel", "tensor"):
             raise BitsmithError(f"{what} has strategy {weights.get('strategy')!r}; use group, channel or tensor")
         groups.append({"targets": list(group.get("targets") or []), "weights": weights})
@@ -490,7 +493,7 @@ def _quantized_weight(name: str, tensors: dict, weights: dict, linear: nn.Linear
         raise BitsmithError(
             f"layer '{name}' is {shape.tolist()} in the checkpoint but {[out_features, in_features]} in the model"
         )
-    codes = unpack_int32(tensors[f"{name}.weight_packed"], bits, in_features, dim=1)  # (N, K) = signed + 2**(b-1)
+    codes = unpack_int32_dense(tensors[f"{name}.weight_packed"], bits, in_features, dim=1)  # (N, K) = signed + 2**(b-1)
     scale = tensors[f"{name}.weight_scale"].float().reshape(out_features if strategy != "tensor" else 1, -1)
     group_size = (weights.get("group_size") or 0) if strategy == "group" else in_features
     if group_size <= 0 or in_features % group_size or scale.shape[-1] != in_features // group_size:
@@ -500,7 +503,7 @@ def _quantized_weight(name: str, tensors: dict, weights: dict, linear: nn.Linear
     if not weights.get("symmetric", True):
         stored = tensors[f"{name}.weight_zero_point"]
         if stored.dtype == torch.int32:  # packed along N: (ceil(N * bits / 32), G)
-            zero = unpack_int32(stored.reshape(-1, scale.shape[-1]), bits, out_features, dim=0).to(torch.int32)
+            zero = unpack_int32_dense(stored.reshape(-1, scale.shape[-1]), bits, out_features, dim=0).to(torch.int32)
         else:  # unpacked signed int8 (per-tensor, or written by older compressed-tensors)
             zero = (stored.to(torch.int32) + 2 ** (bits - 1)).reshape(-1, scale.shape[-1]).expand_as(scale)
     return QuantizedWeight(codes, scale.contiguous(), zero, IntFormat(bits, signed=False), group_size)

@@ -24,7 +24,7 @@ import torch
 
 from bitsmith.errors import BitsmithError
 
-__all__ = ["pack_codes", "unpack_codes", "pack_int32", "unpack_int32"]
+__all__ = ["pack_codes", "unpack_codes", "pack_int32", "unpack_int32", "pack_int32_dense", "unpack_int32_dense"]
 
 _BYTE_GROUPS = {2: (4, 1), 3: (8, 3), 4: (2, 1), 8: (1, 1)}  # bits -> (elements, bytes) per group
 
@@ -108,3 +108,39 @@ def unpack_int32(packed: torch.Tensor, bits: int, size: int, dim: int = -1) -> t
         )
     fields = (words.unsqueeze(-1) >> (torch.arange(per_word) * bits)) & (2**bits - 1)  # (..., words, per_word)
     return fields.flatten(-2)[..., :size].to(torch.uint8).movedim(-1, dim)
+
+
+def pack_int32_dense(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
+    """Pack codes (values in [0, 2**bits), 1 <= bits <= 8) along ``dim`` as one dense bit stream: code i at
+    bits ``[i * bits, (i + 1) * bits)``, least significant first, a code straddling two words where it
+    must. compressed-tensors' layout; for 4 and 8 bits it equals ``pack_int32``.
+
+    Shape: ``codes.shape`` with ``dim`` shrunk to ``ceil(size * bits / 32)``."""
+    if not 1 <= bits <= 8:
+        raise BitsmithError(f"cannot pack {bits}-bit codes densely: use 1 to 8 bits")
+    _check_codes(codes, bits)
+    moved = codes.long().movedim(dim, -1)  # (..., size)
+    size = moved.shape[-1]
+    n_words = -(-size * bits // 32)
+    start = torch.arange(size) * bits
+    word, offset = start // 32, start % 32
+    words = torch.zeros(*moved.shape[:-1], n_words + 1, dtype=torch.long)
+    words.index_add_(-1, word, (moved << offset) & 0xFFFFFFFF)  # fields never overlap: add == or
+    words.index_add_(-1, word + 1, moved >> (32 - offset))  # the part that spills into the next word
+    words = words[..., :n_words]
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32).movedim(-1, dim)
+
+
+def unpack_int32_dense(packed: torch.Tensor, bits: int, size: int, dim: int = -1) -> torch.Tensor:
+    """Inverse of ``pack_int32_dense``: uint8 codes with ``dim`` restored to ``size`` elements."""
+    if not 1 <= bits <= 8:
+        raise BitsmithError(f"cannot unpack {bits}-bit codes: use 1 to 8 bits")
+    words = packed.long().movedim(dim, -1) & 0xFFFFFFFF  # (..., words)
+    if words.shape[-1] != -(-size * bits // 32):
+        raise BitsmithError(f"{words.shape[-1]} int32 words of {bits}-bit codes cannot hold exactly {size} codes")
+    words = torch.nn.functional.pad(words, (0, 1))
+    start = torch.arange(size) * bits
+    word, offset = start // 32, start % 32
+    value = (words[..., word] >> offset) | (words[..., word + 1] << (32 - offset))
+    return (value & (2**bits - 1)).to(torch.uint8).movedim(-1, dim)
