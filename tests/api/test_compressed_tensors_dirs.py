@@ -21,6 +21,8 @@ def test_load_and_inspect_a_compressed_tensors_dir(tmp_path):
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    model.save_pretrained(tmp_path / "float")
+    tokenizer.save_pretrained(tmp_path / "float")
     bitsmith.quantize_(model, bitsmith.QuantizeConfig.model_validate({
         "rules": [{"targets": ["Linear"], "scheme": {"weights": {"dtype": "int4", "granularity": 128}}}],
         "ignore": ["lm_head"],
@@ -34,3 +36,17 @@ def test_load_and_inspect_a_compressed_tensors_dir(tmp_path):
     assert proc.returncode == 0, proc.stderr
     layers = json.loads(proc.stdout)["layers"]
     assert len(layers) == 14 and {row["bits"] for row in layers} == {4}  # 2 blocks x 7 Linears
+
+
+    # eval: such a directory does not name its float original; --baseline gives it
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{(i * 7) % 300}" for i in range(700)))
+    runs = {}
+    for extra in ([], ["--baseline", str(tmp_path / "float")]):
+        proc = subprocess.run([sys.executable, "-m", "bitsmith.cli.main", "eval", str(tmp_path / "ct"), "--text",
+                               str(text), "--repeats", "1", "--json", *extra], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        runs[bool(extra)] = json.loads(proc.stdout)
+    assert runs[False]["baseline"] is None and "float_perplexity" not in runs[False]
+    assert runs[True]["perplexity"] == runs[False]["perplexity"]
+    assert runs[True]["float_perplexity"] != runs[True]["perplexity"]  # the float model, not itself

@@ -101,11 +101,27 @@ def compress(
     return result
 
 
-def evaluate(name_or_path: str | Path, text: str | Path | None = None, repeats: int = 5) -> dict:
-    """Evaluate a zoo model (its float original) or a compressed directory against its float source."""
+_COMPARISONS = ("float_", "original_")
+
+
+def evaluate(
+    name_or_path: str | Path, text: str | Path | None = None, repeats: int = 5, baseline: str | Path | None = None
+) -> dict:
+    """Evaluate a zoo model (its float original) or a compressed directory against its float source.
+
+    A compressed-tensors directory (e.g. from llm-compressor) does not name its float original: give it
+    as ``baseline`` (a zoo name or directory) to compare; without one only the model's own figures are
+    reported."""
     loaded = load_model(name_or_path)
-    if loaded.compressed and loaded.source.get("kind") != "compressed-tensors":
+    float_model = float_tokenizer = None
+    if baseline is not None:
+        reference = load_model(baseline)
+        if reference.compressed:
+            raise BitsmithError(f"baseline {baseline} is a compressed model; give the float original")
+        float_model, float_tokenizer = reference.model, reference.tokenizer
+    elif loaded.compressed and loaded.source.get("kind") != "compressed-tensors":
         float_model, float_tokenizer = load_float_source(loaded.source)
+    if float_model is not None:
         task = task_for(loaded.source, loaded.tokenizer or float_tokenizer, text, model=float_model)
         metrics = _measure(task, float_model, loaded.model, repeats)
         metrics["original_bytes"] = state_bytes(float_model)
@@ -113,6 +129,10 @@ def evaluate(name_or_path: str | Path, text: str | Path | None = None, repeats: 
         task = task_for(loaded.source, loaded.tokenizer, text, model=loaded.model)
         metrics = _measure(task, loaded.model, loaded.model, repeats)
         metrics["original_bytes"] = state_bytes(loaded.model)
+        if loaded.compressed:  # no float original to compare with: keep only the model's own figures
+            metrics = {k: v for k, v in metrics.items() if not k.startswith(_COMPARISONS) and not k.endswith(
+                ("_ratio", "_increase_pct", "_cosine"))}
+            metrics["baseline"] = None
     metrics["bytes"] = state_bytes(loaded.model)
     metrics["model"] = str(name_or_path)
     metrics["compressed"] = loaded.compressed

@@ -31,13 +31,21 @@ def _mb(n: int) -> str:
 
 
 def _fidelity_columns(m: dict) -> dict[str, tuple[str, str]]:
-    """Column name -> (float model's value, compressed model's value) for the task's fidelity."""
+    """Column name -> (float model's value, compressed model's value) for the task's fidelity (a model
+    evaluated without a float original shows its own value in both)."""
     if "mean_cosine" in m:
         return {"mean cosine": ("1", f"{m['mean_cosine']:.5f}"), "min cosine": ("1", f"{m['min_cosine']:.5f}")}
     if "perplexity" in m:
-        return {"perplexity": (f"{m['float_perplexity']:.3f}", f"{m['perplexity']:.3f}"),
-                "increase": ("", f"{m['perplexity_increase_pct']:+.2f}%")}
-    return {"test accuracy": (f"{100 * m['float_accuracy']:.2f}%", f"{100 * m['accuracy']:.2f}%")}
+        own = f"{m['perplexity']:.3f}"
+        float_value = f"{m['float_perplexity']:.3f}" if "float_perplexity" in m else own
+        columns = {"perplexity": (float_value, own)}
+        if "perplexity_increase_pct" in m:
+            columns["increase"] = ("", f"{m['perplexity_increase_pct']:+.2f}%")
+        return columns
+    if "accuracy" in m:
+        own = f"{100 * m['accuracy']:.2f}%"
+        return {"test accuracy": (f"{100 * m['float_accuracy']:.2f}%" if "float_accuracy" in m else own, own)}
+    return {}
 
 
 def _emit_json(data) -> None:
@@ -102,15 +110,20 @@ def eval_command(
     model: str = typer.Argument("minilm", help="Zoo name, transformers directory, or bitsmith directory."),
     text: Optional[Path] = typer.Option(None, "--text", help="Evaluate on this text file (one sentence per line)."),
     repeats: int = typer.Option(5, help="Timed runs (median reported)."),
+    baseline: Optional[str] = typer.Option(
+        None, "--baseline", help="Float model to compare with (zoo name or directory); needed for compressed-tensors"
+        " directories, which do not name their original."),
     as_json: bool = JSON_OPTION,
 ):
     """Run MODEL's evaluation: a float original, or a compressed directory against its float source."""
     from bitsmith.api.compress import evaluate
 
-    metrics = evaluate(model, text=text, repeats=repeats)
+    metrics = evaluate(model, text=text, repeats=repeats, baseline=baseline)
     if as_json:
         _emit_json(metrics)
         return
+    if metrics.get("baseline", "") is None:  # compressed, nothing to compare with
+        metrics = {**metrics, "compressed": False}
     table = Table(title=f"eval {model}")
     table.add_column("metric")
     table.add_column("value", justify="right")

@@ -455,11 +455,14 @@ def perplexity(
             break
     spans = spans[:max_windows]
     device = next(model.parameters()).device
+    # padding sits after each window's tokens and is never scored (causal attention): any id will do,
+    # and many tokenizers (Llama's) have no pad token
+    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
     total_nll, total_tokens = 0.0, 0
     for first in range(0, len(spans), batch_size):
         group = spans[first : first + batch_size]
         width = max(end - begin for begin, end, _ in group)
-        batch = torch.full((len(group), width), tokenizer.pad_token_id, dtype=torch.int64)  # (B, T)
+        batch = torch.full((len(group), width), pad_id, dtype=torch.int64)  # (B, T)
         targets = torch.full((len(group), width), -100, dtype=torch.int64)  # -100: not scored
         for row, (begin, end, score_from) in enumerate(group):
             batch[row, : end - begin] = torch.tensor(ids[begin:end])
