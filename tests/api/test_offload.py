@@ -84,3 +84,30 @@ def test_block_inputs_hold_no_kv_cache(checkpoint):
     first = _run_block(model.model.layers[0], inputs)[0][0][0]
     second = _run_block(model.model.layers[0], inputs)[0][0][0]
     assert torch.equal(first, second)
+
+
+def test_cli_compress_offload(checkpoint, tmp_path):
+    """`bitsmith compress DIR --offload` calibrates on text through the model's own tokenizer."""
+    import subprocess
+    import sys
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    _, path = checkpoint
+    model_dir = tmp_path / "with-tokenizer"
+    model_dir.mkdir()
+    for f in path.iterdir():
+        (model_dir / f.name).write_bytes(f.read_bytes())
+    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(255)} | {"[UNK]": 255}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(model_dir)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(" ".join(f"w{(i * j) % 255}" for i in range(300)) for j in range(1, 5)))
+    proc = subprocess.run([sys.executable, "-m", "bitsmith.cli.main", "compress", str(model_dir), "--recipe",
+                           "gptq-w4a16", "--offload", "--calib", str(calib), "--out", str(tmp_path / "out"), "--json"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["blocks"] == 3 and result["quantized_layers"] == 23 and result["peak_rss_bytes"] > 0
+    assert bitsmith.load(tmp_path / "out").model.layers[2].mlp.down_proj.bits == 4

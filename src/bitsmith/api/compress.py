@@ -138,3 +138,49 @@ def evaluate(
     metrics["compressed"] = loaded.compressed
     metrics["machine"] = machine_summary()
     return metrics
+
+
+def _peak_rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def compress_offloaded(
+    model_dir: str | Path,
+    recipe: str | Recipe,
+    out: str | Path,
+    *,
+    calib: str | Path | None = None,
+    calib_samples: int = 128,
+    progress=None,
+) -> dict:
+    """``compress`` for a causal LM larger than memory: quantized block by block from its safetensors
+    files (api/offload.py) into ``out``. Not evaluated here: run ``bitsmith eval`` where it fits."""
+    import time
+
+    from transformers import AutoTokenizer
+
+    from bitsmith.api.offload import quantize_offloaded
+    from bitsmith.api.tasks import LanguageModelTask
+
+    recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise BitsmithError(f"--offload quantizes a transformers model directory; {model_dir} is not one")
+    prepare_output_dir(out)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise BitsmithError(f"{model_dir}: no tokenizer files to make calibration data from ({err})") from None
+    calibration = LanguageModelTask(tokenizer, text=None).calibration(calib, calib_samples) if calib or \
+        recipe.quantize.needs_calibration else []
+    start = time.perf_counter()
+    result = quantize_offloaded(model_dir, recipe, out, calibration, progress=progress)
+    return {
+        "recipe": recipe.name, "out": str(out), "blocks": result["blocks"], "quantized_layers": len(result["quantized"]),
+        "skipped": result["skipped"], "files": result["files"], "quantize_seconds": round(time.perf_counter() - start, 2),
+        "peak_rss_bytes": _peak_rss_bytes(), "machine": machine_summary(),
+    }

@@ -63,13 +63,32 @@ def compress(
     ),
     calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration samples to use."),
     repeats: int = typer.Option(5, help="Timed runs per model (median reported)."),
+    offload: bool = typer.Option(
+        False, "--offload", help="Larger than memory: quantize block by block from disk (causal LM directory);"
+        " no evaluation."),
     as_json: bool = JSON_OPTION,
 ):
     """Quantize MODEL by a recipe, compare it with the original on this machine, and save it."""
     from bitsmith.api.compress import compress as run_compress
+    from bitsmith.api.compress import compress_offloaded
     from bitsmith.api.recipes import load_recipe
 
     load_recipe(recipe)  # an unknown recipe fails before the model loads
+    if offload:
+        with Progress(TextColumn("[bold]quantizing block by block"), TextColumn("{task.description}"),
+                      TimeElapsedColumn(), console=err_console, disable=as_json, transient=True) as progress:
+            task = progress.add_task("", total=None)
+            result = compress_offloaded(model, recipe, out, calib=calib, calib_samples=calib_samples,
+                                        progress=lambda name: progress.update(task, description=name))
+        if as_json:
+            _emit_json(result)
+        else:
+            peak = result["peak_rss_bytes"]
+            out_console.print(
+                f"{model} -> {recipe}: {result['quantized_layers']} layers in {result['blocks']} blocks,"
+                f" {result['quantize_seconds']:.0f} s, peak memory {_mb(peak) if peak else 'unknown'}; saved to {out}"
+            )
+        return
     with Progress(
         TextColumn("[bold]quantizing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
         TimeElapsedColumn(), console=err_console, disable=as_json, transient=True,
