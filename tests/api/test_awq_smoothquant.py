@@ -102,12 +102,11 @@ def test_smoothquant_folds_exactly_and_halves_static_w8a8_error():
     weights = {"dtype": "int8", "granularity": "channel", "symmetric": True}
     static = {"dtype": "int8", "granularity": "tensor", "dynamic": False, "observer": "minmax"}
 
-    from bitsmith.api.calibrate import run_batch
     from bitsmith.api.smoothing import smoothquant_
 
     smoothed_float = copy.deepcopy(model)
     targets = {n: None for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
-    done = smoothquant_(smoothed_float, targets, _config(weights, static, smoothquant={"alpha": 0.5}), batches, run_batch)
+    done = smoothquant_(smoothed_float, targets, _config(weights, static, smoothquant={"alpha": 0.5}), batches)
     assert done["family"] == "llama" and len(done["smoothed"]) == 2 * 4  # qkv, o (no GQA), gate/up, down
     assert _error(smoothed_float, reference, held_out) < 1e-4  # function-preserving on the float model
 

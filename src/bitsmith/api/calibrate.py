@@ -19,7 +19,7 @@ from bitsmith.errors import BitsmithError
 from bitsmith.formats.affine import dequantize_affine
 from bitsmith.nn.static import StaticInt8Conv2d, StaticInt8Linear
 
-__all__ = ["prepare_static_", "collect_activation_stats", "run_batch", "build_static", "ActivationStats"]
+__all__ = ["prepare_static_", "collect_activation_stats", "run_batch", "run_calibration", "build_static", "ActivationStats"]
 
 
 @dataclass
@@ -72,6 +72,13 @@ def collect_activation_stats(
         stats[name] = ActivationStats(make_observer(scheme.activations.observer))
         channel_dim = 1 if isinstance(modules[name], nn.Conv2d) else -1
         handles.append(modules[name].register_forward_pre_hook(_hook(stats[name], channel_dim)))
+    run_calibration(model, batches, handles, "static quantization", progress)
+    return stats
+
+
+def run_calibration(model: nn.Module, batches: Iterable, handles: list, what: str, progress=None) -> None:
+    """Run every batch through ``model`` (observer hooks do the work), then remove ``handles``;
+    an empty calibration set is an error naming ``what`` needed it."""
     seen = 0
     try:
         with torch.inference_mode():
@@ -79,13 +86,12 @@ def collect_activation_stats(
                 run_batch(model, batch)
                 seen += 1
                 if progress is not None:
-                    progress(f"calibration batch {seen}")
+                    progress(f"{what}: calibration batch {seen}")
     finally:
         for handle in handles:
             handle.remove()
     if seen == 0:
-        raise BitsmithError("the calibration set is empty: static quantization needs at least one sample")
-    return stats
+        raise BitsmithError(f"the calibration set is empty: {what} needs at least one sample")
 
 
 def relu_followers(model: nn.Module) -> dict[str, tuple[nn.Sequential, int]]:

@@ -164,7 +164,7 @@ def quantize_(
         w8a8 = {n: s for n, s in chosen.items() if s.activations is not None}
         if not w8a8:
             raise BitsmithError("smoothquant smooths int8 activations: the recipe quantizes no layer's activations")
-        report.prepared["smoothquant"] = smoothquant_(model, w8a8, config, calibration, run_batch, progress)
+        report.prepared["smoothquant"] = smoothquant_(model, w8a8, config, calibration, progress)
     if static:
         report.prepared.update(prepare_static_(model, config))
         modules = dict(model.named_modules())

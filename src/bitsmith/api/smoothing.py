@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from bitsmith.algorithms.smooth import fold_scales_, smoothquant_scales
+from bitsmith.api.calibrate import run_calibration
 from bitsmith.api.config import QuantizeConfig, Scheme
 from bitsmith.api.families import custom_family, family_for, resolve_block
 from bitsmith.api.sequential import find_blocks
-from bitsmith.errors import BitsmithError
 
 __all__ = ["smoothquant_"]
 
@@ -27,7 +27,7 @@ def _absmax_hook(store: dict, key: str):
 
 
 def smoothquant_(
-    model: nn.Module, targets: dict[str, Scheme], config: QuantizeConfig, batches: Iterable, run_batch, progress=None
+    model: nn.Module, targets: dict[str, Scheme], config: QuantizeConfig, batches: Iterable, progress=None
 ) -> dict:
     """Smooth the inputs of the W8A8 ``targets`` in place (function-preserving on the float model).
 
@@ -50,19 +50,7 @@ def smoothquant_(
         for group in plan.unfoldable:
             key = block_prefix + group[0]
             handles.append(block.get_submodule(group[0]).register_forward_pre_hook(_absmax_hook(absmax, key)))
-    seen = 0
-    try:
-        with torch.inference_mode():
-            for batch in batches:
-                run_batch(model, batch)
-                seen += 1
-                if progress is not None:
-                    progress(f"smoothquant calibration batch {seen}")
-    finally:
-        for handle in handles:
-            handle.remove()
-    if seen == 0:
-        raise BitsmithError("the calibration set is empty: smoothquant needs at least one sample")
+    run_calibration(model, batches, handles, "smoothquant", progress)
     alpha = config.smoothquant.alpha
     done = {"family": family.name, "alpha": alpha, "smoothed": [], "notes": []}
     for block_prefix, block, plan in plans:
