@@ -44,6 +44,7 @@ from bitsmith.api.sequential import (
     awq_block,
     block_targets,
     find_blocks,
+    finish_block_,
     model_family,
 )
 from bitsmith.api.serialization import prepare_output_dir, write_metadata
@@ -172,7 +173,7 @@ def _weight_only_rtn(config: QuantizeConfig) -> QuantizeConfig:
     return QuantizeConfig.model_validate(data)
 
 
-def _quantize_block(block, prefix, index, chosen, config, family, inputs, progress) -> dict[str, str]:
+def _quantize_block(block, prefix, index, chosen, config, family, inputs, pending, progress) -> dict[str, str]:
     names = block_targets(prefix, index, chosen)
     modules = dict(block.named_modules())
     for local, full in names.items():
@@ -182,10 +183,10 @@ def _quantize_block(block, prefix, index, chosen, config, family, inputs, progre
     for local, full in names.items():
         by_algorithm.setdefault(chosen[full].weights.algorithm, {})[local] = full
     if "gptq" in by_algorithm:
-        _gptq_block(block, by_algorithm["gptq"], chosen, inputs, config.gptq, progress)
+        _gptq_block(block, by_algorithm["gptq"], chosen, inputs, config.gptq, pending, progress)
     if "awq" in by_algorithm:
         awq_block(block, f"{prefix}.{index}.", {f: chosen[f] for f in by_algorithm["awq"].values()}, family,
-                  inputs, config, progress)
+                  inputs, config, pending, progress)
     with torch.no_grad():
         for local, full in by_algorithm.get("rtn", {}).items():
             parent_name, _, child = local.rpartition(".")
@@ -244,8 +245,10 @@ def quantize_offloaded(
         for index, block in enumerate(blocks):
             block_prefix = f"{prefix}.{index}."
             _materialize(block, block_prefix, files)
-            quantized.update(_quantize_block(block, prefix, index, chosen, config, family, inputs, progress))
+            pending = []
+            quantized.update(_quantize_block(block, prefix, index, chosen, config, family, inputs, pending, progress))
             inputs = _run_block(block, inputs)
+            finish_block_(block, pending)
             name = f"model-block-{index:05d}.safetensors"
             save_file({block_prefix + k: v.contiguous() for k, v in block.state_dict().items()}, tmp / name,
                       metadata={"format": "pt", "producer": "bitsmith"})

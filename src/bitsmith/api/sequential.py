@@ -22,7 +22,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from bitsmith.algorithms.gptq import accumulate_hessian, gptq_quantize
+from bitsmith.algorithms.gptq import accumulate_hessian, dequantize_weight, gptq_quantize
 from bitsmith.algorithms.rtn import QuantizedWeight
 from bitsmith.algorithms.smooth import awq_clip_ratios, awq_scales, fold_scales_, quantize_weight_ranged
 from bitsmith.api.config import AWQOptions, GPTQOptions, QuantizeConfig, Scheme
@@ -30,7 +30,7 @@ from bitsmith.api.families import custom_family, family_for, resolve_block
 from bitsmith.errors import BitsmithError
 from bitsmith.nn import Int8WeightOnlyLinear, IntxWeightOnlyLinear
 
-__all__ = ["find_blocks", "gptq_sequential_", "awq_sequential_"]
+__all__ = ["find_blocks", "gptq_sequential_", "awq_sequential_", "finish_block_"]
 
 
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
@@ -114,10 +114,14 @@ def _execution_groups(block: nn.Module, names: dict[str, str], inputs: list) -> 
 
 
 def _hessians(block: nn.Module, locals_: dict[str, str], inputs: list, absmean: bool = False) -> dict[str, tuple]:
-    """Per target: (H, rows) from ``accumulate_hessian``, plus mean |x| per input channel with ``absmean``."""
+    """Per target: (H, rows) from ``accumulate_hessian``, plus mean |x| per input channel with ``absmean``.
+
+    Each batch runs only as far into the block as the last target's input: the rest of the block
+    is not needed for these statistics."""
     state = {full: (None, 0) for full in locals_.values()}
     sums = {}
     handles = []
+    fired: set[str] = set()
     for local, full in locals_.items():
         def hook(module, args, full=full):
             x = args[0]
@@ -125,16 +129,40 @@ def _hessians(block: nn.Module, locals_: dict[str, str], inputs: list, absmean: 
             if absmean:
                 total = x.detach().reshape(-1, x.shape[-1]).float().abs().sum(dim=0)
                 sums[full] = total if full not in sums else sums[full] + total
+            fired.add(full)
+            if len(fired) == len(state):
+                raise _Stop
 
         handles.append(block.get_submodule(local).register_forward_pre_hook(hook))
     try:
-        _run_block(block, inputs)
+        with torch.inference_mode():
+            for args, kwargs in inputs:
+                fired.clear()
+                try:
+                    block(*args, **kwargs)
+                except _Stop:
+                    pass
     finally:
         for handle in handles:
             handle.remove()
     if absmean:
         return {full: (h, n, sums.get(full, None) if n == 0 else sums[full] / n) for full, (h, n) in state.items()}
     return state
+
+
+def _fake_quantize_(linear: nn.Linear, qweight: QuantizedWeight, pending: list, local: str, scheme: Scheme) -> None:
+    """Give ``linear`` its quantized weight, dequantized, for the rest of the block's calibration runs
+    (fp32 math, as fast as the float layer); ``finish_block_`` swaps in the runtime module after."""
+    with torch.no_grad():
+        linear.weight.copy_(dequantize_weight(qweight).to(linear.weight.dtype))
+    pending.append((local, qweight, linear.bias, scheme))
+
+
+def finish_block_(block: nn.Module, pending: list) -> None:
+    """Replace the block's fake-quantized Linears by their runtime modules."""
+    for local, qweight, bias, scheme in pending:
+        _set_quantized(block, local, qweight, bias, scheme)
+    pending.clear()
 
 
 def _set_quantized(block: nn.Module, local: str, qweight: QuantizedWeight, bias, scheme: Scheme) -> None:
@@ -154,7 +182,8 @@ def _group_size(linear: nn.Linear, scheme: Scheme) -> int:
     return w.granularity if isinstance(w.granularity, int) else linear.in_features
 
 
-def _replace(block: nn.Module, local: str, linear: nn.Linear, scheme: Scheme, hessian, options: GPTQOptions):
+def _replace(block: nn.Module, local: str, linear: nn.Linear, scheme: Scheme, hessian, options: GPTQOptions,
+             pending: list):
     w = scheme.weights
     group = _group_size(linear, scheme)
     if hessian is None:  # the layer never ran on calibration data: zero Hessian -> RTN inside gptq_quantize
@@ -163,13 +192,14 @@ def _replace(block: nn.Module, local: str, linear: nn.Linear, scheme: Scheme, he
         linear.weight.detach(), hessian, w.bits, group, w.symmetric, act_order=options.act_order,
         static_groups=True, damp_percent=options.damp_percent, block_size=options.block_size, clip=w.clip,
     )
-    _set_quantized(block, local, qweight, linear.bias, scheme)
+    _fake_quantize_(linear, qweight, pending, local, scheme)
     return info
 
 
 def _gptq_block(block: nn.Module, names: dict[str, str], targets: dict[str, Scheme], inputs: list,
-                options: GPTQOptions, progress=None) -> dict[str, dict]:
-    """GPTQ on one block's targets (local -> full names), group by group in execution order."""
+                options: GPTQOptions, pending: list, progress=None) -> dict[str, dict]:
+    """GPTQ on one block's targets (local -> full names), group by group in execution order; the
+    quantized layers stay fake-quantized (``pending``) until ``finish_block_``."""
     infos = {}
     groups = _execution_groups(block, names, inputs) if options.true_sequential else [list(names.values())]
     local_of = {full: local for local, full in names.items()}
@@ -177,7 +207,7 @@ def _gptq_block(block: nn.Module, names: dict[str, str], targets: dict[str, Sche
         state = _hessians(block, {local_of[f]: f for f in group}, inputs)
         for full in group:
             linear = block.get_submodule(local_of[full])
-            infos[full] = _replace(block, local_of[full], linear, targets[full], state[full][0], options)
+            infos[full] = _replace(block, local_of[full], linear, targets[full], state[full][0], options, pending)
             if progress is not None:
                 progress(full)
     return infos
@@ -196,14 +226,16 @@ def gptq_sequential_(
     Returns GPTQ's info per layer; targets outside the blocks are left for the caller."""
     prefix, blocks = find_blocks(model, targets)
     inputs = _capture_inputs(model, blocks[0], batches, run_batch)
-    infos = {}
+    infos, pending = {}, []
     for index, block in enumerate(blocks):
-        infos.update(_gptq_block(block, block_targets(prefix, index, targets), targets, inputs, options, progress))
+        names = block_targets(prefix, index, targets)
+        infos.update(_gptq_block(block, names, targets, inputs, options, pending, progress))
         inputs = _run_block(block, inputs)
+        finish_block_(block, pending)
     return infos
 
 def _awq_block(block: nn.Module, names: dict[str, str], targets: dict[str, Scheme], plan, inputs: list,
-               options: AWQOptions) -> dict[str, dict]:
+               options: AWQOptions, pending: list) -> dict[str, dict]:
     """Scale search + fold per mapping, then clipping search + round-to-nearest per layer, in one block."""
     local_of = {full: local for local, full in names.items()}
     stats = _hessians(block, names, inputs, absmean=True)  # full -> (H, rows, mean|x|)
@@ -239,7 +271,7 @@ def _awq_block(block: nn.Module, names: dict[str, str], targets: dict[str, Schem
                                      grid=options.clip_grid, max_shrink=options.max_shrink)
             infos[full]["mean_clip"] = float(ratios.mean())
         qweight = quantize_weight_ranged(linear.weight, w.bits, group, w.symmetric, ratios)
-        _set_quantized(block, local, qweight, linear.bias, targets[full])
+        _fake_quantize_(linear, qweight, pending, local, targets[full])
     return infos
 
 
@@ -252,11 +284,14 @@ def awq_sequential_(
     family = model_family(model, blocks[0], config)
     inputs = _capture_inputs(model, blocks[0], batches, run_batch)
     infos, notes = {}, []
+    pending = []
     for index, block in enumerate(blocks):
-        block_infos, block_notes = awq_block(block, f"{prefix}.{index}.", targets, family, inputs, config, progress)
+        block_infos, block_notes = awq_block(block, f"{prefix}.{index}.", targets, family, inputs, config, pending,
+                                             progress)
         infos.update(block_infos)
         notes += block_notes
         inputs = _run_block(block, inputs)
+        finish_block_(block, pending)
     return infos, notes
 
 
@@ -266,11 +301,12 @@ def model_family(model: nn.Module, first_block: nn.Module, config: QuantizeConfi
     return family_for(model, first_block, config.family)
 
 
-def awq_block(block, block_prefix: str, targets, family, inputs, config: QuantizeConfig, progress=None):
-    """AWQ on one block: returns (info per layer, notes)."""
+def awq_block(block, block_prefix: str, targets, family, inputs, config: QuantizeConfig, pending: list,
+              progress=None):
+    """AWQ on one block: returns (info per layer, notes); quantized layers are left in ``pending``."""
     names = {t[len(block_prefix):]: t for t in targets if t.startswith(block_prefix)}
     plan = resolve_block(block, family, set(names))
-    infos = _awq_block(block, names, targets, plan, inputs, config.awq)
+    infos = _awq_block(block, names, targets, plan, inputs, config.awq, pending)
     if progress is not None:
         for full in names.values():
             progress(full)
