@@ -2,6 +2,7 @@
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -55,10 +56,7 @@ def test_offloaded_equals_in_memory(checkpoint, tmp_path, algorithm):
 
 def test_offloaded_bad_inputs_leave_nothing(checkpoint, tmp_path):
     model, path = checkpoint
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for f in path.iterdir():
-        (broken / f.name).write_bytes(f.read_bytes())
+    broken = shutil.copytree(path, tmp_path / "broken")
     index = json.loads((broken / "model.safetensors.index.json").read_text())
     victim = index["weight_map"]["model.layers.2.mlp.down_proj.weight"]
     data = (broken / victim).read_bytes()
@@ -95,10 +93,7 @@ def test_cli_compress_offload(checkpoint, tmp_path):
     from transformers import PreTrainedTokenizerFast
 
     _, path = checkpoint
-    model_dir = tmp_path / "with-tokenizer"
-    model_dir.mkdir()
-    for f in path.iterdir():
-        (model_dir / f.name).write_bytes(f.read_bytes())
+    model_dir = shutil.copytree(path, tmp_path / "with-tokenizer")
     backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(255)} | {"[UNK]": 255}, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(model_dir)

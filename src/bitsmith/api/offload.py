@@ -114,9 +114,11 @@ def _read(files: dict[str, Path], names: list[str]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _materialize(module: nn.Module, prefix: str, files: dict[str, Path]) -> None:
-    """Replace ``module``'s meta parameters with the checkpoint's tensors (names ``prefix + local``)."""
-    locals_ = [n for n, p in module.named_parameters() if p.device.type == "meta"]
+def _materialize(module: nn.Module, prefix: str, files: dict[str, Path], locals_: list[str] | None = None) -> None:
+    """Replace ``module``'s meta parameters (or those named in ``locals_``) with the checkpoint's tensors,
+    stored under ``prefix + local``."""
+    if locals_ is None:
+        locals_ = [n for n, p in module.named_parameters() if p.device.type == "meta"]
     tensors = _read(files, [prefix + n for n in locals_])
     for local in locals_:
         owner_name, _, attr = local.rpartition(".")
@@ -283,7 +285,7 @@ def quantize_offloaded(
 
 def _load_outside(model: nn.Module, prefix: str, present: list[str], files: dict[str, Path]) -> None:
     """Parameters outside the blocks from the checkpoint; tied ones (lm_head = embedding) re-tied."""
-    _materialize_named(model, present, files)
+    _materialize(model, "", files, present)
     outside = lambda: [(n, p) for n, p in model.named_parameters(remove_duplicate=False)  # noqa: E731
                        if not n.startswith(prefix + ".")]
     if any(p.device.type == "meta" for _, p in outside()):
@@ -291,18 +293,6 @@ def _load_outside(model: nn.Module, prefix: str, present: list[str], files: dict
     missing = [n for n, p in outside() if p.device.type == "meta"]
     if missing:
         raise BitsmithError(f"incomplete checkpoint: tensor '{missing[0]}' is in no safetensors file")
-
-
-def _materialize_named(model: nn.Module, names: list[str], files: dict[str, Path]) -> None:
-    tensors = _read(files, names)
-    for name in names:
-        owner_name, _, attr = name.rpartition(".")
-        owner = model.get_submodule(owner_name)
-        expected = owner._parameters[attr]
-        if tuple(tensors[name].shape) != tuple(expected.shape):
-            raise BitsmithError(f"corrupt checkpoint: tensor '{name}' is {list(tensors[name].shape)},"
-                                f" the model expects {list(expected.shape)}")
-        owner._parameters[attr] = nn.Parameter(tensors[name].to(expected.dtype), requires_grad=False)
 
 
 def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
