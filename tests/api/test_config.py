@@ -7,7 +7,8 @@ from bitsmith.api.recipes import builtin_recipes
 
 
 @pytest.mark.parametrize(
-    "name", ["fp16", "bf16", "w8a16", "w4a16", "w8a8-dynamic", "w8a8-static", "gptq-w4a16", "gptq-w3a16"]
+    "name", ["fp16", "bf16", "w8a16", "w4a16", "w8a8-dynamic", "w8a8-static", "gptq-w4a16", "gptq-w3a16",
+             "awq-w4a16", "smoothquant-w8a8"]
 )
 def test_builtin_recipes_round_trip_yaml_and_json(name, tmp_path):
     recipe = load_recipe(name)
