@@ -34,11 +34,11 @@ def is_built(name: str) -> bool:
     if name == "docs-lm":
         from bitsmith.zoo import docs_lm
 
-        return docs_lm._is_complete(docs_lm._cache_path(docs_lm.RECIPE), docs_lm.RECIPE)
+        return docs_lm.is_built()
     if name == "digits-cnn":
         from bitsmith.zoo import digits
 
-        return digits._read_cached(digits._cache_path(digits.RECIPE)) is not None
+        return digits.is_built()
     return name in ZOO
 
 
@@ -60,9 +60,7 @@ def build(name: str, force: bool = False, progress=None) -> dict:
     if name == "digits-cnn":
         from bitsmith.zoo import digits
 
-        model = digits.train_digits_cnn() if force else digits.load_digits_cnn()
-        if force:
-            digits._write_cached(digits._cache_path(digits.RECIPE), model, digits.RECIPE)
+        model = digits.load_digits_cnn(force=force)
         x, y = digits.digits_data("test")
         return {"name": name, "test_accuracy": round(digits.accuracy(model, x, y), 5),
                 "seconds": round(time.perf_counter() - started, 1)}

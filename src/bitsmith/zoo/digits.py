@@ -205,14 +205,20 @@ def _write_cached(path: Path, model: DigitsCNN, recipe: TrainRecipe) -> None:
             os.unlink(tmp)
 
 
-def load_digits_cnn(recipe: TrainRecipe = RECIPE) -> DigitsCNN:
-    """The trained ``DigitsCNN`` in eval mode: read from the cache, trained (seed 0) and cached on a miss."""
+def load_digits_cnn(recipe: TrainRecipe = RECIPE, force: bool = False) -> DigitsCNN:
+    """The trained ``DigitsCNN`` in eval mode: read from the cache, trained (seed 0) and cached on a miss
+    (or always, with ``force``)."""
     path = _cache_path(recipe)
-    model = _read_cached(path)
+    model = None if force else _read_cached(path)
     if model is None:
         model = train_digits_cnn(seed=0, recipe=recipe)
         _write_cached(path, model, recipe)
     return model
+
+
+def is_built(recipe: TrainRecipe = RECIPE) -> bool:
+    """Whether the trained model is in the cache (no training needed)."""
+    return _read_cached(_cache_path(recipe)) is not None
 
 
 @torch.inference_mode()

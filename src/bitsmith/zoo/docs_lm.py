@@ -564,6 +564,11 @@ def build_docs_lm(
     return path
 
 
+def is_built(recipe: TrainRecipe = RECIPE) -> bool:
+    """Whether the model directory is complete in the cache (no training needed)."""
+    return _is_complete(_cache_path(recipe), recipe)
+
+
 def model_dir(recipe: TrainRecipe = RECIPE) -> Path:
     """The transformers directory of ``docs-lm`` (built on first use, 5-9 minutes)."""
     return build_docs_lm(recipe=recipe)
