@@ -8,7 +8,6 @@ test split; sizes are the files on disk.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import platform
@@ -18,10 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import bitsmith
+from _common import bench_parser, parse
 from bitsmith.api.models import load_model
 from bitsmith.api.tasks import ImageClassificationTask
 from bitsmith.export.onnx import export_onnx
@@ -55,12 +54,7 @@ def accuracy(run, x, y) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse(bench_parser(__doc__, repeats=15))
     work = Path(tempfile.mkdtemp(prefix="bench-digits-"))
     try:
         float_model = load_model("digits-cnn").model

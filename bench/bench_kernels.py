@@ -8,15 +8,16 @@ Each cell is the median time of one (M x K) @ (K x N) product in ms; the weight-
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 
+from _common import bench_parser, parse
+
 from bitsmith.algorithms.rtn import quantize_weight_rtn
 from bitsmith.nn.kernels import WEIGHT_ONLY_MAX_M
-from bitsmith.nn.linear import Int8DynamicLinear, Int8WeightOnlyLinear, IntxWeightOnlyLinear
+from bitsmith.nn.linear import Int8DynamicLinear, IntxWeightOnlyLinear
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -56,13 +57,10 @@ def candidates(linear: torch.nn.Linear) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__, json_option=False)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64, 128, 512, 4096])
     parser.add_argument("--shapes", nargs="+", default=["384x1536", "1536x384", "4096x4096"])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse(parser)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {args.threads} threads; weight-only switch at M > {WEIGHT_ONLY_MAX_M}")
     for shape in args.shapes:

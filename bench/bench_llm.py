@@ -25,7 +25,6 @@ import argparse
 import copy
 import json
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path

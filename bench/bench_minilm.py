@@ -6,7 +6,6 @@ All variants embed the same padded batch of 64 evaluation sentences; latency is 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import shutil
@@ -20,10 +19,10 @@ import torch
 from torch import nn
 
 import bitsmith
+from _common import bench_parser, minilm_batch, parse
 from bitsmith.api.compress import machine_summary
 from bitsmith.api.evaluate import cosine_fidelity, interleaved_latency
-from bitsmith.zoo.minilm import encode_batch, load_minilm, model_dir, sentence_embeddings
-from bitsmith.zoo.text import doc_sentences
+from bitsmith.zoo.minilm import model_dir, sentence_embeddings
 
 TORCH_QDYNAMIC = "torch quantize_dynamic int8 per-channel"
 INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
@@ -227,15 +226,8 @@ def report(machine: dict, notes: dict, rows: list[dict], checks: list[dict]) -> 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7, help="timed rounds per variant (median); one warm-up")
-    parser.add_argument("--threads", type=int, default=2, help="torch and ORT intra-op threads")
-    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    model, tokenizer = load_minilm()
-    batch = encode_batch(tokenizer, doc_sentences(64), max_length=128)
-    notes = {"sentences": 64, "batch_shape": list(batch["input_ids"].shape), "repeats": args.repeats}
+    args = parse(bench_parser(__doc__), argv)
+    model, tokenizer, batch, notes = minilm_batch(args.repeats)
     tmp = Path(tempfile.mkdtemp(prefix="bench-minilm-"))
     try:
         fns, sizes, errors = build_all(model, batch, tmp, args.threads, notes)

@@ -11,7 +11,6 @@ normalized embeddings to torch fp32's. ORT's static model and bitsmith's w8a8-st
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import shutil
@@ -25,10 +24,11 @@ import onnxruntime as ort
 import torch
 
 import bitsmith
+from _common import bench_parser, minilm_batch, parse
 from bitsmith.api.compress import machine_summary
 from bitsmith.api.evaluate import cosine_fidelity
 from bitsmith.export import export_onnx
-from bitsmith.zoo.minilm import encode_batch, load_minilm, sentence_embeddings
+from bitsmith.zoo.minilm import encode_batch, sentence_embeddings
 from bitsmith.zoo.text import doc_sentences
 
 INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
@@ -214,15 +214,8 @@ def check_targets(rows: list[dict]) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7, help="timed rounds per variant (median); one warm-up")
-    parser.add_argument("--threads", type=int, default=2, help="torch and ORT intra-op threads")
-    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    model, tokenizer = load_minilm()
-    batch = encode_batch(tokenizer, doc_sentences(64), max_length=128)
-    notes = {"sentences": 64, "batch_shape": list(batch["input_ids"].shape), "repeats": args.repeats}
+    args = parse(bench_parser(__doc__), argv)
+    model, tokenizer, batch, notes = minilm_batch(args.repeats)
     tmp = Path(tempfile.mkdtemp(prefix="bench-onnx-"))
     try:
         fns, sizes, own, info = build_all(model, tokenizer, batch, tmp, args.threads, notes)

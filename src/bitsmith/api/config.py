@@ -107,6 +107,11 @@ class Scheme(_Strict):
             raise ValueError(f"{algorithm} quantizes per channel or per group, not per tensor")
         return self
 
+    @property
+    def is_static(self) -> bool:
+        """Activations quantized with a calibrated, fixed range."""
+        return self.activations is not None and not self.activations.dynamic
+
     def describe(self) -> str:
         w = self.weights
         if w.bits is None:
@@ -206,7 +211,7 @@ class QuantizeConfig(_Strict):
 
     @property
     def is_static(self) -> bool:
-        return any(r.scheme and r.scheme.activations and not r.scheme.activations.dynamic for r in self.rules)
+        return any(r.scheme and r.scheme.is_static for r in self.rules)
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")

@@ -105,7 +105,7 @@ def resolve_block(block: nn.Module, family: Family, targets: set[str]) -> BlockP
             continue
         width = output_width(modules[prevs[0]])
         widths = {modules[n].in_features for n in layers if isinstance(modules[n], nn.Linear)}
-        if width is None or widths != {width} or len(widths) != 1:
+        if width is None or widths != {width}:
             plan.notes.append(f"{prevs[0]} -> {', '.join(layers)}: widths differ ({width} vs {sorted(widths)}); not smoothed")
             continue
         plan.mappings.append(Mapping(prevs[0], layers))

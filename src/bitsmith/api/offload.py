@@ -47,7 +47,7 @@ from bitsmith.api.sequential import (
     finish_block_,
     model_family,
 )
-from bitsmith.api.serialization import prepare_output_dir, write_metadata
+from bitsmith.api.serialization import prepare_output_dir, tensors_for_disk, write_metadata
 from bitsmith.errors import BitsmithError
 
 __all__ = ["quantize_offloaded", "checkpoint_files"]
@@ -252,7 +252,7 @@ def quantize_offloaded(
             inputs = _run_block(block, inputs)
             finish_block_(block, pending)
             name = f"model-block-{index:05d}.safetensors"
-            save_file({block_prefix + k: v.contiguous() for k, v in block.state_dict().items()}, tmp / name,
+            save_file(tensors_for_disk(block.state_dict(prefix=block_prefix)), tmp / name,
                       metadata={"format": "pt", "producer": "bitsmith"})
             written.append(name)
             _to_meta(block)
@@ -265,8 +265,7 @@ def quantize_offloaded(
         if rest:
             report = quantize_(model, _weight_only_rtn(config))
             quantized.update(report.quantized)
-        state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith(prefix + ".")}
-        state = _untie(state)
+        state = tensors_for_disk({k: v for k, v in model.state_dict().items() if not k.startswith(prefix + ".")})
         save_file(state, tmp / "model-rest.safetensors", metadata={"format": "pt", "producer": "bitsmith"})
         written.append("model-rest.safetensors")
         model.bitsmith_recipe = recipe_dict
@@ -293,15 +292,3 @@ def _load_outside(model: nn.Module, prefix: str, present: list[str], files: dict
     missing = [n for n, p in outside() if p.device.type == "meta"]
     if missing:
         raise BitsmithError(f"incomplete checkpoint: tensor '{missing[0]}' is in no safetensors file")
-
-
-def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Tied tensors are stored once (safetensors refuses shared storage)."""
-    seen, out = set(), {}
-    for name, tensor in state.items():
-        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
-        if tensor.numel() and key in seen:
-            continue
-        seen.add(key)
-        out[name] = tensor
-    return out

@@ -65,18 +65,14 @@ def plan(model: nn.Module, config: QuantizeConfig) -> tuple[dict[str, Scheme], d
     return chosen, skipped
 
 
-def _is_static(scheme: Scheme) -> bool:
-    return scheme.activations is not None and not scheme.activations.dynamic
-
-
 def _unsupported(module: nn.Module, scheme: Scheme) -> str | None:
     """Why this scheme cannot run on this layer (it is then left in float and reported)."""
     if isinstance(module, nn.Conv2d):
-        if not _is_static(scheme) or scheme.weights.dtype != "int8":
+        if not scheme.is_static or scheme.weights.dtype != "int8":
             return "Conv2d is quantized only by w8a8-static schemes here; left in float"
         if isinstance(module.padding, str) or module.padding_mode != "zeros":
             return "Conv2d with string padding or non-zero padding mode has no int8 kernel; left in float"
-    elif _is_static(scheme) and isinstance(module, nn.Embedding):
+    elif scheme.is_static and isinstance(module, nn.Embedding):
         return "static activation quantization does not apply to Embedding; left in float"
     return None
 
@@ -158,7 +154,7 @@ def quantize_(
         if isinstance(modules[name], nn.Linear) and scheme.weights.bits is not None:
             _check_group(name, scheme, modules[name].in_features)
     report = QuantizeReport(skipped=skipped)
-    static = {name: scheme for name, scheme in chosen.items() if _is_static(scheme)}
+    static = {name: scheme for name, scheme in chosen.items() if scheme.is_static}
     stats, fusable = {}, {}
     if config.smoothquant is not None:
         w8a8 = {n: s for n, s in chosen.items() if s.activations is not None}

@@ -116,19 +116,27 @@ def _execution_groups(block: nn.Module, names: dict[str, str], inputs: list) -> 
 def _hessians(block: nn.Module, locals_: dict[str, str], inputs: list, absmean: bool = False) -> dict[str, tuple]:
     """Per target: (H, rows) from ``accumulate_hessian``, plus mean |x| per input channel with ``absmean``.
 
-    Each batch runs only as far into the block as the last target's input: the rest of the block
-    is not needed for these statistics."""
+    Targets that read the same tensor (q/k/v) share one accumulation. Each batch runs only as far
+    into the block as the last target's input: the rest of the block is not needed for these."""
     state = {full: (None, 0) for full in locals_.values()}
     sums = {}
     handles = []
     fired: set[str] = set()
+    readers: dict[int, tuple[torch.Tensor, str]] = {}  # this batch: id(input) -> (input, first target)
+    same_input: dict[str, str] = {}  # target -> the target whose accumulation it shares (first batch)
+    first_batch = True
+
     for local, full in locals_.items():
         def hook(module, args, full=full):
             x = args[0]
-            state[full] = accumulate_hessian(*state[full][:1], x, state[full][1])
-            if absmean:
-                total = x.detach().reshape(-1, x.shape[-1]).float().abs().sum(dim=0)
-                sums[full] = total if full not in sums else sums[full] + total
+            if first_batch and id(x) in readers and readers[id(x)][0] is x:
+                same_input[full] = readers[id(x)][1]
+            readers.setdefault(id(x), (x, full))
+            if full not in same_input:
+                state[full] = accumulate_hessian(*state[full][:1], x, state[full][1])
+                if absmean:
+                    total = x.detach().reshape(-1, x.shape[-1]).float().abs().sum(dim=0)
+                    sums[full] = total if full not in sums else sums[full] + total
             fired.add(full)
             if len(fired) == len(state):
                 raise _Stop
@@ -138,13 +146,19 @@ def _hessians(block: nn.Module, locals_: dict[str, str], inputs: list, absmean: 
         with torch.inference_mode():
             for args, kwargs in inputs:
                 fired.clear()
+                readers.clear()
                 try:
                     block(*args, **kwargs)
                 except _Stop:
                     pass
+                first_batch = False
     finally:
         for handle in handles:
             handle.remove()
+    for full, source in same_input.items():
+        state[full] = state[source]
+        if source in sums:
+            sums[full] = sums[source]
     if absmean:
         return {full: (h, n, sums.get(full, None) if n == 0 else sums[full] / n) for full, (h, n) in state.items()}
     return state

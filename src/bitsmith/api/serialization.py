@@ -30,7 +30,7 @@ from torch import nn
 from bitsmith.errors import BitsmithError
 from bitsmith.nn import QUANTIZED_MODULES, module_from_info
 
-__all__ = ["save", "load", "read_metadata", "write_metadata", "weight_files", "prepare_output_dir", "FORMAT_VERSION", "WEIGHTS_FILE", "META_FILE"]
+__all__ = ["save", "load", "read_metadata", "write_metadata", "weight_files", "tensors_for_disk", "prepare_output_dir", "FORMAT_VERSION", "WEIGHTS_FILE", "META_FILE"]
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -85,9 +85,10 @@ def _source_of(model: nn.Module) -> dict:
     return source
 
 
-def _state_dict_for_disk(model: nn.Module) -> dict[str, torch.Tensor]:
+def tensors_for_disk(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with tied tensors stored once (safetensors refuses shared storage), contiguous, on the CPU."""
     tensors, seen = {}, {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state.items():
         key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
         if tensor.numel() and key in seen:  # tied weights: store once, record the alias
             continue
@@ -109,7 +110,7 @@ def save(
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent))
     try:
-        tensors = _state_dict_for_disk(model)
+        tensors = tensors_for_disk(model.state_dict())
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt", "producer": "bitsmith"})
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "save_pretrained"):

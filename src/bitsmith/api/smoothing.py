@@ -68,7 +68,7 @@ def smoothquant_(
             full = [block_prefix + n for n in group]
             if key not in absmax:
                 continue
-            if not all(_is_static(targets[n]) for n in full):
+            if not all(targets[n].is_static for n in full):
                 done["notes"].append(f"{', '.join(full)}: no foldable producer and not static; not smoothed")
                 continue
             layers = [block.get_submodule(n) for n in group]
@@ -77,10 +77,6 @@ def smoothquant_(
                 _smooth_explicitly_(layer, s)
             done["smoothed"].append(f"explicit per-channel scale -> {', '.join(full)}")
     return done
-
-
-def _is_static(scheme: Scheme) -> bool:
-    return scheme.activations is not None and not scheme.activations.dynamic
 
 
 def _multiply_input(module: nn.Module, args):

@@ -1,0 +1,36 @@
+"""What the bench scripts share: the --repeats / --threads / --json options and MiniLM's evaluation batch."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+
+def bench_parser(doc: str, repeats: int = 7, json_option: bool = True) -> argparse.ArgumentParser:
+    """A parser with the options every bench script takes; scripts add their own before ``parse``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed rounds per variant (median); one warm-up")
+    parser.add_argument("--threads", type=int, default=2, help="torch (and ORT) intra-op threads")
+    if json_option:
+        parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse and pin torch's thread count to --threads."""
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    return args
+
+
+def minilm_batch(repeats: int, sentences: int = 64):
+    """(model, tokenizer, padded batch of the evaluation sentences, notes for the report)."""
+    from bitsmith.zoo.minilm import encode_batch, load_minilm
+    from bitsmith.zoo.text import doc_sentences
+
+    model, tokenizer = load_minilm()
+    batch = encode_batch(tokenizer, doc_sentences(sentences), max_length=128)
+    notes = {"sentences": sentences, "batch_shape": list(batch["input_ids"].shape), "repeats": repeats}
+    return model, tokenizer, batch, notes
