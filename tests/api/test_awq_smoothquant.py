@@ -130,6 +130,9 @@ def test_smoothquant_and_awq_refuse_what_they_cannot_do():
         _config(weights, smoothquant={"alpha": 2})
     with pytest.raises(BitsmithError, match="calibration set is empty"):
         bitsmith.quantize_(copy.deepcopy(model), _config({**weights, "algorithm": "awq"}), calibration=[])
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+    with pytest.raises(BitsmithError, match="^smoothquant needs a model made of repeated blocks"):
+        bitsmith.quantize_(mlp, bitsmith.load_recipe("smoothquant-w8a8"), calibration=[torch.randn(2, 8)])
     with pytest.raises(BitsmithError, match="unknown key 'awq.grd'"):
         config_from_dict({"rules": [], "awq": {"grd": 3}})
 

@@ -106,3 +106,5 @@ def test_cli_compress_offload(checkpoint, tmp_path):
     result = json.loads(proc.stdout)
     assert result["blocks"] == 3 and result["quantized_layers"] == 22  # lm_head stays float and result["peak_rss_bytes"] > 0
     assert bitsmith.load(tmp_path / "out").model.layers[2].mlp.down_proj.bits == 4
+    source = json.loads((tmp_path / "out" / "bitsmith.json").read_text())["source"]
+    assert source["path"] == str(model_dir.resolve())  # so that `bitsmith eval` finds the float original

@@ -167,6 +167,11 @@ def compress_offloaded(
     from bitsmith.api.tasks import LanguageModelTask
 
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
+    source_info = None
+    if str(model_dir) == "docs-lm":  # the zoo's language model is an ordinary transformers directory
+        from bitsmith.zoo.docs_lm import model_dir as docs_lm_dir
+
+        model_dir, source_info = docs_lm_dir(), {"kind": "zoo", "name": "docs-lm"}
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise BitsmithError(f"--offload quantizes a transformers model directory; {model_dir} is not one")
@@ -178,7 +183,7 @@ def compress_offloaded(
     calibration = LanguageModelTask(tokenizer, text=None).calibration(calib, calib_samples) if calib or \
         recipe.quantize.needs_calibration else []
     start = time.perf_counter()
-    result = quantize_offloaded(model_dir, recipe, out, calibration, progress=progress)
+    result = quantize_offloaded(model_dir, recipe, out, calibration, source_info=source_info, progress=progress)
     return {
         "recipe": recipe.name, "out": str(out), "blocks": result["blocks"], "quantized_layers": len(result["quantized"]),
         "skipped": result["skipped"], "files": result["files"], "quantize_seconds": round(time.perf_counter() - start, 2),

@@ -205,6 +205,7 @@ def quantize_offloaded(
     out: str | Path,
     calibration: Iterable,
     *,
+    source_info: dict | None = None,
     progress=None,
 ) -> dict:
     """Quantize the transformers causal-LM checkpoint in ``source`` block by block from disk into the
@@ -231,7 +232,7 @@ def quantize_offloaded(
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(hf_config).eval()
     chosen, skipped = plan(model, config)
-    prefix, blocks = find_blocks(model, chosen)
+    prefix, blocks = find_blocks(model, chosen, "the block-by-block pipeline")
     outside = [n for n, p in model.named_parameters(remove_duplicate=False) if not n.startswith(prefix + ".")]
     present = [n for n in outside if n in files]
     _load_outside(model, prefix, present, files)
@@ -270,6 +271,8 @@ def quantize_offloaded(
         written.append("model-rest.safetensors")
         model.bitsmith_recipe = recipe_dict
         model.bitsmith_skipped = skipped
+        # where the float original is, so that `bitsmith eval` can compare against it
+        model.bitsmith_source = source_info or {"kind": "transformers-dir", "path": str(source.resolve())}
         hf_config.save_pretrained(tmp)
         for name in _TOKENIZER_FILES:
             if (source / name).exists():

@@ -40,7 +40,7 @@ class _Stop(Exception):
     """Raised by the hook on the first block once its inputs are captured."""
 
 
-def find_blocks(model: nn.Module, targets: Iterable[str]) -> tuple[str, nn.ModuleList]:
+def find_blocks(model: nn.Module, targets: Iterable[str], what: str = "this method") -> tuple[str, nn.ModuleList]:
     """The ModuleList of repeated layers holding the most targets (e.g. ``encoder.layer``, ``model.layers``)."""
     targets = list(targets)
     best, best_count = None, 0
@@ -50,7 +50,7 @@ def find_blocks(model: nn.Module, targets: Iterable[str]) -> tuple[str, nn.Modul
             if count > best_count:
                 best, best_count = (name, module), count
     if best is None:
-        raise BitsmithError("gptq and awq need a model made of repeated blocks (an nn.ModuleList of layers); none found")
+        raise BitsmithError(f"{what} needs a model made of repeated blocks (an nn.ModuleList of layers); none found")
     return best
 
 
@@ -238,7 +238,7 @@ def gptq_sequential_(
 ) -> dict[str, dict]:
     """Quantize ``targets`` (names of nn.Linear inside the model's blocks) with GPTQ, block by block.
     Returns GPTQ's info per layer; targets outside the blocks are left for the caller."""
-    prefix, blocks = find_blocks(model, targets)
+    prefix, blocks = find_blocks(model, targets, "gptq")
     inputs = _capture_inputs(model, blocks[0], batches, run_batch)
     infos, pending = {}, []
     for index, block in enumerate(blocks):
@@ -294,7 +294,7 @@ def awq_sequential_(
 ) -> tuple[dict[str, dict], list[str]]:
     """Quantize ``targets`` (nn.Linear inside the model's blocks) with AWQ, block by block.
     Returns AWQ's info per layer and notes on mappings that could not be used."""
-    prefix, blocks = find_blocks(model, targets)
+    prefix, blocks = find_blocks(model, targets, "awq")
     family = model_family(model, blocks[0], config)
     inputs = _capture_inputs(model, blocks[0], batches, run_batch)
     infos, notes = {}, []

@@ -36,7 +36,7 @@ def smoothquant_(
     smoothed: {"family", "alpha", "smoothed": [prev -> layers], "notes": [...]}.
     """
     linear_targets = {n: s for n, s in targets.items() if isinstance(model.get_submodule(n), nn.Linear)}
-    prefix, blocks = find_blocks(model, linear_targets)
+    prefix, blocks = find_blocks(model, linear_targets, "smoothquant")
     family = custom_family(config.mappings) if config.mappings is not None else family_for(model, blocks[0], config.family)
     plans, handles, absmax = [], [], {}
     for index, block in enumerate(blocks):

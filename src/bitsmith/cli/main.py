@@ -64,7 +64,8 @@ def compress(
     calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration samples to use."),
     repeats: int = typer.Option(5, help="Timed runs per model (median reported)."),
     offload: bool = typer.Option(
-        False, "--offload", help="Larger than memory: quantize block by block from disk (causal LM directory);"
+        False, "--offload", help="Larger than memory: quantize block by block from disk (causal LM directory or"
+        " docs-lm);"
         " no evaluation."),
     as_json: bool = JSON_OPTION,
 ):
