@@ -129,11 +129,31 @@ def test_mse_clipping_beats_minmax(bits, granularity):
     assert mse - minmax > gains[(bits, granularity)]
 
 
-def test_group_size_that_does_not_divide_raises_with_numbers():
-    with pytest.raises(BitsmithError, match="group size 100 does not divide the input dimension 512"):
-        fake_quantize_affine(torch.randn(4, 512), 100, IntFormat(4))
+def test_partial_last_group_has_its_own_range():
+    """Group 100 on 512 inputs: groups of 100 and a last one of 12, with ceil(512 / 100) = 6 parameters a row,
+    each exactly as if that group were quantized alone (as compressed-tensors stores a partial group)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 512)
+    x[:, 500:] *= 10  # the partial group gets a range of its own, 10x wider
+    fmt = IntFormat(4, signed=False)
+    scale, zero = choose_qparams_affine(x, (1, 100), fmt, symmetric=False)
+    assert scale.shape == zero.shape == (4, 6)
+    alone_scale, alone_zero = choose_qparams_affine(x[:, 500:], (1, 12), fmt, symmetric=False)
+    assert torch.equal(scale[:, 5:], alone_scale) and torch.equal(zero[:, 5:], alone_zero)
+    codes = quantize_affine(x, (1, 100), scale, zero, fmt)
+    back = dequantize_affine(codes, (1, 100), scale, zero)
+    assert codes.shape == back.shape == x.shape
+    step = scale.repeat_interleave(100, dim=1)[:, :512]
+    assert ((back - x).abs() / step).max() <= 0.5 + 1e-5  # every element within half of its own group's step
+    mse = choose_qparams_affine(x, (1, 100), fmt, symmetric=False, clip="mse")[0]
+    assert mse.shape == (4, 6) and bool((mse <= scale + 1e-7).all())  # clipping only shrinks ranges
+
+
+def test_block_that_does_not_divide_outside_affine_raises():
+    from bitsmith.formats.affine import _blocked
+
     with pytest.raises(BitsmithError, match="block size 3 does not divide dimension 8"):
-        choose_qparams_affine(torch.randn(8, 4), (3, 4), IntFormat(4))
+        _blocked(torch.randn(8, 4), (3, 4))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from bitsmith.errors import BitsmithError
-from bitsmith.formats.packing import pack_codes, pack_int32, unpack_codes, unpack_int32
+from bitsmith.formats.packing import pack_codes, pack_int32, packed_bytes, unpack_codes, unpack_int32
 
-_GROUP_BYTES = {2: 1, 3: 3, 4: 1, 8: 1}  # bytes per group of codes (3 bits: 8 codes in 3 bytes)
+_GROUP_BYTES = {2: 1, 3: 3, 4: 1, 5: 5, 6: 3, 7: 7, 8: 1}  # bytes per group of codes (3 bits: 8 codes in 3 bytes)
 
 
 def _reference_pack(codes: list[int], bits: int) -> list[int]:
@@ -27,7 +27,7 @@ def _reference_pack_int32(row: list[int], bits: int) -> list[int]:
     return words
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize("numel", [1, 7, 13, 64, 1001])
 def test_pack_matches_reference_and_round_trips(bits, numel):
     torch.manual_seed(numel)
@@ -36,6 +36,7 @@ def test_pack_matches_reference_and_round_trips(bits, numel):
     assert packed.dtype == torch.uint8
     assert packed.tolist() == _reference_pack(codes.tolist(), bits)
     assert torch.equal(unpack_codes(packed, bits, numel), codes)
+    assert packed.numel() == packed_bytes(numel, bits)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -61,8 +62,10 @@ def test_out_of_range_and_bad_arguments_raise():
         pack_codes(torch.tensor([-1, 2], dtype=torch.int8), 2)
     with pytest.raises(BitsmithError, match="integer tensor, got torch.float32"):
         pack_codes(torch.tensor([1.0]), 4)
-    with pytest.raises(BitsmithError, match="cannot pack 5-bit codes"):
-        pack_codes(torch.tensor([1], dtype=torch.uint8), 5)
+    with pytest.raises(BitsmithError, match="cannot pack 9-bit codes"):
+        pack_codes(torch.tensor([1], dtype=torch.uint8), 9)
+    with pytest.raises(BitsmithError, match="cannot pack 5-bit codes: use 2, 3, 4, 8 bits"):
+        pack_int32(torch.tensor([1], dtype=torch.uint8), 5)
     with pytest.raises(BitsmithError, match="10 3-bit codes need 6 packed bytes, got 3"):
         unpack_codes(torch.zeros(3, dtype=torch.uint8), 3, 10)
     with pytest.raises(BitsmithError, match=r"codes span \[8, 8\] but 3-bit codes must lie in \[0, 7\]$"):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bitsmith.algorithms._modules import assign_
+
 __all__ = ["equalization_scales", "equalize_pair_", "cross_layer_equalize_"]
 
 _TRANSPARENT = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Identity)
@@ -27,10 +29,10 @@ def equalization_scales(weight1: torch.Tensor, weight2: torch.Tensor) -> torch.T
 def equalize_pair_(conv1: nn.Conv2d, conv2: nn.Conv2d) -> None:
     with torch.no_grad():
         scale = equalization_scales(conv1.weight, conv2.weight)
-        conv1.weight.div_(scale.reshape(-1, 1, 1, 1))
+        assign_(conv1, "weight", conv1.weight / scale.reshape(-1, 1, 1, 1))
         if conv1.bias is not None:
-            conv1.bias.div_(scale)
-        conv2.weight.mul_(scale.reshape(1, -1, 1, 1))
+            assign_(conv1, "bias", conv1.bias / scale)
+        assign_(conv2, "weight", conv2.weight * scale.reshape(1, -1, 1, 1))
 
 
 def cross_layer_equalize_(model: nn.Module) -> list[tuple[str, str]]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bitsmith.algorithms._modules import assign_
+
 __all__ = ["fold_bn_weights", "fold_batchnorm_", "sequential_pairs"]
 
 
@@ -49,11 +51,8 @@ def fold_batchnorm_(model: nn.Module) -> list[str]:
                 bn.weight if bn.affine else torch.ones_like(bn.running_mean),
                 bn.bias if bn.affine else torch.zeros_like(bn.running_mean), bn.eps,
             )
-            conv.weight.copy_(weight)
-            if conv.bias is None:
-                conv.bias = nn.Parameter(bias)
-            else:
-                conv.bias.copy_(bias)
+            assign_(conv, "weight", weight)
+            assign_(conv, "bias", bias.to(weight.dtype))
         parent[index + 1] = nn.Identity()
         folded.append(name)
     return folded

@@ -70,8 +70,8 @@ def gptq_quantize(
 
     The result uses ``quantize_weight_rtn``'s layout: codes (N, K) in the original column order, in
     ``weight_format(bits, symmetric)`` (unsigned with a zero point, or signed int8 for 8-bit
-    symmetric); scale and zero_point (N, K / group_size), group g holding the contiguous input
-    columns [g * group_size, (g + 1) * group_size).
+    symmetric); scale and zero_point (N, ceil(K / group_size)), group g holding the contiguous input
+    columns [g * group_size, (g + 1) * group_size) (the last group shorter where group_size does not divide K).
 
     Act-order: with ``static_groups=True`` every group's scale is fixed up front from its original
     columns, so the layout above holds and the runtime modules can take it. Without it, each group is
@@ -107,7 +107,7 @@ def gptq_quantize(
     del h  # (K, K) float64: 254 MB for a 5632-wide layer; peak memory matters block by block
 
     fixed_groups = group_size is None or static_groups
-    n_groups = w.shape[1] // group
+    n_groups = -(-w.shape[1] // group)  # a last, shorter group where group does not divide K
     if fixed_groups:  # original column layout: column c uses group c // group
         scale, zero = choose_qparams_affine(w, (1, group), fmt, symmetric=symmetric, clip=clip)  # (N, n_groups)
         group_of = order // group  # group of each column, in processing order

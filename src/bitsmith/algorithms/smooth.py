@@ -19,7 +19,7 @@ instead of stored activations: ``||X W^T - X W_hat^T||^2 = trace(E H E^T)`` with
       awq_scales             |  weights, H (K, K), mean|x| (K,)       |  s (K,), info
       awq_clip_ratios        |  W (N, K), H (K, K)                    |  range shrink per group (N, K/g)
       quantize_weight_ranged |  W (N, K), shrink ratios               |  QuantizedWeight
-      fold_scales_           |  prev module, layers, s                |  prev and layers rescaled in place
+      fold_scales_           |  prev module, layers, s                |  prev and layers rescaled (new tensors)
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bitsmith.algorithms._modules import assign_
 from bitsmith.algorithms.rtn import QuantizedWeight, weight_format
 from bitsmith.errors import BitsmithError
 from bitsmith.formats.affine import _minmax_qparams, dequantize_affine, quantize_affine
@@ -47,10 +48,16 @@ def smoothquant_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], al
     return s.clamp(min=_MIN_SCALE)
 
 
+def _grouped(w: torch.Tensor, group: int) -> torch.Tensor:
+    """``w`` (N, K) as (N, G, group), zero-padded where group does not divide K (zeros change no range)."""
+    pad = -w.shape[1] % group
+    return torch.nn.functional.pad(w, (0, pad)).reshape(w.shape[0], -1, group)
+
+
 def _fake_quant(w: torch.Tensor, bits: int, group: int, symmetric: bool, ratio: torch.Tensor | float = 1.0):
     """Round-to-nearest of ``w`` (N, K) per group, each group's range shrunk by ``ratio`` (scalar or (N, G))."""
     fmt = weight_format(bits, symmetric)
-    blocks = w.reshape(w.shape[0], -1, group)
+    blocks = _grouped(w, group)
     xmin, xmax = blocks.amin(dim=-1) * ratio, blocks.amax(dim=-1) * ratio
     scale, zero = _minmax_qparams(xmin, xmax, fmt, symmetric, eps=torch.finfo(torch.float32).tiny * 2**10)
     codes = quantize_affine(w, (1, group), scale, zero, fmt)
@@ -90,8 +97,9 @@ def awq_scales(
     h = hessian.float()
     x_mean = act_absmean.float().clamp(min=_MIN_SCALE)
     if duo_scaling:
-        rel = [w.abs().reshape(w.shape[0], -1, group) for w in ws]
-        rel = [(r / r.amax(dim=-1, keepdim=True).clamp(min=_MIN_SCALE)).reshape(w.shape) for r, w in zip(rel, ws)]
+        rel = [_grouped(w.abs(), group) for w in ws]
+        rel = [(r / r.amax(dim=-1, keepdim=True).clamp(min=_MIN_SCALE)).flatten(1)[:, : w.shape[1]]
+               for r, w in zip(rel, ws)]
         w_mean = torch.cat(rel).mean(dim=0).clamp(min=_MIN_SCALE)
     best = (float("inf"), None, 0.0)
     rtn_error = None
@@ -121,16 +129,18 @@ def awq_clip_ratios(
 ) -> torch.Tensor:
     """Per group, the range shrink factor in ``1 - max_shrink * i / grid`` (i = 0..grid-1) that
     minimises the group's own share of the output error, ``e_g H_gg e_g^T`` with H_gg the group's
-    diagonal block of H. Returns (N, K / group) ratios (1 = the full min-max range)."""
+    diagonal block of H. Returns (N, ceil(K / group)) ratios (1 = the full min-max range)."""
     w = weight.detach().float()
     n, k = w.shape
-    g = k // group
-    blocks = hessian.float().reshape(g, group, g, group).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (G, gs, gs)
+    g = -(-k // group)
+    pad = g * group - k  # a shorter last group: H padded with zeros, which adds no error
+    h = torch.nn.functional.pad(hessian.float(), (0, pad, 0, pad))
+    blocks = h.reshape(g, group, g, group).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (G, gs, gs)
     best_err = torch.full((n, g), float("inf"))
     best_ratio = torch.ones(n, g)
     for step in range(grid):
         ratio = 1.0 - max_shrink * step / grid
-        e = (w - _dequant(w, bits, group, symmetric, ratio)).reshape(n, g, group)  # (N, G, gs)
+        e = _grouped(w - _dequant(w, bits, group, symmetric, ratio), group)  # (N, G, gs)
         err = (torch.einsum("ngi,gij->ngj", e, blocks) * e).sum(dim=-1)  # (N, G)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -141,7 +151,7 @@ def awq_clip_ratios(
 def quantize_weight_ranged(
     weight: torch.Tensor, bits: int, group: int, symmetric: bool, ratios: torch.Tensor | None = None
 ) -> QuantizedWeight:
-    """Round-to-nearest with each group's min-max range multiplied by ``ratios`` (N, K / group)."""
+    """Round-to-nearest with each group's min-max range multiplied by ``ratios`` (N, ceil(K / group))."""
     codes, scale, zero, fmt = _fake_quant(weight.detach().float(), bits, group, symmetric, 1.0 if ratios is None else ratios)
     return QuantizedWeight(codes, scale, zero, fmt, group)
 
@@ -169,11 +179,8 @@ def fold_scales_(prev: nn.Module, layers: list[nn.Linear], s: torch.Tensor) -> N
     if width != s.numel() or any(layer.in_features != s.numel() for layer in layers):
         raise BitsmithError(f"scale of {s.numel()} channels does not fit {type(prev).__name__} ({width} outputs)")
     s = s.to(prev.weight.dtype)
-    if isinstance(prev, nn.Linear):
-        prev.weight.div_(s[:, None])
-    else:
-        prev.weight.div_(s)
+    assign_(prev, "weight", prev.weight / (s[:, None] if isinstance(prev, nn.Linear) else s))
     if getattr(prev, "bias", None) is not None:
-        prev.bias.div_(s)
+        assign_(prev, "bias", prev.bias / s)
     for layer in layers:
-        layer.weight.mul_(s.to(layer.weight.dtype))
+        assign_(layer, "weight", layer.weight * s.to(layer.weight.dtype))

@@ -9,6 +9,11 @@ Granularity is one ``block_size`` tuple, the shape of the block of elements that
       per_tensor           |  (8, 256)    | (1, 1)
       per_channel (axis 0) |  (1, 256)    | (8, 1)
       per_group (128)      |  (1, 128)    | (8, 2)
+      per_group (100)      |  (1, 100)    | (8, 3): groups of 100, 100 and a last, partial one of 56
+
+A block size that does not divide its dimension leaves a shorter last block (as compressed-tensors stores
+it: ``ceil(size / block)`` parameters). Internally the tensor is padded with zeros to whole blocks, which
+changes no range (every range holds 0) and quantizes exactly (0 maps to the zero point), then trimmed.
 
 ``dequantize_affine(quantize_affine(x)) ~= x`` with ``q = clamp(round(x / scale) + zero_point)`` and
 ``x_hat = (q - zero_point) * scale``.
@@ -60,7 +65,8 @@ def block_size_for(shape: tuple[int, ...], granularity: str | int) -> tuple[int,
     """Translate ``"tensor"``, ``"channel"`` or a group size (int) into a block_size for ``shape``.
 
     Channels are along dim 0 (the output features of a Linear weight, the rows of an embedding);
-    groups split the last dim into runs of ``group_size`` inside each channel.
+    groups split the last dim into runs of ``group_size`` inside each channel, the last run shorter where
+    ``group_size`` does not divide it.
     """
     if granularity == "tensor":
         return tuple(shape)
@@ -71,25 +77,32 @@ def block_size_for(shape: tuple[int, ...], granularity: str | int) -> tuple[int,
             raise BitsmithError(f"group size must be positive, got {granularity}")
         if len(shape) < 2:
             raise BitsmithError(f"per-group quantization needs a 2-D or larger tensor, got shape {list(shape)}")
-        if shape[-1] % granularity:
-            raise BitsmithError(
-                f"group size {granularity} does not divide the input dimension {shape[-1]}"
-                f" (shape {list(shape)}); pick a divisor of {shape[-1]} or per-channel"
-            )
         return (1,) * (len(shape) - 1) + (granularity,)
     raise BitsmithError(f"unknown granularity {granularity!r}: use 'tensor', 'channel' or a group size")
 
 
-def _blocked(x: torch.Tensor, block_size: tuple[int, ...]) -> torch.Tensor:
-    """View ``x`` as (n_0, b_0, n_1, b_1, ...) where b_i is the block size along dim i."""
+def _blocked(x: torch.Tensor, block_size: tuple[int, ...], partial: bool = False) -> torch.Tensor:
+    """View ``x`` as (n_0, b_0, n_1, b_1, ...) where b_i is the block size along dim i and n_i = ceil(size_i /
+    b_i). With ``partial`` a block size that does not divide its dimension is allowed (x is zero-padded to
+    whole blocks); without, it is an error."""
     if len(block_size) != x.dim():
         raise BitsmithError(f"block_size {block_size} does not match a {x.dim()}-D tensor")
-    shape = []
+    shape, pad = [], []
     for size, block in zip(x.shape, block_size):
-        if block <= 0 or size % block:
+        if block <= 0 or (size % block and not partial):
             raise BitsmithError(f"block size {block} does not divide dimension {size} of shape {list(x.shape)}")
-        shape += [size // block, block]
+        blocks = -(-size // block)
+        shape += [blocks, block]
+        pad = [0, blocks * block - size] + pad  # F.pad lists the last dimension first
+    if any(pad):
+        x = torch.nn.functional.pad(x, pad)
     return x.reshape(shape)
+
+
+def _unblocked(blocks: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Inverse of ``_blocked``: the padded tensor back to ``shape``, padding cut off."""
+    padded = blocks.reshape([blocks.shape[2 * i] * blocks.shape[2 * i + 1] for i in range(len(shape))])
+    return padded[tuple(slice(0, size) for size in shape)]
 
 
 def _reduce_dims(ndim: int) -> tuple[int, ...]:
@@ -140,7 +153,7 @@ def choose_qparams_affine(
     if not torch.isfinite(x).all():
         raise BitsmithError("tensor holds NaN or infinite values; cannot choose quantization parameters")
     xf = x.detach().float()
-    blocks = _blocked(xf, block_size)
+    blocks = _blocked(xf, block_size, partial=True)
     dims = _reduce_dims(xf.dim())
     xmin, xmax = blocks.amin(dim=dims), blocks.amax(dim=dims)
     eps = torch.finfo(torch.float32).tiny * 2**10
@@ -153,7 +166,7 @@ def choose_qparams_affine(
     for ratio in torch.linspace(1.0, mse_min_ratio, mse_grid).tolist():
         scale, zero = _minmax_qparams(xmin * ratio, xmax * ratio, fmt, symmetric, eps)
         xq = dequantize_affine(quantize_affine(xf, block_size, scale, zero, fmt), block_size, scale, zero)
-        err = (_blocked(xq - xf, block_size) ** 2).sum(dim=dims)
+        err = (_blocked(xq - xf, block_size, partial=True) ** 2).sum(dim=dims)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
@@ -169,9 +182,9 @@ def quantize_affine(
     fmt: IntFormat,
 ) -> torch.Tensor:
     """Integer codes of ``x``, same shape, in ``fmt.storage_dtype``."""
-    blocks = _blocked(x.float(), block_size)
+    blocks = _blocked(x.float(), block_size, partial=True)
     q = torch.round(blocks / _expand(scale, x, block_size)) + _expand(zero_point, x, block_size)
-    return q.clamp(fmt.qmin, fmt.qmax).reshape(x.shape).to(fmt.storage_dtype)
+    return _unblocked(q.clamp(fmt.qmin, fmt.qmax), x.shape).to(fmt.storage_dtype)
 
 
 def dequantize_affine(
@@ -182,9 +195,9 @@ def dequantize_affine(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """``(q - zero_point) * scale`` block by block, in ``dtype``."""
-    blocks = _blocked(q.to(torch.float32), block_size)
+    blocks = _blocked(q.to(torch.float32), block_size, partial=True)
     x = (blocks - _expand(zero_point, q, block_size)) * _expand(scale, q, block_size)
-    return x.reshape(q.shape).to(dtype)
+    return _unblocked(x, q.shape).to(dtype)
 
 
 def fake_quantize_affine(

@@ -9,6 +9,9 @@ bits ``[k * bits, (k + 1) * bits)``, so
     2    | 4 -> 1            | element k at bits [2k, 2k + 2) of the byte
     3    | 8 -> 3            | element k at bits [3k, 3k + 3) of a little-endian 24-bit word
     4    | 2 -> 1            | first element in the low nibble (as ONNX int4)
+    5    | 8 -> 5            | element k at bits [5k, 5k + 5) of a little-endian 40-bit word
+    6    | 4 -> 3            | element k at bits [6k, 6k + 6) of a little-endian 24-bit word
+    7    | 8 -> 7            | element k at bits [7k, 7k + 7) of a little-endian 56-bit word
     8    | 1 -> 1            | identity
 
 and a partial last group is padded with zero codes. Word packing (``pack_int32``) is compressed-tensors'
@@ -24,14 +27,25 @@ import torch
 
 from bitsmith.errors import BitsmithError
 
-__all__ = ["pack_codes", "unpack_codes", "pack_int32", "unpack_int32", "pack_int32_dense", "unpack_int32_dense"]
+__all__ = [
+    "pack_codes", "unpack_codes", "packed_bytes", "pack_int32", "unpack_int32", "pack_int32_dense", "unpack_int32_dense",
+]
 
-_BYTE_GROUPS = {2: (4, 1), 3: (8, 3), 4: (2, 1), 8: (1, 1)}  # bits -> (elements, bytes) per group
+# bits -> (elements, bytes) per group: the smallest run of codes that fills whole bytes
+_BYTE_GROUPS = {2: (4, 1), 3: (8, 3), 4: (2, 1), 5: (8, 5), 6: (4, 3), 7: (8, 7), 8: (1, 1)}
+_WORD_BITS = (2, 3, 4, 8)  # pack_int32: widths that fill an int32 with whole codes (3: 10 codes, 2 bits spare)
 
 
-def _check_bits(bits: int) -> None:
-    if bits not in _BYTE_GROUPS:
-        raise BitsmithError(f"cannot pack {bits}-bit codes: use 2, 3, 4 or 8 bits")
+def _check_bits(bits: int, widths=_BYTE_GROUPS) -> None:
+    if bits not in widths:
+        raise BitsmithError(f"cannot pack {bits}-bit codes: use {', '.join(map(str, widths))} bits")
+
+
+def packed_bytes(numel: int, bits: int) -> int:
+    """Bytes ``pack_codes`` writes for ``numel`` codes of ``bits`` (whole byte groups)."""
+    _check_bits(bits)
+    per_group, group_bytes = _BYTE_GROUPS[bits]
+    return -(-numel // per_group) * group_bytes
 
 
 def _check_codes(codes: torch.Tensor, bits: int) -> None:
@@ -69,7 +83,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape: int | tuple[int, ...]) 
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
     numel = math.prod(shape)
     per_group, group_bytes = _BYTE_GROUPS[bits]
-    expected = -(-numel // per_group) * group_bytes
+    expected = packed_bytes(numel, bits)
     if packed.numel() != expected:
         raise BitsmithError(
             f"{numel} {bits}-bit codes need {expected} packed bytes, got {packed.numel()}"
@@ -86,7 +100,7 @@ def pack_int32(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
     Shape: ``codes.shape`` with ``dim`` shrunk to ``ceil(size / (32 // bits))``, zero-padded. Words whose top
     bit is set wrap to negative int32. compressed-tensors stores signed weights: add ``2**(bits - 1)`` first.
     """
-    _check_bits(bits)
+    _check_bits(bits, _WORD_BITS)
     _check_codes(codes, bits)
     per_word = 32 // bits  # 3 bits: 10 per word, top 2 bits unused
     moved = codes.long().movedim(dim, -1)  # (..., size)
@@ -99,7 +113,7 @@ def pack_int32(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
 
 def unpack_int32(packed: torch.Tensor, bits: int, size: int, dim: int = -1) -> torch.Tensor:
     """Inverse of ``pack_int32``: uint8 codes with ``dim`` restored to ``size`` elements."""
-    _check_bits(bits)
+    _check_bits(bits, _WORD_BITS)
     per_word = 32 // bits
     words = packed.long().movedim(dim, -1) & 0xFFFFFFFF  # (..., words), unsigned again
     if not (words.shape[-1] - 1) * per_word < size <= words.shape[-1] * per_word:
