@@ -31,3 +31,43 @@ def docs_lm_model():
     from bitsmith.zoo import docs_lm
 
     return docs_lm.load_docs_lm()
+
+
+def each_kernel(module, x: torch.Tensor, monkeypatch):
+    """{candidate name: module(x) with that candidate forced} for every kernel the module offers here."""
+    from bitsmith.nn import dispatch
+
+    variable = "BITSMITH_KERNEL_" + module.family.upper().replace("-", "_")
+    outputs = {}
+    for name in module.kernel_names():
+        monkeypatch.setenv(variable, name)
+        dispatch.reset()
+        with torch.inference_mode():
+            outputs[name] = module(x)
+        assert module.last_kernel[0] == name
+    monkeypatch.delenv(variable)
+    dispatch.reset()
+    return outputs
+
+
+class OpCounter:
+    """Records every aten / onednn op that runs inside ``with OpCounter() as ops:`` (ops.names)."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counter.names.append(str(func.overloadpacket))
+                return func(*args, **(kwargs or {}))
+
+        self.names = []
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        return False

@@ -1,13 +1,24 @@
-"""Quantized linear modules: each kernel path against a float reference, with measured SQNR."""
+"""Quantized linear modules: every kernel each module offers on this machine, against a float or integer
+reference with measured SQNR, and proof (by counting the ops that run) that each kernel is what it claims."""
 
 import pytest
 import torch
 from torch import nn
 
 from bitsmith.algorithms.rtn import quantize_weight_rtn
-from bitsmith.nn import kernels
+from bitsmith.errors import BitsmithError
+from bitsmith.nn import cpu, dispatch, kernels
 from bitsmith.nn.linear import HalfLinear, Int8DynamicLinear, Int8WeightOnlyLinear, IntxWeightOnlyLinear
-from conftest import sqnr_db
+from conftest import OpCounter, each_kernel, sqnr_db
+
+# the op each kernel must run (None: a plain float matmul, and none of the packed/int8 ops)
+PACKED_OPS = {"onednn.qlinear_pointwise", "aten._weight_int8pack_mm", "aten._weight_int4pack_mm_for_cpu"}
+KERNEL_OP = {
+    "onednn-u8s8": "onednn.qlinear_pointwise",
+    "onednn-u8s8-split": "onednn.qlinear_pointwise",
+    "int8pack-bf16": "aten._weight_int8pack_mm",
+    "int4pack-bf16": "aten._weight_int4pack_mm_for_cpu",
+}
 
 
 @pytest.fixture
@@ -18,50 +29,116 @@ def linear():
     return layer
 
 
-@pytest.mark.parametrize("rows", [1, 8, 300])  # both sides of WEIGHT_ONLY_MAX_M
-def test_int8_weight_only_matches_float(linear, rows):
+@pytest.mark.parametrize("rows", [1, 8, 300])
+def test_int8_weight_only_every_kernel_matches_float(linear, rows, monkeypatch):
     x = torch.randn(rows, 256)
     module = Int8WeightOnlyLinear.from_quantized(quantize_weight_rtn(linear.weight, 8, "channel", True), linear.bias)
-    assert sqnr_db(linear(x), module(x)) > 43.0  # 45.4 .. 46.0
+    outputs = each_kernel(module, x, monkeypatch)
+    assert set(outputs) == {"int8pack-bf16", "dequant-bf16", "dequant-fp32"}
+    exact = nn.functional.linear(x, module.dequantize(), linear.bias)
+    assert torch.allclose(outputs["dequant-fp32"], exact, atol=1e-5)
+    for name, out in outputs.items():
+        assert sqnr_db(linear(x), out) > 43.0, name  # 45.4 .. 46.0: int8 weights (+ bf16 activations)
 
 
 @pytest.mark.parametrize("rows", [1, 8, 300])
-def test_int4_group_weight_only_matches_dequantized_weight(linear, rows):
+def test_int4_group_every_kernel_matches_dequantized_weight(linear, rows, monkeypatch):
     x = torch.randn(rows, 256)
     qweight = quantize_weight_rtn(linear.weight, 4, 128, symmetric=False)
     module = IntxWeightOnlyLinear.from_quantized(qweight, linear.bias)
-    assert module._uses_int4pack()
-    # against the module's own dequantized weight the kernel adds only bf16 rounding
+    outputs = each_kernel(module, x, monkeypatch)
+    assert set(outputs) == {"int4pack-bf16", "dequant-bf16", "dequant-fp32"}
     exact = nn.functional.linear(x, module.dequantize(), linear.bias)
-    assert sqnr_db(exact, module(x)) > 47.0  # 49.6 .. 51.0: bf16 activation rounding
-    assert sqnr_db(linear(x), module(x)) > 21.0  # 23.1 .. 23.6: int4 g128 error
+    assert torch.allclose(outputs["dequant-fp32"], exact, atol=1e-5)
+    for name in ("int4pack-bf16", "dequant-bf16"):
+        assert sqnr_db(exact, outputs[name]) > 47.0, name  # 49.6 .. 51.0: bf16 activation rounding
+    assert sqnr_db(linear(x), outputs["dequant-fp32"]) > 21.0  # 23.1 .. 23.6: the int4 g128 error itself
 
 
-def test_int3_falls_back_to_dequantize_and_says_so(linear):
-    module = IntxWeightOnlyLinear.from_quantized(quantize_weight_rtn(linear.weight, 3, 64, False), linear.bias)
-    assert "no 3-bit kernel" in module.kernel()
+@pytest.mark.parametrize("bits", [2, 3])
+def test_narrow_codes_run_widened_on_the_int4_kernel(linear, bits, monkeypatch):
+    """2- and 3-bit codes (and their zero points) fit int4 unchanged: the int4pack kernel runs them exactly."""
+    module = IntxWeightOnlyLinear.from_quantized(quantize_weight_rtn(linear.weight, bits, 64, False), linear.bias)
+    assert "widened to int4" in module.kernel_why()
     x = torch.randn(4, 256)
-    assert sqnr_db(linear(x), module(x)) > 15.5  # 17.5
+    outputs = each_kernel(module, x, monkeypatch)
+    exact = nn.functional.linear(x, module.dequantize(), linear.bias)
+    assert sqnr_db(exact, outputs["int4pack-bf16"]) > 47.0  # bf16 rounding only
+    assert sqnr_db(linear(x), outputs["dequant-fp32"]) > {2: 4.0, 3: 15.5}[bits]  # 6.1 / 17.5
 
 
-def test_w8a8_dynamic_matches_float_reference(linear):
-    x = torch.randn(2, 700, 256)  # 1400 rows: several W8A8_CHUNK_ROWS chunks
+@pytest.mark.parametrize("bits", [5, 6, 7])
+def test_wide_codes_have_no_packed_kernel_and_say_so(linear, bits, monkeypatch):
+    module = IntxWeightOnlyLinear.from_quantized(quantize_weight_rtn(linear.weight, bits, 128, False), linear.bias)
+    assert module.kernel_names() == ["dequant-bf16", "dequant-fp32"]
+    assert f"no {bits}-bit kernel: dequantized per call" in module.kernel_why()
+    x = torch.randn(4, 256)
+    outputs = each_kernel(module, x, monkeypatch)
+    # about 6 dB per bit: measured 29.4 / 35.5 / 41.5 dB
+    assert sqnr_db(linear(x), outputs["dequant-fp32"]) > {5: 27.0, 6: 33.0, 7: 39.0}[bits]
+
+
+def test_partial_last_group_pads_for_the_int4_kernel(monkeypatch):
+    """K = 200 with groups of 64: 64, 64, 64 and a last group of 8 (scale (N, 4)); the int4 kernel takes it
+    with zero columns up to 256 and zero-padded activations, and agrees with the dequantized weight."""
+    torch.manual_seed(0)
+    layer = nn.Linear(200, 32)
+    module = IntxWeightOnlyLinear.from_quantized(quantize_weight_rtn(layer.weight, 4, 64, False), layer.bias)
+    assert module.weight_scale.shape == (32, 4)
+    x = torch.randn(5, 200)
+    outputs = each_kernel(module, x, monkeypatch)
+    exact = nn.functional.linear(x, module.dequantize(), layer.bias)
+    assert "int4pack-bf16" in outputs and sqnr_db(exact, outputs["int4pack-bf16"]) > 47.0
+    assert sqnr_db(layer(x), exact) > 21.0
+
+
+def test_int4_shape_the_kernel_refuses_is_dequantized_and_said():
+    torch.manual_seed(0)
+    layer = nn.Linear(128, 100)  # torch's int4pack needs N divisible by 16
+    module = IntxWeightOnlyLinear.from_quantized(quantize_weight_rtn(layer.weight, 4, 64, False), layer.bias)
+    assert "int4pack-bf16" not in module.kernel_names()
+    assert "int4pack does not take this shape (N=100" in module.kernel_why()
+
+
+def _integer_reference(module, x):
+    codes, token_scale = kernels.quantize_per_token(x)
+    q_x = codes.to(torch.int32) - 128
+    acc = (q_x @ module.weight_codes.to(torch.int32).T).double()  # exact integer sums
+    return acc * token_scale.double() * module.weight_scale.T.double() + module.bias.double()
+
+
+@pytest.mark.parametrize("force_exact", [False, True])
+def test_w8a8_every_kernel_equals_integer_reference(linear, force_exact, monkeypatch):
+    """sum(q_x * q_w) * s_x * s_w + b, exactly (up to fp32 rounding), whichever kernel runs; with
+    BITSMITH_INT8=exact the no-VNNI split path runs on this machine too."""
+    if force_exact:
+        monkeypatch.setenv("BITSMITH_INT8", "exact")
+    x = torch.randn(37, 256) * 3
+    module = Int8DynamicLinear.from_quantized(quantize_weight_rtn(linear.weight, 8, "channel", True), linear.bias)
+    outputs = each_kernel(module, x, monkeypatch)
+    if cpu.onednn_int8_available():
+        assert ("onednn-u8s8-split" if force_exact or not cpu.onednn_int8_exact() else "onednn-u8s8") in outputs
+    reference = _integer_reference(module, x)
+    for name, out in outputs.items():
+        assert torch.allclose(out.double(), reference, rtol=1e-5, atol=1e-5), name
+    assert sqnr_db(linear(x), outputs["fp32-dequant"]) > 40.0  # 42.0
+
+
+def test_w8a8_large_input_in_chunks(linear):
+    x = torch.randn(2, 700, 256)  # 1400 rows: several W8A8_CHUNK_ROWS chunks on the eager path
     module = Int8DynamicLinear.from_quantized(quantize_weight_rtn(linear.weight, 8, "channel", True), linear.bias)
     assert module(x).shape == (2, 700, 384)
     assert sqnr_db(linear(x), module(x)) > 40.0  # 42.0
 
 
-def test_w8a8_kernel_equals_integer_reference(linear):
-    """The oneDNN path computes exactly sum(q_x * q_w) * s_x * s_w + b (up to fp32 rounding)."""
-    if not kernels.onednn_int8_available():
-        pytest.skip("oneDNN int8 not available on this CPU")
-    x = torch.randn(37, 256)
-    module = Int8DynamicLinear.from_quantized(quantize_weight_rtn(linear.weight, 8, "channel", True), linear.bias)
-    codes, token_scale = kernels.quantize_per_token(x)
-    q_x = codes.to(torch.int32) - 128
-    reference = (q_x @ module.weight_codes.to(torch.int32).T).double() * token_scale.double() * module.weight_scale.T.double()
-    reference = reference + linear.bias.double()
-    assert torch.allclose(module(x).double(), reference, rtol=1e-5, atol=1e-5)
+def test_split_codes_fit_int16_pairs_and_sum_back():
+    """p = a >> 1 and q = a - p + (z & 1): both at most 129, and (p - (z+1)//2) + (q - (z+1)//2) = a - z for every a, z."""
+    a = torch.arange(256, dtype=torch.uint8).repeat(256, 1)  # (256 zero points, 256 codes)
+    for zero in (0, 1, 127, 128, 255):
+        split = kernels.split_codes(a, zero).to(torch.int32)
+        p, q = split[:, :256], split[:, 256:]
+        assert int(split.max()) <= 129
+        assert torch.equal(p + q - 2 * ((zero + 1) // 2), a.to(torch.int32) - zero)
 
 
 def test_per_token_codes_round_to_nearest():
@@ -72,9 +149,10 @@ def test_per_token_codes_round_to_nearest():
 
 
 @pytest.mark.parametrize("dtype,threshold", [("bf16", 49.0), ("fp16", 72.0)])  # measured 51.1, 74.8
-def test_half_linear(linear, dtype, threshold):
+def test_half_linear(linear, dtype, threshold, monkeypatch):
     x = torch.randn(16, 256)
-    assert sqnr_db(linear(x), HalfLinear.from_float(linear, dtype)(x)) > threshold
+    for name, out in each_kernel(HalfLinear.from_float(linear, dtype), x, monkeypatch).items():
+        assert sqnr_db(linear(x), out) > threshold, name
 
 
 def test_int8_symmetric_groups_go_through_the_generic_module(linear):
@@ -85,3 +163,78 @@ def test_int8_symmetric_groups_go_through_the_generic_module(linear):
     # half a step of rounding, plus the fp16 rounding of the stored scale: measured 0.555 of a step
     error = (module.dequantize() - linear.weight).abs() / qweight.scale.repeat_interleave(64, dim=1)
     assert error.max() < 0.6  # before the shift, wrapped negative codes gave errors of ~250 steps
+
+
+def _modules(linear):
+    w8 = quantize_weight_rtn(linear.weight, 8, "channel", True)
+    return [
+        Int8WeightOnlyLinear.from_quantized(w8, linear.bias),
+        Int8DynamicLinear.from_quantized(w8, linear.bias),
+        IntxWeightOnlyLinear.from_quantized(quantize_weight_rtn(linear.weight, 4, 128, False), linear.bias),
+        IntxWeightOnlyLinear.from_quantized(quantize_weight_rtn(linear.weight, 6, 128, False), linear.bias),
+        HalfLinear.from_float(linear, "bf16"),
+    ]
+
+
+def test_each_kernel_runs_the_op_it_claims(linear, monkeypatch):
+    """Counted at the dispatcher: a packed/int8 kernel calls its torch op, a dequantize kernel none of them."""
+    monkeypatch.setenv("BITSMITH_INT8", "exact")  # so that the split path is counted on every machine
+    x = torch.randn(6, 256)
+    checked = set()
+    for module in _modules(linear):
+        variable = "BITSMITH_KERNEL_" + module.family.upper().replace("-", "_")
+        for name in module.kernel_names():
+            monkeypatch.setenv(variable, name)
+            dispatch.reset()
+            with torch.inference_mode(), OpCounter() as ops:
+                module(x)
+            expected = KERNEL_OP.get(name)
+            if expected is None:
+                assert not PACKED_OPS & set(ops.names), (name, ops.names)
+                assert {"aten.linear", "aten.addmm", "aten.mm"} & set(ops.names), (name, ops.names)
+            else:
+                assert expected in ops.names, (name, ops.names)
+            checked.add(name)
+    assert {"int8pack-bf16", "int4pack-bf16", "dequant-fp32", "bf16"} <= checked
+    if cpu.onednn_int8_available():
+        assert "onednn-u8s8-split" in checked
+
+
+def test_dispatch_keeps_the_fastest_and_obeys_overrides(monkeypatch, tmp_path):
+    import json
+    import time
+
+    monkeypatch.setenv("BITSMITH_CACHE", str(tmp_path))
+    dispatch.reset()
+    calls = []
+    candidates = {
+        "slow": lambda: (calls.append("slow"), time.sleep(0.004)),
+        "fast": lambda: calls.append("fast"),
+    }
+    assert dispatch.choose("test-family", "M<=8", candidates) == "fast"
+    assert calls.count("slow") == 4  # one warm-up and three timed rounds, then never again
+    assert dispatch.choose("test-family", "M<=8", candidates) == "fast" and calls.count("slow") == 4
+    decision = dispatch.decisions("test-family")[0]
+    assert decision.how == "measured" and decision.timings_ms["slow"] > decision.timings_ms["fast"]
+    saved = json.loads(next((tmp_path / "kernels").glob("decisions-*.json")).read_text())
+    assert [(d["family"], d["key"], d["chosen"]) for d in saved] == [("test-family", "M<=8", "fast")]
+    dispatch.reset()  # a new process: the saved decision is used, nothing is timed again
+    assert dispatch.choose("test-family", "M<=8", candidates) == "fast" and calls.count("slow") == 4
+    monkeypatch.setenv("BITSMITH_KERNEL_TEST_FAMILY", "slow")
+    assert dispatch.choose("test-family", "M<=16", candidates) == "slow"
+    monkeypatch.setenv("BITSMITH_KERNEL_TEST_FAMILY", "nonesuch")
+    with pytest.raises(BitsmithError, match="BITSMITH_KERNEL_TEST_FAMILY=nonesuch is not a test-family kernel"):
+        dispatch.choose("test-family", "M<=16", candidates)
+    monkeypatch.delenv("BITSMITH_KERNEL_TEST_FAMILY")
+    monkeypatch.setenv("BITSMITH_AUTOTUNE", "0")
+    assert dispatch.choose("test-family", "M<=32", candidates) == "slow"  # the preference order, untimed
+    dispatch.reset()
+    monkeypatch.delenv("BITSMITH_CACHE")
+
+
+def test_modules_describe_their_kernels_and_what_ran(linear):
+    module = Int8WeightOnlyLinear.from_quantized(quantize_weight_rtn(linear.weight, 8, "channel", True), linear.bias)
+    assert "int8pack-bf16 | dequant-bf16 | dequant-fp32" in module.kernel()
+    assert "bf16 here: " + cpu.bf16_compute() == module.kernel_why()
+    module(torch.randn(3, 256))
+    assert f"; ran {module.last_kernel[0]} at M=3" in module.kernel()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from bitsmith.nn.embedding import HalfEmbedding, QuantizedEmbedding
+from bitsmith.nn.kinds import KINDS, Field, InfoError, module_from_info, register_kind
 from bitsmith.nn.linear import HalfLinear, Int8DynamicLinear, Int8WeightOnlyLinear, IntxWeightOnlyLinear
 from bitsmith.nn.static import StaticInt8Conv2d, StaticInt8Linear
 
@@ -18,6 +19,8 @@ __all__ = [
     "StaticInt8Conv2d",
     "StaticInt8Linear",
     "QUANTIZED_MODULES",
+    "KINDS",
+    "InfoError",
     "module_from_info",
 ]
 
@@ -32,29 +35,52 @@ QUANTIZED_MODULES = (
     StaticInt8Linear,
 )
 
+_POSITIVE = Field(int, minimum=1)
+_FLAG = Field(bool)
+_LINEAR = {"in_features": _POSITIVE, "out_features": _POSITIVE, "has_bias": _FLAG}
+_TABLE = {"num_embeddings": _POSITIVE, "embedding_dim": _POSITIVE, "padding_idx": Field(int, 0, optional=True)}
 
-def module_from_info(info: dict) -> nn.Module:
-    """An empty module of the type and shape ``layer_info()`` described (weights come from the checkpoint)."""
-    kind = info["module"]
-    if kind in ("HalfLinear", "Int8DynamicLinear", "Int8WeightOnlyLinear", "IntxWeightOnlyLinear"):
-        args = (info["in_features"], info["out_features"], info["has_bias"])
-        if kind == "HalfLinear":
-            return HalfLinear(*args, dtype=info["dtype"])
-        if kind == "IntxWeightOnlyLinear":
-            return IntxWeightOnlyLinear(*args, bits=info["bits"], group_size=info["group_size"])
-        return {"Int8DynamicLinear": Int8DynamicLinear, "Int8WeightOnlyLinear": Int8WeightOnlyLinear}[kind](*args)
-    if kind == "Identity":
-        return nn.Identity()
-    if kind == "StaticInt8Linear":
-        return StaticInt8Linear(info["in_features"], info["out_features"], info["has_bias"], info["fused_relu"],
-                                info.get("input_smooth", False))
-    if kind == "StaticInt8Conv2d":
-        return StaticInt8Conv2d(
-            info["in_channels"], info["out_channels"], info["kernel_size"], info["stride"], info["padding"],
-            info["dilation"], info["groups"], info["has_bias"], info["fused_relu"],
-        )
-    if kind == "QuantizedEmbedding":
-        return QuantizedEmbedding(info["num_embeddings"], info["embedding_dim"], info["bits"], info["padding_idx"])
-    if kind == "HalfEmbedding":
-        return HalfEmbedding(info["num_embeddings"], info["embedding_dim"], info["dtype"], info["padding_idx"])
-    raise KeyError(kind)
+
+def _linear_args(info: dict) -> tuple:
+    return info["in_features"], info["out_features"], info["has_bias"]
+
+
+def _intx(info: dict) -> nn.Module:
+    return IntxWeightOnlyLinear(*_linear_args(info), bits=info["bits"], group_size=info["group_size"])
+
+
+def _conv(info: dict) -> nn.Module:
+    groups = info["groups"]
+    if info["in_channels"] % groups or info["out_channels"] % groups:
+        raise InfoError(f"groups={groups} does not divide the channels")
+    return StaticInt8Conv2d(
+        info["in_channels"], info["out_channels"], info["kernel_size"], info["stride"], info["padding"],
+        info["dilation"], groups, info["has_bias"], info["fused_relu"],
+    )
+
+
+def _table_args(info: dict) -> tuple:
+    padding = info.get("padding_idx")
+    if padding is not None and padding >= info["num_embeddings"]:
+        raise InfoError(f"padding_idx {padding} is outside the table of {info['num_embeddings']} rows")
+    return info["num_embeddings"], info["embedding_dim"]
+
+
+register_kind("HalfLinear", {**_LINEAR, "dtype": Field(("bf16", "fp16"))},
+              lambda i: HalfLinear(*_linear_args(i), dtype=i["dtype"]))
+register_kind("Int8WeightOnlyLinear", _LINEAR, lambda i: Int8WeightOnlyLinear(*_linear_args(i)))
+register_kind("Int8DynamicLinear", _LINEAR, lambda i: Int8DynamicLinear(*_linear_args(i)))
+register_kind("IntxWeightOnlyLinear", {**_LINEAR, "bits": Field((2, 3, 4, 5, 6, 7, 8)), "group_size": _POSITIVE},
+              _intx)
+register_kind("StaticInt8Linear", {**_LINEAR, "fused_relu": _FLAG, "input_smooth": Field(bool, optional=True)},
+              lambda i: StaticInt8Linear(*_linear_args(i), i["fused_relu"], bool(i.get("input_smooth"))))
+register_kind("StaticInt8Conv2d", {
+    "in_channels": _POSITIVE, "out_channels": _POSITIVE, "kernel_size": Field(list, 1), "stride": Field(list, 1),
+    "padding": Field(list, 0), "dilation": Field(list, 1), "groups": _POSITIVE, "has_bias": _FLAG,
+    "fused_relu": _FLAG,
+}, _conv)
+register_kind("QuantizedEmbedding", {**_TABLE, "bits": Field((2, 3, 4, 5, 6, 7, 8))},
+              lambda i: QuantizedEmbedding(*_table_args(i), i["bits"], i.get("padding_idx")))
+register_kind("HalfEmbedding", {**_TABLE, "dtype": Field(("bf16", "fp16"))},
+              lambda i: HalfEmbedding(*_table_args(i), i["dtype"], i.get("padding_idx")))
+register_kind("Identity", {}, lambda i: nn.Identity())

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from bitsmith.algorithms.rtn import QuantizedWeight
-from bitsmith.formats.packing import pack_codes, unpack_codes
+from bitsmith.formats.packing import pack_codes, packed_bytes, unpack_codes
+from bitsmith.nn.kinds import tensor_problems
 
 __all__ = ["QuantizedEmbedding", "HalfEmbedding"]
 
@@ -26,7 +27,7 @@ class QuantizedEmbedding(nn.Module):
         if bits == 8:
             self.register_buffer("weight_codes", torch.zeros(num_embeddings, embedding_dim, dtype=torch.uint8))
         else:
-            self.register_buffer("weight_packed", torch.zeros(-(-numel * bits // 8), dtype=torch.uint8))
+            self.register_buffer("weight_packed", torch.zeros(packed_bytes(numel, bits), dtype=torch.uint8))
         self.register_buffer("weight_scale", torch.ones(num_embeddings, 1))
         self.register_buffer("weight_zero_point", torch.zeros(num_embeddings, 1, dtype=torch.uint8))
         self._codes_cache: torch.Tensor | None = None
@@ -79,6 +80,12 @@ class QuantizedEmbedding(nn.Module):
     def kernel(self) -> str:
         return f"int{self.bits} row gather + per-row scale (no float table kept)"
 
+    def storage_problem(self) -> str | None:
+        return tensor_problems(self, positive=("weight_scale",), codes={"weight_zero_point": 2**self.bits - 1})
+
+    def kernel_why(self) -> str:
+        return "a lookup: no matmul to choose"
+
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}"
 
@@ -114,6 +121,12 @@ class HalfEmbedding(nn.Module):
 
     def kernel(self) -> str:
         return f"{self.dtype_name} row gather"
+
+    def storage_problem(self) -> str | None:
+        return tensor_problems(self, finite=("weight",))
+
+    def kernel_why(self) -> str:
+        return "a lookup: no matmul to choose"
 
     def layer_info(self) -> dict:
         return {

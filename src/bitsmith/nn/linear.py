@@ -4,33 +4,90 @@ Each module keeps its *storage* tensors as persistent buffers (what ``bitsmith.s
 to the bits of the scheme) and builds any kernel-specific layout (oneDNN prepack, torch int4pack)
 as a non-persistent cache. ``layer_info()`` describes the module so that ``from_info`` can rebuild an
 empty one of the same shape at load time.
+
+Every module offers the kernels that compute its scheme on this machine (``candidates``) and runs the one
+``dispatch.choose`` measured fastest for the batch shape; ``kernel()`` says which can run and why,
+``last_kernel`` which ran last.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from bitsmith.algorithms.rtn import QuantizedWeight
 from bitsmith.formats.affine import dequantize_affine
-from bitsmith.formats.packing import pack_codes, unpack_codes
-from bitsmith.nn import kernels, native
+from bitsmith.formats.packing import pack_codes, packed_bytes, unpack_codes
+from bitsmith.nn import cpu, dispatch, kernels, native
+from bitsmith.nn.kinds import tensor_problems
 
-__all__ = ["HalfLinear", "Int8WeightOnlyLinear", "Int8DynamicLinear", "IntxWeightOnlyLinear"]
+__all__ = ["HalfLinear", "Int8WeightOnlyLinear", "Int8DynamicLinear", "IntxWeightOnlyLinear", "KERNEL_NAMES"]
+
+# what each candidate name means, for inspect and reports
+KERNEL_NAMES = {
+    "onednn-u8s8": "oneDNN qlinear, uint8 x int8 summed in int32",
+    "onednn-u8s8-split": "oneDNN qlinear on split codes [p | q] x [W | W] (exact without VNNI, twice the inner size)",
+    "fp32-dequant": "fp32 matmul on integer codes, scales applied after (exact W8A8 math, no int8 speed-up)",
+    "int8pack-bf16": "torch _weight_int8pack_mm, bf16 activations",
+    "int4pack-bf16": "torch _weight_int4pack_mm_for_cpu, bf16 activations",
+    "dequant-bf16": "dequantize to bf16 per call + bf16 matmul",
+    "dequant-fp32": "dequantize to fp32 per call + fp32 matmul",
+    "bf16": "bf16 matmul",
+    "fp16": "fp16 matmul",
+    "upcast-fp32": "upcast the 16-bit weight to fp32 per call + fp32 matmul (storage saving only)",
+}
+
+
+def _bf16_note() -> str:
+    bf16 = cpu.bf16_compute()
+    return f"bf16 here: {bf16}"
 
 
 class _QuantLinearBase(nn.Module):
     scheme: str
+    family: str
 
     def __init__(self, in_features: int, out_features: int, has_bias: bool):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("bias", torch.zeros(out_features) if has_bias else None)
+        self.last_kernel: tuple[str, int] | None = None  # (candidate, rows) of the last forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        out = self._linear(x.reshape(-1, shape[-1]))  # (M, N) with M = prod(leading dims)
-        return out.reshape(*shape[:-1], self.out_features)
+        x2 = x.reshape(-1, shape[-1])  # (M, K) with M = prod(leading dims)
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.float().contiguous()
+        candidates = self.candidates(x2)
+        key = f"K={self.in_features} N={self.out_features} M<={dispatch.row_bucket(x2.shape[0])}"
+        name = dispatch.choose(self.family, key, candidates)
+        self.last_kernel = (name, x2.shape[0])
+        out = candidates[name]()
+        return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def candidates(self, x: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
+        """Kernel name -> a call computing this layer on ``x`` (M, K) float32, in preference order."""
+        raise NotImplementedError
+
+    def kernel_names(self) -> list[str]:
+        return list(self.candidates(torch.zeros(1, self.in_features)))
+
+    def kernel(self) -> str:
+        """Which kernels can run this layer here, chosen how, and (after a forward) which one ran."""
+        names = self.kernel_names()
+        text = names[0] if len(names) == 1 else "fastest measured per batch shape of " + " | ".join(names)
+        if self.last_kernel is not None:
+            text += f"; ran {self.last_kernel[0]} at M={self.last_kernel[1]}"
+        return text
+
+    def kernel_why(self) -> str:
+        return ""
+
+    def storage_problem(self) -> str | None:
+        """What is wrong with the loaded tensors (NaN, zero scales, codes out of range), or None."""
+        return tensor_problems(self, finite=("bias",))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}"
@@ -45,8 +102,10 @@ class _QuantLinearBase(nn.Module):
 
 
 class HalfLinear(_QuantLinearBase):
-    """fp16 or bf16 weight. bf16 computes in bf16 (AMX); fp16 has no fast CPU GEMM here, so it
-    computes in fp32 on the upcast weight (storage savings only)."""
+    """fp16 or bf16 weight. bf16 computes in bf16 where that is fast (AVX512-BF16, AMX) and on the fp32
+    upcast otherwise; fp16 computes on the fp32 upcast unless the CPU has fp16 arithmetic."""
+
+    family = "half"
 
     def __init__(self, in_features: int, out_features: int, has_bias: bool, dtype: str = "bf16"):
         super().__init__(in_features, out_features, has_bias)
@@ -63,15 +122,21 @@ class HalfLinear(_QuantLinearBase):
             module.bias.copy_(linear.bias.detach())
         return module
 
-    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+    def candidates(self, x):
+        found = {}
         if self.dtype_name == "bf16":
-            return kernels.dequantized_bf16_linear(x, self.weight, self.bias)
-        return nn.functional.linear(x, self.weight.to(x.dtype), self.bias)
+            found["bf16"] = lambda: kernels.matmul_bf16(x, self.weight, self.bias)
+        elif cpu.cpu_flags() & {"avx512_fp16", "amx_fp16"}:
+            found["fp16"] = lambda: kernels.add_bias(
+                nn.functional.linear(x.half(), self.weight).float(), self.bias)
+        found["upcast-fp32"] = lambda: kernels.matmul_fp32(x, self.weight, self.bias)
+        return found
 
-    def kernel(self) -> str:
-        if self.dtype_name == "bf16":
-            return "bf16 matmul (oneDNN, AMX-bf16 where present)"
-        return "fp16 storage, upcast to fp32 matmul (no fast fp16 GEMM on CPU)"
+    def kernel_why(self) -> str:
+        return _bf16_note() if self.dtype_name == "bf16" else "no fp16 GEMM without AVX512-FP16/AMX-FP16"
+
+    def storage_problem(self) -> str | None:
+        return tensor_problems(self, finite=("weight", "bias"))
 
     def layer_info(self) -> dict:
         return {**super().layer_info(), "dtype": self.dtype_name}
@@ -84,6 +149,16 @@ class _Int8Linear(_QuantLinearBase):
         super().__init__(in_features, out_features, has_bias)
         self.register_buffer("weight_codes", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features, 1))
+        self._cache: dict[str, object] = {}
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._cache = {}  # the weight may change: rebuild kernel layouts on next call
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _cached(self, name: str, build):
+        if name not in self._cache:
+            self._cache[name] = build()
+        return self._cache[name]
 
     @classmethod
     def from_quantized(cls, qweight: QuantizedWeight, bias: torch.Tensor | None):
@@ -100,70 +175,87 @@ class _Int8Linear(_QuantLinearBase):
     def dequantize(self) -> torch.Tensor:
         return self.weight_codes.float() * self.weight_scale
 
+    def storage_problem(self) -> str | None:
+        return tensor_problems(self, positive=("weight_scale",), finite=("bias",))
+
 
 class Int8WeightOnlyLinear(_Int8Linear):
     scheme = "w8a16"
+    family = "w8a16"
 
-    def _linear(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.int8_weight_only_linear(x, self.weight_codes, self.weight_scale[:, 0], self.bias)
+    def candidates(self, x):
+        scale = self._cached("scale", lambda: self.weight_scale[:, 0].contiguous())
+        scale_bf16 = self._cached("scale_bf16", lambda: scale.to(torch.bfloat16))
+        return {
+            "int8pack-bf16": lambda: kernels.int8pack_bf16(x, self.weight_codes, scale_bf16, self.bias),
+            "dequant-bf16": lambda: kernels.matmul_bf16(
+                x, self.weight_codes.to(torch.bfloat16).mul_(scale_bf16[:, None]), self.bias),
+            "dequant-fp32": lambda: kernels.matmul_fp32(x, self.dequantize(), self.bias),
+        }
 
-    def kernel(self) -> str:
-        return (
-            f"_weight_int8pack_mm, bf16 activations (M <= {kernels.WEIGHT_ONLY_MAX_M}); "
-            "int8 -> bf16 dequant + bf16 matmul above"
-        )
+    def kernel_why(self) -> str:
+        return _bf16_note()
 
 
 class Int8DynamicLinear(_Int8Linear):
     """W8A8 dynamic: activations quantized per token to int8 at run time."""
 
     scheme = "w8a8-dynamic"
+    family = "w8a8-dynamic"
 
-    def __init__(self, in_features: int, out_features: int, has_bias: bool):
-        super().__init__(in_features, out_features, has_bias)
-        self._packed: torch.Tensor | None = None
+    def candidates(self, x):
+        scale = self._cached("scale", lambda: self.weight_scale[:, 0].contiguous())
+        found = {}
+        if cpu.onednn_int8_exact("linear"):
+            packed = self._cached("packed", lambda: kernels.prepack_int8_weight(self.weight_codes))
+            found["onednn-u8s8"] = lambda: kernels.dynamic_onednn(x, packed, scale, self.bias, self.out_features)
+        elif cpu.onednn_int8_available():
+            split = self._cached("packed_split", lambda: kernels.prepack_split_weight(self.weight_codes))
+            if split is not None:
+                found["onednn-u8s8-split"] = lambda: kernels.dynamic_split(x, split, scale, self.bias)
+        found["fp32-dequant"] = lambda: kernels.dynamic_fp32(x, self.weight_codes, scale, self.bias)
+        return found
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._packed = None  # the weight may change: rebuild the prepacked copy on next call
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def _linear(self, x: torch.Tensor) -> torch.Tensor:
-        if not kernels.onednn_int8_available():
-            # no int8 GEMM reachable on this CPU: exact same math in fp32 (reported by kernel())
-            return nn.functional.linear(_fake_quant_per_token(x), self.dequantize(), self.bias)
-        if self._packed is None:
-            self._packed = kernels.prepack_int8_weight(self.weight_codes)
-        scale = self.weight_scale[:, 0].contiguous()
-        return kernels.int8_dynamic_linear(x, self._packed, scale, self.bias, self.out_features).to(x.dtype)
-
-    def kernel(self) -> str:
-        if kernels.onednn_int8_available():
-            how = "fused native" if native.available() else "eager torch (no C compiler: slower)"
-            return f"oneDNN qlinear int8 x int8 (AMX/VNNI); per-token activation quantization: {how}"
-        return "fallback: fp32 matmul on dequantized weight (oneDNN int8 not available)"
+    def kernel_why(self) -> str:
+        quantizer = "fused native loop" if native.available() else f"eager torch ops (native: {native.status()})"
+        return f"{int8_reason('linear')}; per-token activation quantization: {quantizer}"
 
 
-def _fake_quant_per_token(x: torch.Tensor) -> torch.Tensor:
-    codes, scale = kernels.quantize_per_token(x.float())
-    return (codes.float() - 128.0) * scale
+def int8_reason(op: str) -> str:
+    """Why oneDNN's one-pass int8 kernel does or does not run here."""
+    if cpu.onednn_int8_exact(op):
+        return f"{cpu.int8_dot_product()}: u8 x s8 products exact in one pass"
+    if cpu.exact_int8_forced():
+        return "BITSMITH_INT8=exact: exact no-VNNI path forced"
+    if not cpu.onednn_int8_available():
+        return "no oneDNN int8 on this CPU"
+    caps = ", ".join(f"{k}={v}" for k, v in cpu.library_caps().items())
+    where = cpu.int8_dot_product() + (f", capped by {caps}" if caps else "")
+    return f"one-pass u8 x s8 sums saturate here ({where}): exact split path"
 
 
 class IntxWeightOnlyLinear(_QuantLinearBase):
-    """2- to 8-bit group-wise weight, stored packed: ``weight_packed`` uint8, ``weight_scale`` (N, G) fp16,
-    ``weight_zero_point`` (N, G) uint8 with ``w = (q - zero) * scale``. 4-bit with a group size the
-    int4pack kernel accepts runs on ``_weight_int4pack_mm_for_cpu``; other widths dequantize (said by kernel())."""
+    """2- to 8-bit group-wise weight, stored packed: ``weight_packed`` uint8 (``pack_codes`` bit stream),
+    ``weight_scale`` (N, G) fp16, ``weight_zero_point`` (N, G) uint8 with ``w = (q - zero) * scale`` and
+    G = ceil(K / group_size) (a last group shorter than the others is allowed). Codes of 4 bits or fewer
+    run on torch's int4pack kernel (2- and 3-bit codes widened to 4 bits: exact) where its layout takes
+    the shape; every width can run dequantized."""
+
+    family = "w4a16"
 
     def __init__(self, in_features: int, out_features: int, has_bias: bool, bits: int, group_size: int):
         super().__init__(in_features, out_features, has_bias)
         self.bits, self.group_size = bits, group_size
         self.scheme = f"w{bits}a16 g{group_size}"
-        groups = in_features // group_size
-        packed_numel = -(-(out_features * in_features * bits) // 8)
+        groups = -(-in_features // group_size)
+        packed_numel = packed_bytes(out_features * in_features, bits)
         self.register_buffer("weight_packed", torch.zeros(packed_numel, dtype=torch.uint8))
         self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=torch.float16))
         self.register_buffer("weight_zero_point", torch.zeros(out_features, groups, dtype=torch.uint8))
-        self._int4pack: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._int4pack: tuple[torch.Tensor, torch.Tensor, int] | None = None
         self._int4pack_failed = False
+        if bits > 4:
+            self.family = "wxa16"
 
     @classmethod
     def from_quantized(cls, qweight: QuantizedWeight, bias: torch.Tensor | None):
@@ -189,45 +281,68 @@ class IntxWeightOnlyLinear(_QuantLinearBase):
         return unpack_codes(self.weight_packed, self.bits, numel).reshape(self.out_features, self.in_features)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        block = (1, self.group_size)
+        if native.available():
+            weight = native.dequantize_packed(self.weight_packed, self.bits, self.out_features, self.in_features,
+                                              self.group_size, self.weight_scale, self.weight_zero_point)
+            return weight.to(dtype)
         zero = self.weight_zero_point.to(torch.int32)
-        return dequantize_affine(self.codes(), block, self.weight_scale.float(), zero, dtype)
+        return dequantize_affine(self.codes(), (1, self.group_size), self.weight_scale.float(), zero, dtype)
 
-    def _runtime_int4pack(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _runtime_int4pack(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
         if self._int4pack is None and not self._int4pack_failed:
             try:
-                self._int4pack = _to_int4pack(self.codes(), self.weight_scale, self.weight_zero_point)
-            except RuntimeError:  # shape the kernel does not take: dequantize instead
+                self._int4pack = _to_int4pack(self.codes(), self.weight_scale, self.weight_zero_point,
+                                              self.group_size)
+            except RuntimeError:  # a shape the kernel does not take (N not a multiple of 16): dequantize instead
                 self._int4pack_failed = True
         return self._int4pack
 
     def _uses_int4pack(self) -> bool:
-        return self.bits == 4 and self.group_size in (32, 64, 128, 256) and self._runtime_int4pack() is not None
+        return self.bits <= 4 and self.group_size in (32, 64, 128, 256) and self._runtime_int4pack() is not None
 
-    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+    def candidates(self, x):
+        found = {}
         if self._uses_int4pack():
-            packed, scales_and_zeros = self._int4pack
-            return kernels.int4_weight_only_linear(
-                x, packed, self.group_size, scales_and_zeros, lambda: self.dequantize(torch.bfloat16), self.bias
-            )
-        return kernels.dequantized_bf16_linear(x, self.dequantize(torch.bfloat16), self.bias)
+            packed, scales_and_zeros, padded_k = self._int4pack
+            found["int4pack-bf16"] = lambda: kernels.int4pack_bf16(
+                x, packed, self.group_size, scales_and_zeros, padded_k, self.bias)
+        found["dequant-bf16"] = lambda: kernels.matmul_bf16(x, self.dequantize(torch.bfloat16), self.bias)
+        found["dequant-fp32"] = lambda: kernels.matmul_fp32(x, self.dequantize(), self.bias)
+        return found
 
-    def kernel(self) -> str:
+    def kernel_why(self) -> str:
         if self._uses_int4pack():
-            return (
-                f"_weight_int4pack_mm_for_cpu, bf16 activations (M <= {kernels.WEIGHT_ONLY_MAX_M}); "
-                "int4 -> bf16 dequant + bf16 matmul above"
-            )
-        return f"no {self.bits}-bit kernel: dequantize to bf16 + bf16 matmul"
+            widened = f"{self.bits}-bit codes widened to int4; " if self.bits < 4 else ""
+            return f"{widened}{_bf16_note()}"
+        if self.bits > 4:
+            return f"no {self.bits}-bit kernel: dequantized per call; {_bf16_note()}"
+        return f"int4pack does not take this shape (N={self.out_features}, group {self.group_size}): dequantized per call"
+
+    def storage_problem(self) -> str | None:
+        return tensor_problems(self, positive=("weight_scale",), finite=("bias",),
+                               codes={"weight_zero_point": 2**self.bits - 1})
 
     def layer_info(self) -> dict:
         return {**super().layer_info(), "bits": self.bits, "group_size": self.group_size}
 
 
-def _to_int4pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch's CPU int4 layout. Its dequant is ``(q - 8) * s + z_float``, so ``z_float = (8 - zero) * s``."""
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+def _to_int4pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                 group_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """torch's CPU int4 layout, K padded with zero codes to a whole number of groups. Its dequant is
+    ``(q - 8) * s + z_float``, so ``z_float = (8 - zero) * s``. Codes of 2 or 3 bits are moved up by
+    ``8 - zero`` per group (they stay within 0..15): their zero point becomes 8 and z_float exactly 0, so
+    the kernel's bf16 z_float adds no rounding."""
+    out_features, in_features = codes.shape
+    padded_k = -(-in_features // group_size) * group_size
+    codes = codes.to(torch.int32)
+    zero = zero.to(torch.int32)
+    if int(codes.max()) < 8 and int(zero.max()) < 8:  # narrow codes: centre every group on 8
+        shift = (8 - zero).repeat_interleave(group_size, dim=1)[:, :in_features]  # (N, K)
+        codes, zero = codes + shift, torch.full_like(zero, 8)
+    if padded_k != in_features:
+        codes = torch.nn.functional.pad(codes, (0, padded_k - in_features), value=8)  # 8 - 8 = 0 either way
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
     scale_f = scale.float()
     zero_f = (8.0 - zero.float()) * scale_f
     scales_and_zeros = torch.stack([scale_f.t(), zero_f.t()], dim=-1)  # (G, N, 2)
-    return packed, scales_and_zeros.to(torch.bfloat16).contiguous()
+    return packed, scales_and_zeros.to(torch.bfloat16).contiguous(), padded_k

@@ -1,0 +1,165 @@
+"""Choosing a kernel by measurement, per CPU and per shape.
+
+Which kernel is fastest depends on the CPU (bf16 is native with AVX512-BF16 or AMX and emulated without;
+int8 is exact in one pass only with VNNI or AMX) and on the shape: at one row torch's packed int4/int8
+kernels read a quarter or an eighth of the bytes of fp32, at thousands of rows a bf16 or fp32 GEMM on the
+dequantized weight wins. So the first call of each (family, K, N, row bucket) times every candidate that
+computes the same result on this machine, on the real input, and keeps the fastest for the rest of the
+process; rows are bucketed by powers of two.
+
+    variable                          | effect
+    BITSMITH_KERNEL_<FAMILY>=<name>   | always use candidate <name> of that family (e.g. BITSMITH_KERNEL_W8A16=dequant-fp32)
+    BITSMITH_AUTOTUNE=0               | no timing: the first candidate (the static preference order)
+
+Every decision is kept with its timings (``decisions()``), so reports say what ran and why, and written to
+``$BITSMITH_CACHE/kernels/decisions-<machine key>.json`` (the key covers the CPU's flags, library caps and
+torch version): later processes on the same machine run the same kernels, so their numbers agree to the last
+bit (bf16 and fp32 candidates round differently), and skip the timing. Delete the file to measure again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from bitsmith.errors import BitsmithError
+from bitsmith.nn import cpu
+
+__all__ = ["Decision", "choose", "decisions", "forced", "row_bucket", "reset"]
+
+_TIMED_ROUNDS = 3  # after one warm-up call each; candidates alternate so load from others falls on all alike
+
+
+@dataclass
+class Decision:
+    family: str
+    key: str  # "K=384 N=1536 M<=8192"
+    chosen: str
+    how: str  # "measured" | "forced by BITSMITH_KERNEL_..." | "only candidate" | "static order"
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        if self.timings_ms:
+            times = ", ".join(f"{name} {ms:.3g} ms" for name, ms in sorted(self.timings_ms.items(), key=lambda kv: kv[1]))
+            return f"{self.chosen} ({self.how} at {self.key}: {times})"
+        return f"{self.chosen} ({self.how})"
+
+
+_DECISIONS: dict[tuple[str, str], Decision] = {}
+_LOADED: set[str] = set()  # decision files read in this process
+
+
+def _decisions_file() -> Path:
+    root = os.environ.get("BITSMITH_CACHE") or Path.home() / ".cache" / "bitsmith"
+    forced = "-int8-exact" if cpu.exact_int8_forced() else ""  # another candidate set: kept apart
+    return Path(root) / "kernels" / f"decisions-{cpu.machine_key()}{forced}.json"
+
+
+def _load_saved() -> None:
+    path = _decisions_file()
+    if str(path) in _LOADED:
+        return
+    _LOADED.add(str(path))
+    try:
+        saved = json.loads(path.read_text())
+        for item in saved:
+            decision = Decision(**item)
+            _DECISIONS.setdefault((decision.family, decision.key), decision)
+    except (OSError, ValueError, TypeError):
+        return  # none yet, or unreadable: measure again
+
+
+def _save() -> None:
+    path = _decisions_file()
+    measured = [asdict(d) for d in _DECISIONS.values() if d.how == "measured"]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(measured, f, indent=1)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the old or the new file
+    except OSError:
+        pass  # a read-only cache: decisions stay in this process
+
+
+def row_bucket(rows: int) -> int:
+    """The power of two at or above ``rows`` (decisions are shared inside a bucket)."""
+    return 1 << max(0, int(rows) - 1).bit_length()
+
+
+def _variable(family: str) -> str:
+    return "BITSMITH_KERNEL_" + family.upper().replace("-", "_")
+
+
+def forced(family: str) -> str | None:
+    """The candidate name forced for ``family`` by its environment variable, if any."""
+    value = os.environ.get(_variable(family), "").strip()
+    return value or None
+
+
+def _time(candidates: dict[str, Callable[[], object]]) -> dict[str, float]:
+    best = {}
+    with torch.inference_mode():
+        for run in candidates.values():
+            run()
+        for _ in range(_TIMED_ROUNDS):
+            for name, run in candidates.items():
+                start = time.perf_counter()
+                run()
+                elapsed = (time.perf_counter() - start) * 1e3
+                best[name] = min(best.get(name, elapsed), elapsed)
+    return best
+
+
+def choose(family: str, key: str, candidates: dict[str, Callable[[], object]]) -> str:
+    """The name of the candidate to run for ``family`` at ``key``; ``candidates`` maps each name (in
+    preference order) to a call that runs it once on the real input."""
+    if not candidates:
+        raise ValueError(f"no kernel candidates for {family}")
+    name = forced(family)
+    if name is not None:
+        if name not in candidates:
+            raise BitsmithError(
+                f"{_variable(family)}={name} is not a {family} kernel on this machine; available: {', '.join(candidates)}"
+            )
+        _DECISIONS.setdefault((family, key), Decision(family, key, name, f"forced by {_variable(family)}"))
+        return name
+    _load_saved()
+    cached = _DECISIONS.get((family, key))
+    if cached is not None and cached.chosen in candidates:
+        return cached.chosen
+    if len(candidates) == 1:
+        decision = Decision(family, key, next(iter(candidates)), "only candidate here")
+    elif os.environ.get("BITSMITH_AUTOTUNE", "1") == "0" or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        decision = Decision(family, key, next(iter(candidates)), "static preference order (not timed)")
+    else:
+        timings = _time(candidates)
+        decision = Decision(family, key, min(timings, key=timings.get), "measured",
+                            {name: round(ms, 4) for name, ms in timings.items()})
+        _DECISIONS[(family, key)] = decision
+        _save()
+        return decision.chosen
+    _DECISIONS[(family, key)] = decision
+    return decision.chosen
+
+
+def decisions(family: str | None = None) -> list[Decision]:
+    """Every decision made in this process (of one family, if given)."""
+    return [d for (f, _), d in _DECISIONS.items() if family is None or f == family]
+
+
+def reset(saved: bool = False) -> None:
+    """Forget every decision of this process (tests; or after changing BITSMITH_* variables); with
+    ``saved``, also the decisions file of this machine."""
+    _DECISIONS.clear()
+    _LOADED.clear()
+    if saved:
+        _decisions_file().unlink(missing_ok=True)
