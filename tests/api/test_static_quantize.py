@@ -61,4 +61,4 @@ def test_conv_under_a_dynamic_scheme_is_reported():
     report = bitsmith.quantize_(model, QuantizeConfig.model_validate(
         {"rules": [{"targets": ["Conv2d", "Linear"], "scheme": {"weights": {"dtype": "int8"}}}]}
     ))
-    assert "only by w8a8-static" in report.skipped["0"] and isinstance(model[0], nn.Conv2d)
+    assert "quantized only by static W8A8 schemes" in report.skipped["0"] and isinstance(model[0], nn.Conv2d)

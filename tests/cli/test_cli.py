@@ -54,8 +54,13 @@ def test_inspect_json_names_kernels(compressed):
     layers = {row["name"]: row for row in json.loads(stdout)["layers"]}
     query = layers["encoder.layer.0.attention.self.query"]
     assert query["bits"] == 8 and query["bytes"] == 384 * 384 + 384 * 4 + 384 * 4
-    assert "_weight_int8pack_mm" in query["kernel"]
+    assert query["kernels_here"] == ["int8pack-bf16", "dequant-bf16", "dequant-fp32"]
+    # what ran when compress timed it (3 sentences: 3 x their padded length rows), on this machine
+    assert query["ran_at_compress"]["kernel"] in query["kernels_here"] and query["ran_at_compress"]["rows"] >= 3
+    assert "bf16 here:" in query["why"]
     assert layers["embeddings.word_embeddings"]["module"] == "QuantizedEmbedding"
+    machine = json.loads(stdout)["machine"]
+    assert machine["int8_dot_product"] and machine["bf16"] and "native" in machine
 
 
 def test_eval_compressed_dir_on_text(compressed):
@@ -92,12 +97,13 @@ def test_unknown_recipe_key(tmp_path):
     assert_one_line_error(code, stderr, "unknown key 'quantize.rules.0.scheme.weights.bits'")
 
 
-def test_group_size_that_does_not_divide(tmp_path):
+def test_a_layer_named_by_the_recipe_that_the_scheme_cannot_handle(tmp_path):
     recipe = tmp_path / "g.yaml"
-    recipe.write_text("version: 1\nname: g\nquantize:\n  rules:\n    - targets: [Linear]\n"
-                      "      scheme: {weights: {dtype: int4, granularity: 100}}\n")
+    recipe.write_text("version: 1\nname: g\nquantize:\n  rules:\n    - targets: [embeddings.LayerNorm]\n"
+                      "      scheme: {weights: {dtype: int4, granularity: 128}}\n")
     code, _, stderr = run("compress", "--recipe", str(recipe), "--out", str(tmp_path / "o"))
-    assert_one_line_error(code, stderr, "group size 100 does not divide layer")
+    assert_one_line_error(code, stderr, "layer 'embeddings.LayerNorm' (LayerNorm), named by rule 1: LayerNorm is not"
+                                        " a layer type bitsmith quantizes")
     assert not (tmp_path / "o").exists() and len(list(tmp_path.iterdir())) == 1
 
 
@@ -130,8 +136,11 @@ def test_compress_digits_static_and_analyze_observers(tmp_path):
     metrics = json.loads(stdout)["metrics"]
     assert metrics["accuracy_drop_points"] <= 0.5 and metrics["calibration"]["batches"] == 2
     code, stdout, stderr = run("inspect", str(tmp_path / "d"), "--json")
-    kernels = {row["kernel"].split(";")[0] for row in json.loads(stdout)["layers"]}
-    assert kernels == {"oneDNN qconv2d u8 x s8 + fused ReLU", "oneDNN qlinear u8 x s8"}
+    rows = json.loads(stdout)["layers"]
+    assert {row["module"] for row in rows} == {"StaticInt8Conv2d", "StaticInt8Linear"}
+    assert all(row["ran_at_compress"]["kernel"] in row["kernels_here"] for row in rows)
+    assert all("uint8 activations with a calibrated zero point" in row["why"] for row in rows)
+    assert sum("(+ fused ReLU)" in row["kernel"] for row in rows) == 5
     code, stdout, stderr = run("analyze", "digits-cnn", "--observers", "--calib-samples", "64", "--json")
     assert code == 0, stderr
     rows = json.loads(stdout)
@@ -148,10 +157,16 @@ def test_empty_calibration_file(tmp_path):
 
 
 def test_zoo_list_json():
+    """zoo list measures each built float model on its own and shows what its build recorded; the two agree."""
+    from bitsmith.zoo import figures
+
     code, stdout, stderr = run("zoo", "list", "--json")
     assert code == 0, stderr
     rows = {row["name"]: row for row in json.loads(stdout)}
-    assert rows["minilm"]["fp32"] == 1.0 and rows["digits-cnn"]["fp32"] >= 0.97
+    recorded = figures("digits-cnn")["test_accuracy"]
+    assert rows["digits-cnn"]["fp32"] == recorded and rows["digits-cnn"]["recorded"]["test_accuracy"] == recorded
+    assert rows["docs-lm"]["fp32"] == pytest.approx(figures("docs-lm")["heldout_perplexity"], abs=1e-3)
+    assert rows["minilm"]["fp32"] == "reference"  # an embedding model has no figure of its own
 
 
 def test_export_onnx_runs_in_onnxruntime(tmp_path):

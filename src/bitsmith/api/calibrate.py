@@ -19,7 +19,11 @@ from bitsmith.errors import BitsmithError
 from bitsmith.formats.affine import dequantize_affine
 from bitsmith.nn.static import StaticInt8Conv2d, StaticInt8Linear
 
-__all__ = ["prepare_static_", "collect_activation_stats", "run_batch", "run_calibration", "build_static", "ActivationStats"]
+__all__ = [
+    "prepare_static_", "collect_activation_stats", "calibration_batches", "call_on_calibration", "run_batch",
+    "run_calibration",
+    "build_static", "ActivationStats",
+]
 
 
 @dataclass
@@ -42,12 +46,55 @@ def prepare_static_(model: nn.Module, config: QuantizeConfig) -> dict:
     return done
 
 
+def _is_batch(item) -> bool:
+    if isinstance(item, torch.Tensor):
+        return True
+    if isinstance(item, (tuple, list)):
+        return bool(item) and all(isinstance(v, torch.Tensor) for v in item)
+    if isinstance(item, dict):
+        return bool(item) and all(isinstance(k, str) for k in item)
+    return False
+
+
+def calibration_batches(calibration: Iterable) -> list:
+    """The calibration set as a list of model inputs (tensors, tuples of tensors, keyword dicts), checked:
+    an empty set or an item that is no model input is a one-line error, before the model changes."""
+    if isinstance(calibration, (torch.Tensor, str, bytes, dict)):
+        raise BitsmithError("calibration must be an iterable of batches (tensors, tuples or keyword dicts),"
+                            f" not a single {type(calibration).__name__}")
+    try:
+        batches = list(calibration)
+    except TypeError:
+        raise BitsmithError(f"calibration must be an iterable of batches, not {type(calibration).__name__}") from None
+    if not batches:
+        raise BitsmithError("the calibration set is empty: give at least one sample")
+    for number, batch in enumerate(batches, 1):
+        if not _is_batch(batch):
+            raise BitsmithError(f"calibration batch {number} is a {type(batch).__name__}, not a tensor, a tuple of"
+                                " tensors or a dict of keyword inputs")
+        tensors = batch.values() if isinstance(batch, dict) else (batch,) if isinstance(batch, torch.Tensor) else batch
+        for tensor in tensors:
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise BitsmithError(f"calibration batch {number} holds NaN or infinite values")
+    return batches
+
+
+def call_on_calibration(module: nn.Module, *args, **kwargs):
+    """``module(*args, **kwargs)`` on calibration inputs; inputs it cannot take are a one-line BitsmithError."""
+    try:
+        return module(*args, **kwargs)
+    except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BitsmithError(f"a calibration batch does not fit the model ({type(err).__name__}: {first[:200]})") from None
+
+
 def run_batch(model: nn.Module, batch):
+    """``model`` on one batch (a keyword dict, a tuple of positional inputs, or one tensor)."""
     if isinstance(batch, dict):
-        return model(**batch)
+        return call_on_calibration(model, **batch)
     if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
+        return call_on_calibration(model, *batch)
+    return call_on_calibration(model, batch)
 
 
 def _hook(stats: ActivationStats, channel_dim: int):
@@ -113,16 +160,18 @@ def relu_followers(model: nn.Module) -> dict[str, tuple[nn.Sequential, int]]:
     return found
 
 
-def build_static(
-    name: str, module: nn.Module, stats: ActivationStats, fuse_relu: bool, bias_correction: bool
-) -> nn.Module:
-    """The static int8 replacement of ``module`` (Linear or Conv2d) with its calibrated input range."""
+def build_static(module: nn.Module, stats: ActivationStats, scheme: Scheme, fuse_relu: bool,
+                 bias_correction: bool) -> nn.Module:
+    """The static int8 replacement of ``module`` (Linear or Conv2d) with its calibrated input range; the
+    weight is quantized as the scheme says (per channel or per tensor, min-max or MSE range)."""
     weight = module.weight.detach()
-    flat = weight.reshape(weight.shape[0], -1)  # (out, in * taps): one scale per output channel
-    qweight = quantize_weight_rtn(flat, 8, "channel", symmetric=True)
+    flat = weight.reshape(weight.shape[0], -1)  # (out, in * taps)
+    w = scheme.weights
+    qweight = quantize_weight_rtn(flat, 8, w.granularity, symmetric=True, clip=w.clip)
+    scale = qweight.scale.expand(flat.shape[0], 1)  # (out, 1): a per-tensor scale on every channel
     bias = None if module.bias is None else module.bias.detach().clone()
     if bias_correction:
-        dequantized = dequantize_affine(qweight.codes, (1, flat.shape[1]), qweight.scale, qweight.zero_point)
+        dequantized = dequantize_affine(qweight.codes, (1, flat.shape[1]), scale, torch.zeros_like(scale, dtype=torch.int32))
         shift = bias_shift(weight, dequantized.reshape(weight.shape), stats.channel_mean())
         bias = -shift if bias is None else bias - shift
     if isinstance(module, nn.Conv2d):
@@ -131,7 +180,7 @@ def build_static(
             new.register_buffer("bias", torch.zeros(module.out_channels))
     else:
         new = StaticInt8Linear(module.in_features, module.out_features, bias is not None, fused_relu=fuse_relu)
-    new.set_weight(qweight.codes.reshape(weight.shape), qweight.scale, bias)
+    new.set_weight(qweight.codes.reshape(weight.shape), scale, bias)
     new.set_input_range(*qparams_u8(*stats.observer.range()))
     if getattr(module, "input_smooth", None) is not None:  # explicit SmoothQuant scale (api/smoothing.py)
         new.set_input_smooth(module.input_smooth)

@@ -3,32 +3,48 @@
 from __future__ import annotations
 
 import copy
-import platform
+import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from bitsmith.api.config import Recipe
-from bitsmith.api.evaluate import eval_sentences, interleaved_latency
-from bitsmith.api.models import load_float_source, load_model, state_bytes
+from bitsmith.api.evaluate import interleaved_latency, read_text
+from bitsmith.api.models import load_float_source, load_model, load_tokenizer, state_bytes
 from bitsmith.api.quantize import quantize_
 from bitsmith.api.recipes import load_recipe
 from bitsmith.api.serialization import prepare_output_dir, save
 from bitsmith.api.tasks import task_for
 from bitsmith.errors import BitsmithError
+from bitsmith.nn import cpu, native
 
-__all__ = ["compress", "evaluate", "machine_summary"]
+__all__ = ["compress", "evaluate", "machine_summary", "check_counts"]
 
 
 def machine_summary() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__}
+    """The machine a measurement was taken on, with the facts that decide its kernels."""
+    facts = cpu.summary()
+    return {"cpu": facts["cpu"], "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "flags": facts["flags"], "int8": facts["onednn_int8"], "int8_dot_product": facts["int8_dot_product"],
+            "bf16": facts["bf16"], "library_caps": facts["library_caps"], "native": native.status()}
+
+
+def check_counts(repeats: int | None = None, calib_samples: int | None = None) -> None:
+    """Counts the user gave, checked before any work: whole numbers, at least 1."""
+    for flag, value in (("--repeats", repeats), ("--calib-samples", calib_samples)):
+        if value is not None and (type(value) is not int or value < 1):
+            raise BitsmithError(f"{flag} must be a whole number of at least 1, got {value!r}")
+
+
+def _kernels_ran(model: nn.Module) -> dict[str, dict]:
+    """Per layer, the kernel that ran last (during the timed runs) and on how many rows."""
+    ran = {}
+    for name, module in model.named_modules():
+        last = getattr(module, "last_kernel", None)
+        if last is not None:
+            ran[name] = {"kernel": last[0], "rows": last[1]}
+    return ran
 
 
 def _measure(task, float_model, quant_model, repeats: int) -> dict:
@@ -43,6 +59,13 @@ def _measure(task, float_model, quant_model, repeats: int) -> dict:
         "latency_ratio": round(latency["compressed"] / latency["float"], 3),
         **fidelity,
     }
+
+
+def _own_measure(task, model, repeats: int) -> dict:
+    """A model on its own (no float original to compare with): its figures and its latency, timed once."""
+    figures = task.own_figures(model)
+    latency = interleaved_latency({"model": task.runner(model)}, repeats)
+    return {"task": task.name, "evaluation": task.evaluation, "latency_s": round(latency["model"], 4), **figures}
 
 
 def compress(
@@ -60,11 +83,12 @@ def compress(
     """Quantize ``model`` (a zoo name, a directory, or a module with its ``tokenizer``) by ``recipe``,
     measure size, latency and fidelity against the float original on the same input, and save to
     ``out`` (if given). Returns the metrics, also written to ``out/bitsmith.json``."""
+    check_counts(repeats, calib_samples)
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
     if out is not None:
         prepare_output_dir(out)
     if text is not None:
-        eval_sentences(text)  # a bad text file fails before the slow work
+        read_text(text)  # a bad text file fails before the slow work
     if isinstance(model, (str, Path)):
         loaded = load_model(model)
         if loaded.compressed:
@@ -89,14 +113,15 @@ def compress(
     if calibration is not None:
         metrics["calibration"] = {"source": str(calib) if calib else "default", "batches": len(calibration)}
     metrics.update(_measure(task, float_model, quant_model, repeats))
+    kernels = _kernels_ran(quant_model)
     result = {
-        "metrics": metrics, "quantized_layers": len(report.quantized), "skipped": report.skipped,
-        "prepared": report.prepared,
+        "metrics": metrics, "quantized_layers": len(report.quantized), "quantized": report.quantized,
+        "skipped": report.skipped, "notes": report.notes, "prepared": report.prepared, "kernels": kernels,
     }
     if out is not None:
-        meta = save(quant_model, out, tokenizer=tokenizer, metrics=metrics)
+        meta = save(quant_model, out, tokenizer=tokenizer, metrics=metrics, extra={"kernels": kernels})
         result["out"] = str(out)
-        result["file_bytes"] = meta["files"]["model.safetensors"]["bytes"]
+        result["file_bytes"] = sum(entry["bytes"] for entry in meta["files"].values())
     result["model"] = quant_model
     return result
 
@@ -107,11 +132,14 @@ _COMPARISONS = ("float_", "original_")
 def evaluate(
     name_or_path: str | Path, text: str | Path | None = None, repeats: int = 5, baseline: str | Path | None = None
 ) -> dict:
-    """Evaluate a zoo model (its float original) or a compressed directory against its float source.
+    """Evaluate a float model (its own figures and latency) or a compressed directory against its float source.
 
     A compressed-tensors directory (e.g. from llm-compressor) does not name its float original: give it
     as ``baseline`` (a zoo name or directory) to compare; without one only the model's own figures are
     reported."""
+    check_counts(repeats)
+    if text is not None:
+        read_text(text)
     loaded = load_model(name_or_path)
     float_model = float_tokenizer = None
     if baseline is not None:
@@ -121,17 +149,14 @@ def evaluate(
         float_model, float_tokenizer = reference.model, reference.tokenizer
     elif loaded.compressed and loaded.source.get("kind") != "compressed-tensors":
         float_model, float_tokenizer = load_float_source(loaded.source)
+    task = task_for(loaded.source, loaded.tokenizer or float_tokenizer, text,
+                    model=float_model if float_model is not None else loaded.model)
     if float_model is not None:
-        task = task_for(loaded.source, loaded.tokenizer or float_tokenizer, text, model=float_model)
         metrics = _measure(task, float_model, loaded.model, repeats)
         metrics["original_bytes"] = state_bytes(float_model)
-    else:
-        task = task_for(loaded.source, loaded.tokenizer, text, model=loaded.model)
-        metrics = _measure(task, loaded.model, loaded.model, repeats)
-        metrics["original_bytes"] = state_bytes(loaded.model)
-        if loaded.compressed:  # no float original to compare with: keep only the model's own figures
-            metrics = {k: v for k, v in metrics.items() if not k.startswith(_COMPARISONS) and not k.endswith(
-                ("_ratio", "_increase_pct", "_cosine"))}
+    else:  # a float model, or a compressed one with nothing to compare with: its own figures only
+        metrics = _own_measure(task, loaded.model, repeats)
+        if loaded.compressed:
             metrics["baseline"] = None
     metrics["bytes"] = state_bytes(loaded.model)
     metrics["model"] = str(name_or_path)
@@ -159,33 +184,33 @@ def compress_offloaded(
 ) -> dict:
     """``compress`` for a causal LM larger than memory: quantized block by block from its safetensors
     files (api/offload.py) into ``out``. Not evaluated here: run ``bitsmith eval`` where it fits."""
-    import time
-
-    from transformers import AutoTokenizer
-
     from bitsmith.api.offload import quantize_offloaded
     from bitsmith.api.tasks import LanguageModelTask
+    from bitsmith.zoo import ZOO, zoo_model_dir
 
+    check_counts(calib_samples=calib_samples)
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
     source_info = None
-    if str(model_dir) == "docs-lm":  # the zoo's language model is an ordinary transformers directory
-        from bitsmith.zoo.docs_lm import model_dir as docs_lm_dir
-
-        model_dir, source_info = docs_lm_dir(), {"kind": "zoo", "name": "docs-lm"}
+    if str(model_dir) in ZOO:  # a zoo model with a transformers directory (docs-lm, smollm2)
+        name = str(model_dir)
+        model_dir = zoo_model_dir(name)
+        if model_dir is None:
+            raise BitsmithError(f"--offload quantizes a causal LM directory; zoo model {name} has none")
+        source_info = {"kind": "zoo", "name": name}
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise BitsmithError(f"--offload quantizes a transformers model directory; {model_dir} is not one")
     prepare_output_dir(out)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise BitsmithError(f"{model_dir}: no tokenizer files to make calibration data from ({err})") from None
-    calibration = LanguageModelTask(tokenizer, text=None).calibration(calib, calib_samples) if calib or \
-        recipe.quantize.needs_calibration else []
+    tokenizer = load_tokenizer(model_dir)
+    calibrated = calib is not None or recipe.quantize.needs_calibration
+    if calibrated and tokenizer is None:
+        raise BitsmithError(f"{model_dir}: no tokenizer files to make calibration data from")
+    calibration = LanguageModelTask(tokenizer, text=None).calibration(calib, calib_samples) if calibrated else None
     start = time.perf_counter()
     result = quantize_offloaded(model_dir, recipe, out, calibration, source_info=source_info, progress=progress)
     return {
         "recipe": recipe.name, "out": str(out), "blocks": result["blocks"], "quantized_layers": len(result["quantized"]),
-        "skipped": result["skipped"], "files": result["files"], "quantize_seconds": round(time.perf_counter() - start, 2),
+        "quantized": result["quantized"], "skipped": result["skipped"], "notes": result["notes"],
+        "files": result["files"], "quantize_seconds": round(time.perf_counter() - start, 2),
         "peak_rss_bytes": _peak_rss_bytes(), "machine": machine_summary(),
     }

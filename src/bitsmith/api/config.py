@@ -81,6 +81,8 @@ class ActivationSpec(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "ActivationSpec":
+        if self.dynamic and self.observer != "minmax":
+            raise ValueError("an observer chooses a static range; dynamic activations are scaled per token at run time")
         if self.dynamic and self.granularity != "token":
             raise ValueError("dynamic activations are quantized per token (granularity: token)")
         if not self.dynamic and self.granularity != "tensor":
@@ -94,8 +96,18 @@ class Scheme(_Strict):
 
     @model_validator(mode="after")
     def _supported(self) -> "Scheme":
-        if self.activations is not None and not (self.weights.dtype == "int8" and self.weights.symmetric):
-            raise ValueError("int8 activations need symmetric int8 weights (the W8A8 kernels take nothing else)")
+        w = self.weights
+        if self.activations is not None:
+            if not (w.dtype == "int8" and w.symmetric):
+                raise ValueError("int8 activations need symmetric int8 weights (the W8A8 kernels take nothing else)")
+            if isinstance(w.granularity, int):
+                raise ValueError("int8 activations need per-channel or per-tensor weights, not groups (the W8A8"
+                                 " kernels take one weight scale per output channel)")
+        if w.bits is None:  # fp16 / bf16: nothing to choose but the dtype
+            defaults = {"granularity": "channel", "symmetric": True, "clip": "minmax", "algorithm": "rtn"}
+            given = sorted(key for key, default in defaults.items() if getattr(w, key) != default)
+            if given:
+                raise ValueError(f"{w.dtype} weights take no {', '.join(given)} (those apply to integer weights)")
         return self
 
     @model_validator(mode="after")
@@ -105,6 +117,8 @@ class Scheme(_Strict):
             raise ValueError(f"{algorithm} applies to integer weight-only schemes (no activation quantization)")
         if algorithm != "rtn" and not isinstance(self.weights.granularity, int) and self.weights.granularity != "channel":
             raise ValueError(f"{algorithm} quantizes per channel or per group, not per tensor")
+        if algorithm == "awq" and self.weights.clip != "minmax":
+            raise ValueError("awq searches its own clipping (awq: clip_search); 'clip' applies to rtn and gptq")
         return self
 
     @property
@@ -112,7 +126,8 @@ class Scheme(_Strict):
         """Activations quantized with a calibrated, fixed range."""
         return self.activations is not None and not self.activations.dynamic
 
-    def describe(self) -> str:
+    def describe(self, algorithm: str | None = None) -> str:
+        """A short label, e.g. ``w4 g128 asym a16 gptq``; ``algorithm`` overrides the recipe's (what was done)."""
         w = self.weights
         if w.bits is None:
             return w.dtype
@@ -120,8 +135,9 @@ class Scheme(_Strict):
         act = "a16"
         if self.activations is not None:
             act = "a8 per-token dynamic" if self.activations.dynamic else f"a8 static ({self.activations.observer})"
-        algorithm = f" {w.algorithm}" if w.algorithm != "rtn" else ""
-        return f"w{w.bits} {gran} {'sym' if w.symmetric else 'asym'} {act}{algorithm}"
+        done = w.algorithm if algorithm is None else algorithm
+        clip = " mse" if w.clip == "mse" and done != "awq" else ""
+        return f"w{w.bits} {gran} {'sym' if w.symmetric else 'asym'}{clip} {act}{'' if done == 'rtn' else ' ' + done}"
 
 
 class GPTQOptions(_Strict):

@@ -28,15 +28,17 @@ def read_text(path: str | Path) -> str:
     return text
 
 
-def read_sentences(path: str | Path, limit: int = 64) -> list[str]:
-    """Non-empty lines of a user's text file (one sentence or paragraph per line)."""
-    return [line.strip() for line in read_text(path).splitlines() if line.strip()][:limit]
+def read_sentences(path: str | Path, limit: int | None = None) -> list[str]:
+    """Non-empty lines of a user's text file (one sentence or paragraph per line), all of them or ``limit``."""
+    lines = [line.strip() for line in read_text(path).splitlines() if line.strip()]
+    return lines if limit is None else lines[:limit]
 
 
 def eval_sentences(text: str | Path | None = None, count: int = 64) -> list[str]:
+    """A user's sentences (every line of the file), or ``count`` paragraphs of Python's documentation."""
     from bitsmith.zoo.text import doc_sentences
 
-    return read_sentences(text, count) if text else doc_sentences(count)
+    return read_sentences(text) if text else doc_sentences(count)
 
 
 def cosine_fidelity(embeddings: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
@@ -50,6 +52,8 @@ def cosine_fidelity(embeddings: torch.Tensor, reference: torch.Tensor) -> dict[s
 def interleaved_latency(runs: dict[str, callable], repeats: int = 5) -> dict[str, float]:
     """Median seconds of each callable, run in turn (a, b, a, b, ...) so that load from other
     processes on a shared machine falls on all of them alike. One warm-up call each."""
+    if repeats < 1:
+        raise BitsmithError(f"--repeats must be at least 1, got {repeats}")
     for fn in runs.values():
         fn()
     times = {name: [] for name in runs}

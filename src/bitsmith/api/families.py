@@ -42,6 +42,7 @@ class BlockPlan:
     mappings: list[Mapping] = field(default_factory=list)
     unfoldable: list[list[str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    skipped: list[tuple[list[str], str]] = field(default_factory=list)  # (local layer names, why not mapped)
 
 
 @lru_cache(maxsize=1)
@@ -101,12 +102,16 @@ def resolve_block(block: nn.Module, family: Family, targets: set[str]) -> BlockP
         if not layers:
             continue
         if len(prevs) != 1:
-            plan.notes.append(f"{prev_pattern}: {len(prevs)} matches for the previous operation; not smoothed")
+            why = f"{len(prevs)} matches for the previous operation {prev_pattern!r}"
+            plan.notes.append(f"{prev_pattern}: {why}; not smoothed")
+            plan.skipped.append((layers, why))
             continue
         width = output_width(modules[prevs[0]])
         widths = {modules[n].in_features for n in layers if isinstance(modules[n], nn.Linear)}
         if width is None or widths != {width}:
-            plan.notes.append(f"{prevs[0]} -> {', '.join(layers)}: widths differ ({width} vs {sorted(widths)}); not smoothed")
+            why = f"{prevs[0]} -> {', '.join(layers)}: widths differ ({width} vs {sorted(widths)})"
+            plan.notes.append(f"{why}; not smoothed")
+            plan.skipped.append((layers, why))
             continue
         plan.mappings.append(Mapping(prevs[0], layers))
     for group in family.unfoldable:

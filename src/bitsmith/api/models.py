@@ -1,7 +1,14 @@
-"""Resolving what the user names as MODEL: a zoo name, a transformers directory, or a bitsmith directory."""
+"""Resolving what the user names as MODEL: a zoo name, a transformers directory, or a bitsmith directory.
+
+Model directories are read with ``trust_remote_code=False`` everywhere: bitsmith never runs Python code
+shipped in a model directory (a config's ``auto_map``) and never asks about it on stdin. A tokenizer is
+read only from real tokenizer files; a directory without them gets the tokenizer of its float source, or
+none (then a task that needs one says so) - never transformers' placeholder tokenizer.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,10 +16,15 @@ from pathlib import Path
 from torch import nn
 
 from bitsmith.errors import BitsmithError
-
-__all__ = ["LoadedModel", "ZOO", "load_model", "load_float_source", "state_bytes"]
-
 from bitsmith.zoo import ZOO
+
+__all__ = [
+    "LoadedModel", "ZOO", "load_model", "load_float_source", "state_bytes", "read_model_config", "load_tokenizer",
+    "has_tokenizer_files",
+]
+
+# any one of these makes a directory's tokenizer real (a fast tokenizer file, or a slow one's vocabulary)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
 
 
 @dataclass
@@ -24,66 +36,107 @@ class LoadedModel:
     meta: dict = field(default_factory=dict)  # bitsmith.json of a compressed directory
 
 
-def _is_causal_lm_dir(path: Path) -> bool:
-    import json
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
+
+
+def _remote_code_refusal(path: Path) -> str | None:
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(config, dict) and config.get("auto_map"):
+        return (f"{path} needs Python code of its own (config.json auto_map) for its model type; bitsmith never"
+                " runs code from a model directory")
+    return None
+
+
+def read_model_config(path: Path):
+    """The transformers config of ``path``, read without running any code from the directory."""
+    from transformers import AutoConfig
 
     try:
+        return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        refusal = _remote_code_refusal(path)
+        raise BitsmithError(refusal or f"cannot read {path / 'config.json'}: {_first_line(err)}") from None
+
+
+def has_tokenizer_files(path: Path) -> bool:
+    path = Path(path)
+    return any((path / name).is_file() for name in _TOKENIZER_FILES) or (
+        (path / "vocab.json").is_file() and (path / "merges.txt").is_file())
+
+
+def load_tokenizer(path: Path):
+    """The tokenizer in ``path``, or None when it has no tokenizer files."""
+    from transformers import AutoTokenizer
+
+    if not has_tokenizer_files(path):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise BitsmithError(f"cannot read the tokenizer in {path}: {_first_line(err)}") from None
+
+
+def _is_causal_lm_dir(path: Path) -> bool:
+    try:
         architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         return False
-    return any(a.endswith("ForCausalLM") for a in architectures)
+    return isinstance(architectures, list) and any(str(a).endswith("ForCausalLM") for a in architectures)
 
 
 def _load_transformers_dir(path: Path):
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    config = read_model_config(path)  # refuses remote code before any weights are read
     auto = AutoModelForCausalLM if _is_causal_lm_dir(path) else AutoModel  # keep the LM head of a causal LM
     try:
-        model = auto.from_pretrained(path, local_files_only=True).eval()
-    except (OSError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise BitsmithError(f"cannot load a transformers model from {path}: {first}") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError):
-        raise BitsmithError(f"{path} has no tokenizer files; bitsmith evaluates text models with their tokenizer") from None
+        model = auto.from_pretrained(path, config=config, local_files_only=True, trust_remote_code=False).eval()
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as err:
+        raise BitsmithError(f"cannot load a transformers model from {path}: {_first_line(err)}") from None
+    tokenizer = load_tokenizer(path)
+    if tokenizer is None:
+        raise BitsmithError(f"{path} has no tokenizer files; bitsmith evaluates text models with their tokenizer")
     return model.float(), tokenizer
 
 
 def load_float_source(source: dict) -> tuple[nn.Module, object]:
     """The float model a compressed one came from, for reference outputs."""
-    if source.get("kind") == "zoo" or source.get("name") in ZOO:
+    if source.get("kind") == "zoo" and source.get("name") in ZOO:
         loaded = load_model(source["name"])
         return loaded.model, loaded.tokenizer
     path = source.get("path")
-    if path and Path(path).is_dir():
-        model, tokenizer = _load_transformers_dir(Path(path))
-        return model, tokenizer
+    if isinstance(path, str) and path and Path(path).is_dir():
+        return _load_transformers_dir(Path(path))
     raise BitsmithError(f"the float source model of this checkpoint ({path or source}) is not available here")
+
+
+def _source_tokenizer(source: dict):
+    """The tokenizer of a compressed model's float source, without loading the source's weights."""
+    if source.get("kind") == "zoo" and source.get("name") in ZOO:
+        return load_model(source["name"]).tokenizer
+    path = source.get("path")
+    if isinstance(path, str) and path and Path(path).is_dir():
+        return load_tokenizer(Path(path))
+    return None
+
+
+def _load_zoo(name: str) -> LoadedModel:
+    model, tokenizer = ZOO[name].implementation().load()
+    model.bitsmith_source = {"kind": "zoo", "name": name}  # save() records it; load() rebuilds it
+    return LoadedModel(model, tokenizer, model.bitsmith_source)
 
 
 def load_model(name_or_path: str | os.PathLike) -> LoadedModel:
     """A zoo name (``minilm``), a local transformers model directory, or a bitsmith directory."""
     text = str(name_or_path)
-    if text == "minilm":
-        from bitsmith.zoo.minilm import load_minilm
-
-        model, tokenizer = load_minilm()
-        model.bitsmith_source = {"kind": "zoo", "name": "minilm"}
-        return LoadedModel(model, tokenizer, model.bitsmith_source)
-    if text == "docs-lm":
-        from bitsmith.zoo.docs_lm import load_docs_lm
-
-        model, tokenizer = load_docs_lm()
-        model.bitsmith_source = {"kind": "zoo", "name": "docs-lm"}
-        return LoadedModel(model, tokenizer, model.bitsmith_source)
-    if text == "digits-cnn":
-        from bitsmith.zoo.digits import load_digits_cnn
-
-        model = load_digits_cnn()
-        model.bitsmith_source = {"kind": "zoo", "name": "digits-cnn"}  # save() records it; load() rebuilds it
-        return LoadedModel(model, None, model.bitsmith_source)
+    if text in ZOO:
+        return _load_zoo(text)
     path = Path(text)
     if not path.exists():
         raise BitsmithError(f"model not found: '{text}' is neither a zoo name ({', '.join(ZOO)}) nor a directory")
@@ -91,26 +144,19 @@ def load_model(name_or_path: str | os.PathLike) -> LoadedModel:
         raise BitsmithError(f"model path {path} is a file; pass the model's directory")
     if (path / "bitsmith.json").exists():
         from bitsmith.api.serialization import load, read_metadata
-        from transformers import AutoTokenizer
 
         meta = read_metadata(path)
         model = load(path)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError, KeyError):
-            tokenizer = None
+        tokenizer = load_tokenizer(path) or _source_tokenizer(meta["source"])
         return LoadedModel(model, tokenizer, meta["source"], compressed=True, meta=meta)
     if (path / "config.json").exists():
         from bitsmith.export.llm_formats import is_compressed_tensors_dir, load_compressed_tensors
 
         if is_compressed_tensors_dir(path):  # e.g. made by llm-compressor: runs on bitsmith's modules
-            from transformers import AutoTokenizer
-
             model = load_compressed_tensors(path)
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             source = {"kind": "compressed-tensors", "path": str(path.resolve())}
             model.bitsmith_source = source
-            return LoadedModel(model, tokenizer, source, compressed=True)
+            return LoadedModel(model, load_tokenizer(path), source, compressed=True)
         model, tokenizer = _load_transformers_dir(path)
         return LoadedModel(model, tokenizer, {"kind": "transformers-dir", "path": str(path.resolve())})
     raise BitsmithError(f"{path} is neither a transformers model directory (no config.json) nor a bitsmith checkpoint")
@@ -125,4 +171,3 @@ def state_bytes(model: nn.Module) -> int:
             seen.add(key)
             total += tensor.numel() * tensor.element_size()
     return total
-

@@ -18,7 +18,6 @@ file per block, all listed in bitsmith.json) that ``bitsmith.load`` reads.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import gc
@@ -34,9 +33,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from bitsmith.api.calibrate import run_batch
+from bitsmith.api.calibrate import calibration_batches, run_batch
 from bitsmith.api.config import QuantizeConfig, Recipe
-from bitsmith.api.quantize import _check_finite, _check_group, _quantize_linear, plan, quantize_
+from bitsmith.api.quantize import QuantizeReport, gptq_note, plan, quantize_, quantize_linear
 from bitsmith.api.sequential import (
     _capture_inputs,
     _gptq_block,
@@ -47,7 +46,16 @@ from bitsmith.api.sequential import (
     finish_block_,
     model_family,
 )
-from bitsmith.api.serialization import prepare_output_dir, tensors_for_disk, write_metadata
+from bitsmith.api.models import read_model_config
+from bitsmith.api.serialization import (
+    SAFETENSORS_METADATA,
+    build_on_meta,
+    prepare_output_dir,
+    publish,
+    staging_dir,
+    tensors_for_disk,
+    write_metadata,
+)
 from bitsmith.errors import BitsmithError
 
 __all__ = ["quantize_offloaded", "checkpoint_files"]
@@ -79,23 +87,6 @@ def _keys(path: Path) -> list[str]:
         raise BitsmithError(f"corrupt or truncated checkpoint: {path} ({err})") from None
 
 
-@contextlib.contextmanager
-def _parameters_on_meta():
-    """Every nn.Parameter registered inside goes to the meta device; buffers stay real."""
-    original = nn.Module.register_parameter
-
-    def register(module, name, param):
-        original(module, name, param)
-        if param is not None and param.device.type != "meta":
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
-
-
 def _read(files: dict[str, Path], names: list[str]) -> dict[str, torch.Tensor]:
     """Tensors by name, each file mapped once for this read and unmapped after."""
     by_file: dict[Path, list[str]] = {}
@@ -108,7 +99,7 @@ def _read(files: dict[str, Path], names: list[str]) -> dict[str, torch.Tensor]:
         try:
             with safe_open(path, framework="pt") as f:
                 for key in keys:
-                    out[key] = f.get_tensor(key)
+                    out[key] = f.get_tensor(key).clone()  # aligned memory of our own, not a view of the mapped file
         except (SafetensorError, OSError) as err:
             raise BitsmithError(f"corrupt or truncated checkpoint: {path} ({err})") from None
     return out
@@ -175,28 +166,33 @@ def _weight_only_rtn(config: QuantizeConfig) -> QuantizeConfig:
     return QuantizeConfig.model_validate(data)
 
 
-def _quantize_block(block, prefix, index, chosen, config, family, inputs, pending, progress) -> dict[str, str]:
+def _quantize_block(block, prefix, index, chosen, config, family, inputs, pending, report: QuantizeReport,
+                    progress) -> None:
     names = block_targets(prefix, index, chosen)
-    modules = dict(block.named_modules())
-    for local, full in names.items():
-        _check_finite(full, modules[local].weight)
-        _check_group(full, chosen[full], modules[local].in_features)
     by_algorithm: dict[str, dict[str, str]] = {}
     for local, full in names.items():
         by_algorithm.setdefault(chosen[full].weights.algorithm, {})[local] = full
+    done = {full: "rtn" for full in names.values()}
     if "gptq" in by_algorithm:
-        _gptq_block(block, by_algorithm["gptq"], chosen, inputs, config.gptq, pending, progress)
+        infos = _gptq_block(block, by_algorithm["gptq"], chosen, inputs, config.gptq, pending, progress)
+        for full, info in infos.items():
+            done[full], note = gptq_note(info, config.gptq)
+            if note:
+                report.note(full, note)
     if "awq" in by_algorithm:
-        awq_block(block, f"{prefix}.{index}.", {f: chosen[f] for f in by_algorithm["awq"].values()}, family,
-                  inputs, config, pending, progress)
+        infos, notes = awq_block(block, f"{prefix}.{index}.", {f: chosen[f] for f in by_algorithm["awq"].values()},
+                                 family, inputs, config, pending, progress)
+        for full, info in infos.items():
+            done[full] = "rtn" if info.get("no_data") else "awq"
+        for full, text in notes.items():
+            report.note(full, text)
     with torch.no_grad():
         for local, full in by_algorithm.get("rtn", {}).items():
-            parent_name, _, child = local.rpartition(".")
-            parent = block.get_submodule(parent_name) if parent_name else block
-            setattr(parent, child, _quantize_linear(full, getattr(parent, child), chosen[full]))
+            block.set_submodule(local, quantize_linear(full, block.get_submodule(local), chosen[full]), strict=True)
             if progress is not None:
                 progress(full)
-    return {full: chosen[full].describe() for full in names.values()}
+    for full, algorithm in done.items():
+        report.quantized[full] = chosen[full].describe(algorithm)
 
 
 def quantize_offloaded(
@@ -225,36 +221,39 @@ def quantize_offloaded(
         raise BitsmithError("the block-by-block pipeline quantizes weights (rtn, gptq, awq) and dynamic W8A8 only")
     out = prepare_output_dir(out)
     files = checkpoint_files(source)
-    try:
-        hf_config = AutoConfig.from_pretrained(source, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise BitsmithError(f"cannot read {source / 'config.json'} ({err})") from None
-    with _parameters_on_meta():
+    hf_config = read_model_config(source)
+    with build_on_meta():
         model = AutoModelForCausalLM.from_config(hf_config).eval()
+    # the whole recipe against every block, and the whole checkpoint, before the first block runs
     chosen, skipped = plan(model, config)
     prefix, blocks = find_blocks(model, chosen, "the block-by-block pipeline")
+    calibrated = any(s.weights.algorithm != "rtn" for s in chosen.values())
+    _check_checkpoint(model, files, chosen)
     outside = [n for n, p in model.named_parameters(remove_duplicate=False) if not n.startswith(prefix + ".")]
     present = [n for n in outside if n in files]
     _load_outside(model, prefix, present, files)
     family = model_family(model, blocks[0], config) if any(s.weights.algorithm == "awq" for s in chosen.values()) else None
+    batches = calibration_batches(calibration) if calibrated else None
+    _check_recipe_calibration(config, batches)
 
+    report = QuantizeReport(skipped=skipped)
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent))
+    tmp = staging_dir(out)
     try:
-        inputs = _capture_inputs(model, blocks[0], calibration, run_batch)
+        inputs = _capture_inputs(model, blocks[0], batches, run_batch) if calibrated else None
         _params_to_meta(model, present)  # embeddings and lm_head wait on disk while the blocks run
         _release_memory()
-        quantized, written = {}, []
+        written = []
         for index, block in enumerate(blocks):
             block_prefix = f"{prefix}.{index}."
             _materialize(block, block_prefix, files)
             pending = []
-            quantized.update(_quantize_block(block, prefix, index, chosen, config, family, inputs, pending, progress))
-            inputs = _run_block(block, inputs)
+            _quantize_block(block, prefix, index, chosen, config, family, inputs, pending, report, progress)
+            if inputs is not None:
+                inputs = _run_block(block, inputs)
             finish_block_(block, pending)
             name = f"model-block-{index:05d}.safetensors"
-            save_file(tensors_for_disk(block.state_dict(prefix=block_prefix)), tmp / name,
-                      metadata={"format": "pt", "producer": "bitsmith"})
+            save_file(tensors_for_disk(block.state_dict(prefix=block_prefix)), tmp / name, metadata=SAFETENSORS_METADATA)
             written.append(name)
             _to_meta(block)
             _release_memory()
@@ -264,25 +263,64 @@ def quantize_offloaded(
         _load_outside(model, prefix, present, files)
         rest = {n: s for n, s in chosen.items() if not n.startswith(prefix + ".")}
         if rest:
-            report = quantize_(model, _weight_only_rtn(config))
-            quantized.update(report.quantized)
+            rest_report = quantize_(model, _weight_only_rtn(config))
+            report.quantized.update(rest_report.quantized)
+            for name in rest:
+                if chosen[name].weights.algorithm != "rtn":
+                    report.note(name, f"outside the repeated blocks: round-to-nearest instead of {chosen[name].weights.algorithm}")
         state = tensors_for_disk({k: v for k, v in model.state_dict().items() if not k.startswith(prefix + ".")})
-        save_file(state, tmp / "model-rest.safetensors", metadata={"format": "pt", "producer": "bitsmith"})
+        save_file(state, tmp / "model-rest.safetensors", metadata=SAFETENSORS_METADATA)
         written.append("model-rest.safetensors")
         model.bitsmith_recipe = recipe_dict
-        model.bitsmith_skipped = skipped
+        model.bitsmith_skipped = report.skipped
+        model.bitsmith_notes = report.notes
+        model.bitsmith_quantized = report.quantized
         # where the float original is, so that `bitsmith eval` can compare against it
         model.bitsmith_source = source_info or {"kind": "transformers-dir", "path": str(source.resolve())}
         hf_config.save_pretrained(tmp)
         for name in _TOKENIZER_FILES:
-            if (source / name).exists():
+            if (source / name).is_file():
                 shutil.copy(source / name, tmp / name)
         write_metadata(tmp, model, written, extra={"pipeline": "block by block from disk"})
-        os.replace(tmp, out)
+        publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"quantized": quantized, "skipped": skipped, "blocks": len(blocks), "files": written}
+    return {"quantized": report.quantized, "skipped": report.skipped, "notes": report.notes, "blocks": len(blocks),
+            "files": written}
+
+
+def _check_recipe_calibration(config: QuantizeConfig, batches) -> None:
+    if config.needs_calibration and batches is None:
+        raise BitsmithError("this recipe calibrates (gptq or awq): give calibration data (--calib)")
+
+
+def _check_checkpoint(model: nn.Module, files: dict[str, Path], chosen: dict) -> None:
+    """Every tensor the model needs is in the checkpoint with the right shape, and every float tensor is
+    finite: read once, one tensor at a time, before any block is quantized (a NaN in the last block would
+    otherwise surface hours in)."""
+    expected = dict(model.named_parameters(remove_duplicate=False))
+    by_file: dict[Path, list[str]] = {}
+    for name in expected:
+        if name in files:
+            by_file.setdefault(files[name], []).append(name)
+    for path, names in by_file.items():
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in names:
+                    shape = list(f.get_slice(name).get_shape())
+                    if shape != list(expected[name].shape):
+                        raise BitsmithError(f"corrupt checkpoint: tensor '{name}' is {shape},"
+                                            f" the model expects {list(expected[name].shape)}")
+                    tensor = f.get_tensor(name)
+                    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                        owner = name.rpartition(".")[0]
+                        what = f"layer '{owner}'" if owner in chosen else f"tensor '{name}'"
+                        raise BitsmithError(f"{what} has NaN or infinite weights in {path.name}; fix the model"
+                                            " before quantizing")
+                    del tensor
+        except (SafetensorError, OSError) as err:
+            raise BitsmithError(f"corrupt or truncated checkpoint: {path} ({err})") from None
 
 
 def _load_outside(model: nn.Module, prefix: str, present: list[str], files: dict[str, Path]) -> None:

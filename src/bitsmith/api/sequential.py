@@ -22,9 +22,11 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from bitsmith.algorithms._modules import assign_
 from bitsmith.algorithms.gptq import accumulate_hessian, dequantize_weight, gptq_quantize
 from bitsmith.algorithms.rtn import QuantizedWeight
 from bitsmith.algorithms.smooth import awq_clip_ratios, awq_scales, fold_scales_, quantize_weight_ranged
+from bitsmith.api.calibrate import call_on_calibration
 from bitsmith.api.config import AWQOptions, GPTQOptions, QuantizeConfig, Scheme
 from bitsmith.api.families import custom_family, family_for, resolve_block
 from bitsmith.errors import BitsmithError
@@ -84,7 +86,7 @@ def _run_block(block: nn.Module, inputs: list) -> list:
     outputs = []
     with torch.inference_mode():
         for args, kwargs in inputs:
-            out = block(*args, **kwargs)
+            out = call_on_calibration(block, *args, **kwargs)
             hidden = out[0] if isinstance(out, (tuple, list)) else out
             outputs.append(((hidden, *args[1:]), kwargs))
     return outputs
@@ -129,6 +131,9 @@ def _hessians(block: nn.Module, locals_: dict[str, str], inputs: list, absmean: 
     for local, full in locals_.items():
         def hook(module, args, full=full):
             x = args[0]
+            if x.shape[-1] != module.in_features:
+                raise BitsmithError(f"a calibration batch does not fit the model ({full} reads {module.in_features}"
+                                    f" inputs, got {x.shape[-1]})")
             if first_batch and id(x) in readers and readers[id(x)][0] is x:
                 same_input[full] = readers[id(x)][1]
             readers.setdefault(id(x), (x, full))
@@ -148,7 +153,7 @@ def _hessians(block: nn.Module, locals_: dict[str, str], inputs: list, absmean: 
                 fired.clear()
                 readers.clear()
                 try:
-                    block(*args, **kwargs)
+                    call_on_calibration(block, *args, **kwargs)
                 except _Stop:
                     pass
                 first_batch = False
@@ -167,8 +172,7 @@ def _hessians(block: nn.Module, locals_: dict[str, str], inputs: list, absmean: 
 def _fake_quantize_(linear: nn.Linear, qweight: QuantizedWeight, pending: list, local: str, scheme: Scheme) -> None:
     """Give ``linear`` its quantized weight, dequantized, for the rest of the block's calibration runs
     (fp32 math, as fast as the float layer); ``finish_block_`` swaps in the runtime module after."""
-    with torch.no_grad():
-        linear.weight.copy_(dequantize_weight(qweight).to(linear.weight.dtype))
+    assign_(linear, "weight", dequantize_weight(qweight))  # a new tensor: the caller's weight is untouched
     pending.append((local, qweight, linear.bias, scheme))
 
 
@@ -181,12 +185,11 @@ def finish_block_(block: nn.Module, pending: list) -> None:
 
 def _set_quantized(block: nn.Module, local: str, qweight: QuantizedWeight, bias, scheme: Scheme) -> None:
     w = scheme.weights
-    if w.bits == 8 and w.symmetric:
+    if w.bits == 8 and w.symmetric and qweight.group_size == qweight.codes.shape[1]:
         new = Int8WeightOnlyLinear.from_quantized(qweight, bias)
     else:
         new = IntxWeightOnlyLinear.from_quantized(qweight, bias)
-    parent_name, _, child = local.rpartition(".")
-    setattr(block.get_submodule(parent_name) if parent_name else block, child, new)
+    block.set_submodule(local, new, strict=True)
 
 
 def _group_size(linear: nn.Linear, scheme: Scheme) -> int:
@@ -264,6 +267,8 @@ def _awq_block(block: nn.Module, names: dict[str, str], targets: dict[str, Schem
         layers = [block.get_submodule(local) for local in mapping.layers]
         schemes = {targets[f].weights for f in fulls}
         if len(schemes) != 1:  # layers sharing one input but quantized differently: no common search
+            for full in fulls:
+                infos[full]["note"] = "layers reading the same input have different schemes: no common AWQ scale"
             continue
         s, info = awq_scales([layer.weight for layer in layers], hessian, absmean, w0.bits, group, w0.symmetric,
                              grid=options.grid, duo_scaling=options.duo_scaling)
@@ -280,6 +285,10 @@ def _awq_block(block: nn.Module, names: dict[str, str], targets: dict[str, Schem
         group = _group_size(linear, targets[full])
         hessian, rows, _ = stats[full]
         ratios = None
+        if rows == 0:
+            infos[full] = {"no_data": True, "note": "saw no calibration data: round-to-nearest instead of awq"}
+        elif "smoothed_by" not in infos[full] and "note" not in infos[full]:
+            infos[full]["note"] = "no AWQ scale (no operation to fold one into): clipping search only"
         if options.clip_search and rows > 0:
             ratios = awq_clip_ratios(linear.weight, hessian, w.bits, group, w.symmetric,
                                      grid=options.clip_grid, max_shrink=options.max_shrink)
@@ -291,19 +300,19 @@ def _awq_block(block: nn.Module, names: dict[str, str], targets: dict[str, Schem
 
 def awq_sequential_(
     model: nn.Module, targets: dict[str, Scheme], config: QuantizeConfig, batches: Iterable, run_batch, progress=None
-) -> tuple[dict[str, dict], list[str]]:
+) -> tuple[dict[str, dict], dict[str, str]]:
     """Quantize ``targets`` (nn.Linear inside the model's blocks) with AWQ, block by block.
-    Returns AWQ's info per layer and notes on mappings that could not be used."""
+    Returns AWQ's info per layer and a note per layer that did not get everything AWQ does."""
     prefix, blocks = find_blocks(model, targets, "awq")
     family = model_family(model, blocks[0], config)
     inputs = _capture_inputs(model, blocks[0], batches, run_batch)
-    infos, notes = {}, []
+    infos, notes = {}, {}
     pending = []
     for index, block in enumerate(blocks):
         block_infos, block_notes = awq_block(block, f"{prefix}.{index}.", targets, family, inputs, config, pending,
                                              progress)
         infos.update(block_infos)
-        notes += block_notes
+        notes.update(block_notes)
         inputs = _run_block(block, inputs)
         finish_block_(block, pending)
     return infos, notes
@@ -317,11 +326,19 @@ def model_family(model: nn.Module, first_block: nn.Module, config: QuantizeConfi
 
 def awq_block(block, block_prefix: str, targets, family, inputs, config: QuantizeConfig, pending: list,
               progress=None):
-    """AWQ on one block: returns (info per layer, notes); quantized layers are left in ``pending``."""
+    """AWQ on one block: returns (info per layer, note per layer); quantized layers are left in ``pending``."""
     names = {t[len(block_prefix):]: t for t in targets if t.startswith(block_prefix)}
     plan = resolve_block(block, family, set(names))
     infos = _awq_block(block, names, targets, plan, inputs, config.awq, pending)
+    notes = {}
+    for layers, why in plan.skipped:
+        for local in layers:
+            notes[names[local]] = f"no AWQ scale ({why}): clipping search only"
+    for full, info in infos.items():
+        text = info.pop("note", None)
+        if text and full not in notes:
+            notes[full] = text
     if progress is not None:
         for full in names.values():
             progress(full)
-    return infos, [f"{block_prefix}{note}" for note in plan.notes]
+    return infos, notes

@@ -4,37 +4,52 @@ A saved directory holds
     model.safetensors   every tensor of the model, quantized ones in their packed storage form (a model
                         quantized block by block from disk has one file per block instead, all listed
                         in bitsmith.json's "files")
-    bitsmith.json       format version, source model, recipe, per-layer modules, library versions,
-                        measured metrics, and each file's size and sha256 (so corruption is caught)
+    bitsmith.json       format version, source model, recipe, per-layer modules, what each layer got
+                        ("quantized") and where that differs from the recipe ("notes"), the kernels that ran
+                        when it was measured, library versions, metrics, and each file's size and sha256
     config.json, tokenizer files   for transformers models, so the directory is self-contained
 
-Writing goes to a temporary directory beside the target, renamed into place at the end, so a failed
-save leaves nothing half-written.
+Writing is staged beside the target and renamed into place (``bitsmith.outputs``), so a failed or killed
+save leaves nothing half-written. The bytes of model.safetensors depend only on the model.
+
+Loading checks before it builds: bitsmith.json's structure and types, file names that stay inside the
+directory, sizes and checksums; then the model is built with its parameters on the ``meta`` device (no
+float copy of a large model is ever made), each layer description is checked against the checkpoint's
+tensor shapes from the safetensors headers, and only then are tensors read and bound. Loaded scales must be
+finite and positive, every float tensor finite.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import os
+import re
 import shutil
-import tempfile
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from bitsmith.errors import BitsmithError
-from bitsmith.nn import QUANTIZED_MODULES, module_from_info
+from bitsmith.nn import QUANTIZED_MODULES, InfoError, module_from_info
+from bitsmith.outputs import SAFETENSORS_METADATA, prepare_output_dir, publish, staging_dir
 
-__all__ = ["save", "load", "read_metadata", "write_metadata", "weight_files", "tensors_for_disk", "prepare_output_dir", "FORMAT_VERSION", "WEIGHTS_FILE", "META_FILE"]
+__all__ = [
+    "save", "load", "read_metadata", "write_metadata", "weight_files", "tensors_for_disk", "prepare_output_dir",
+    "staging_dir", "publish", "build_on_meta", "FORMAT_VERSION", "WEIGHTS_FILE", "META_FILE", "SAFETENSORS_METADATA",
+]
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "bitsmith.json"
+_MAX_META_BYTES = 64 << 20  # a bitsmith.json of a 10^4-layer model is a few MB
+_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\.safetensors$")  # a plain name: no path, no '..'
+_MODULE_NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _versions() -> dict[str, str]:
@@ -55,31 +70,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def prepare_output_dir(out: str | Path) -> Path:
-    """Check that ``out`` can be created (absent or empty, parent writable) before any work is done."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise BitsmithError(f"output {out} already exists and is not an empty directory; choose another --out")
-    # missing parents are created at save time; the nearest existing one must be a writable directory
-    ancestor = out.resolve().parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise BitsmithError(f"cannot write {out}: {ancestor} is a file, not a directory")
-    if not os.access(ancestor, os.W_OK):
-        raise BitsmithError(f"cannot write {out}: no write permission in {ancestor}")
-    return out
-
-
 def _source_of(model: nn.Module) -> dict:
     source = dict(getattr(model, "bitsmith_source", {}) or {})
     config = getattr(model, "config", None)
+    source.setdefault("kind", "module")
     if config is not None and hasattr(config, "save_pretrained"):
-        source.setdefault("kind", "module")
         source["framework"] = "transformers"
         source["class"] = type(model).__name__
     else:
-        source.setdefault("kind", "module")
         source["framework"] = "torch"
         source["class"] = f"{type(model).__module__}.{type(model).__qualname__}"
     return source
@@ -107,20 +105,16 @@ def save(
 ) -> dict:
     """Write ``model`` to the new directory ``out``; returns the metadata written to bitsmith.json."""
     out = prepare_output_dir(out)
-    out.resolve().parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent))
+    tmp = staging_dir(out)
     try:
-        tensors = tensors_for_disk(model.state_dict())
-        save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt", "producer": "bitsmith"})
+        save_file(tensors_for_disk(model.state_dict()), tmp / WEIGHTS_FILE, metadata=SAFETENSORS_METADATA)
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "save_pretrained"):
             config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         meta = write_metadata(tmp, model, [WEIGHTS_FILE], metrics, extra)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
+        publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -138,7 +132,9 @@ def write_metadata(directory: Path, model: nn.Module, weight_files: list[str], m
         "source": _source_of(model),
         "recipe": getattr(model, "bitsmith_recipe", None),
         "layers": layers,
+        "quantized": getattr(model, "bitsmith_quantized", {}),
         "skipped": getattr(model, "bitsmith_skipped", {}),
+        "notes": getattr(model, "bitsmith_notes", {}),
         "versions": _versions(),
         "metrics": metrics or {},
         "files": {
@@ -156,39 +152,73 @@ def weight_files(meta: dict) -> list[str]:
     return files or [WEIGHTS_FILE]
 
 
+def _check_structure(meta, meta_path: Path) -> dict:
+    """bitsmith.json's shape and value types, each problem one line naming the key."""
+    what = f"corrupt checkpoint: {meta_path}"
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION or "layers" not in meta:
+        raise BitsmithError(f"corrupt or unsupported checkpoint: {meta_path} lacks format_version {FORMAT_VERSION}")
+    for key in ("source", "layers", "files", "skipped", "notes", "quantized", "metrics", "kernels"):
+        if key in meta and not isinstance(meta[key], dict):
+            raise BitsmithError(f"{what}: '{key}' must be a mapping, not {type(meta[key]).__name__}")
+    if meta.get("recipe") is not None and not isinstance(meta["recipe"], dict):
+        raise BitsmithError(f"{what}: 'recipe' must be a mapping or null")
+    for key in ("skipped", "notes", "quantized"):
+        for name, text in meta.get(key, {}).items():
+            if not isinstance(text, str):
+                raise BitsmithError(f"{what}: '{key}.{name}' must be a string")
+    for name in meta["layers"]:
+        if not _MODULE_NAME.match(name):
+            raise BitsmithError(f"{what}: layer name {name!r} is not a module path")
+    files = meta.get("files", {})
+    if not files:
+        raise BitsmithError(f"{what}: 'files' lists no weights file")
+    for name, entry in files.items():
+        if not _FILE_NAME.match(name):
+            raise BitsmithError(f"{what}: file name {name!r} is not a plain .safetensors name inside the checkpoint")
+        if not isinstance(entry, dict) or type(entry.get("bytes")) is not int or entry["bytes"] < 0 \
+                or not (isinstance(entry.get("sha256"), str) and _SHA256.match(entry["sha256"])):
+            raise BitsmithError(f"{what}: 'files.{name}' needs a byte count and a sha256")
+    for key in ("class", "name", "path", "kind", "framework"):
+        if key in meta.get("source", {}) and not isinstance(meta["source"][key], str):
+            raise BitsmithError(f"{what}: 'source.{key}' must be a string")
+    return meta
+
+
 def read_metadata(path: str | Path, verify: bool = True) -> dict:
-    """bitsmith.json of a saved directory, checked for completeness (and the weights' checksum)."""
+    """bitsmith.json of a saved directory, checked for structure and completeness (and the weights' checksum)."""
     path = Path(path)
     if not path.exists():
         raise BitsmithError(f"no such model directory: {path}")
     if not path.is_dir():
         raise BitsmithError(f"{path} is not a directory; expected a bitsmith model directory")
     meta_path = path / META_FILE
-    if not meta_path.exists():
+    if not meta_path.is_file():
         raise BitsmithError(f"{path} is not a bitsmith checkpoint (no {META_FILE})")
+    if meta_path.stat().st_size > _MAX_META_BYTES:
+        raise BitsmithError(f"corrupt checkpoint: {meta_path} is larger than {_MAX_META_BYTES >> 20} MB")
     try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise BitsmithError(f"corrupt checkpoint: {meta_path} is not valid JSON") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION or "layers" not in meta:
-        raise BitsmithError(f"corrupt or unsupported checkpoint: {meta_path} lacks format_version {FORMAT_VERSION}")
+    meta = _check_structure(meta, meta_path)
     for name in weight_files(meta):
         weights = path / name
-        if not weights.exists():
+        if not weights.is_file():
             raise BitsmithError(f"incomplete checkpoint: {weights} is missing")
         if verify:
-            recorded = meta.get("files", {}).get(name, {})
-            if recorded.get("bytes") is not None and weights.stat().st_size != recorded["bytes"]:
+            recorded = meta["files"][name]
+            if weights.stat().st_size != recorded["bytes"]:
                 raise BitsmithError(
                     f"truncated or corrupt checkpoint: {weights} has {weights.stat().st_size} bytes,"
                     f" {recorded['bytes']} were written"
                 )
-            if recorded.get("sha256") and _sha256(weights) != recorded["sha256"]:
+            if _sha256(weights) != recorded["sha256"]:
                 raise BitsmithError(f"corrupt checkpoint: {weights} does not match the checksum in {META_FILE}")
     return meta
 
 
 def _skeleton(path: Path, meta: dict) -> nn.Module:
+    """The model class of the source, its parameters on ``meta`` (no memory) and buffers real."""
     source = meta["source"]
     if source.get("kind") == "zoo":
         from bitsmith.zoo import zoo_skeleton
@@ -202,20 +232,86 @@ def _skeleton(path: Path, meta: dict) -> nn.Module:
         )
     import transformers
 
-    cls = getattr(transformers, source["class"], None)
-    if cls is None:
-        raise BitsmithError(f"{path}: transformers has no model class {source['class']}")
+    from bitsmith.api.models import read_model_config
+
+    cls = getattr(transformers, source.get("class", ""), None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise BitsmithError(f"corrupt checkpoint: {path}: {source.get('class')!r} is not a transformers model class")
+    config = read_model_config(path)
+    with build_on_meta():
+        return cls(config)
+
+
+@contextlib.contextmanager
+def build_on_meta():
+    """Inside, every nn.Parameter registered goes to the ``meta`` device; buffers stay real (rotary tables,
+    which are not in checkpoints)."""
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register
     try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise BitsmithError(f"corrupt checkpoint: cannot read {path / 'config.json'} ({err})") from None
-    return cls(config)
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def _headers(path: Path, names: list[str]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Tensor name -> (shape, dtype) from the safetensors headers, without reading any data."""
+    found = {}
+    for name in names:
+        try:
+            with safe_open(path / name, framework="pt") as f:
+                for key in f.keys():
+                    if key in found:
+                        raise BitsmithError(f"corrupt checkpoint: tensor '{key}' is stored twice ({name})")
+                    view = f.get_slice(key)
+                    found[key] = (tuple(view.get_shape()), view.get_dtype())
+        except (SafetensorError, OSError) as err:
+            raise BitsmithError(f"corrupt or truncated checkpoint: {path / name} ({err})") from None
+    return found
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8, "U8": torch.uint8,
+           "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool, "F64": torch.float64, "I16": torch.int16}
+
+
+def _replacements(model: nn.Module, meta: dict) -> dict[str, nn.Module]:
+    """An empty (meta) module for every layer in bitsmith.json, each checked to fit the model."""
+    replacements = {}
+    for name, info in meta["layers"].items():
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise BitsmithError(f"corrupt checkpoint: layer '{name}' in {META_FILE} is not in the model") from None
+        try:
+            replacements[name] = module_from_info(info)
+        except InfoError as err:
+            raise BitsmithError(f"corrupt checkpoint: layer '{name}' in {META_FILE}: {err}") from None
+    return replacements
+
+
+def _check_against_headers(expected: dict[str, torch.Tensor], headers: dict, path: Path) -> None:
+    unexpected = sorted(set(headers) - set(expected))
+    if unexpected:
+        raise BitsmithError(f"corrupt checkpoint: {path} has unexpected tensor '{unexpected[0]}'")
+    for name, (shape, dtype) in headers.items():
+        want = expected[name]
+        if shape != tuple(want.shape) or _DTYPES.get(dtype) != want.dtype:
+            raise BitsmithError(
+                f"corrupt checkpoint: tensor '{name}' is {dtype} {list(shape)},"
+                f" the model expects {want.dtype} {list(want.shape)}"
+            )
 
 
 def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
-    """Rebuild a saved model: the source class (e.g. transformers ``BertModel``), its quantized
-    layers on their runtime kernels, in eval mode. For a plain ``nn.Module`` pass a float instance
-    of it as ``model``; it is quantized in place."""
+    """Rebuild a saved model: the source class (e.g. transformers ``BertModel``), its quantized layers on
+    their runtime kernels, in eval mode. For a plain ``nn.Module`` pass a float instance of it as ``model``;
+    it is changed in place, and only if the whole checkpoint fits it."""
     path = Path(path)
     if model is None and path.is_dir() and not (path / META_FILE).exists():
         from bitsmith.export.llm_formats import is_compressed_tensors_dir, load_compressed_tensors
@@ -223,44 +319,50 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         if is_compressed_tensors_dir(path):  # a compressed-tensors checkpoint (ours or llm-compressor's)
             return load_compressed_tensors(path).eval()
     meta = read_metadata(path)
-    if model is None:
-        model = _skeleton(path, meta)
-    for name, info in meta["layers"].items():
-        try:
-            new = module_from_info(info)
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            getattr(parent, child)
-        except (KeyError, AttributeError, TypeError):
-            raise BitsmithError(f"corrupt checkpoint: layer '{name}' in {META_FILE} does not fit the model") from None
-        setattr(parent, child, new)
+    from bitsmith.api.transaction import all_or_nothing
+
+    target = model if model is not None else _skeleton(path, meta)
+    replacements = _replacements(target, meta)
+    with all_or_nothing(target):
+        for name, new in replacements.items():
+            target.set_submodule(name, new, strict=True)
+        _load_tensors(target, path, weight_files(meta))
+        target.bitsmith_recipe = meta.get("recipe")
+        target.bitsmith_source = meta.get("source")
+        target.bitsmith_skipped = meta.get("skipped", {})
+        target.bitsmith_notes = meta.get("notes", {})
+        target.bitsmith_quantized = meta.get("quantized", {})
+    return target.eval()
+
+
+def _load_tensors(model: nn.Module, path: Path, files: list[str]) -> None:
+    """Check every tensor's shape and dtype against the headers, then read and bind them (``assign``)."""
+    expected = model.state_dict(keep_vars=True)
+    headers = _headers(path, files)
+    _check_against_headers(expected, headers, path)
     tensors = {}
-    for name in weight_files(meta):
-        try:
-            tensors.update(load_file(path / name))
-        except (SafetensorError, OSError) as err:
-            raise BitsmithError(f"corrupt or truncated checkpoint: {path / name} ({err})") from None
-    _load_tensors(model, tensors, path)
-    model.bitsmith_recipe = meta.get("recipe")
-    model.bitsmith_source = meta.get("source")
-    model.bitsmith_skipped = meta.get("skipped", {})
-    return model.eval()
+    for name in files:
+        with safe_open(path / name, framework="pt") as f:
+            for key in f.keys():
+                # a copy of our own: get_tensor may hand out a view of the memory-mapped file, 8-byte aligned
+                # only, and torch's packed kernels use aligned vector loads (a view crashed _weight_int8pack_mm)
+                tensor = f.get_tensor(key).clone()
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    raise BitsmithError(f"corrupt checkpoint: tensor '{key}' holds NaN or infinite values")
+                tensors[key] = tensor
+    model.load_state_dict(tensors, strict=False, assign=True)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # a tied head is stored once; the skeleton's meta copy is bound to the loaded one
+    state = model.state_dict(keep_vars=True)
+    for name, tensor in state.items():
+        if name in tensors:
+            continue
+        shared = any(state[k].data_ptr() == tensor.data_ptr() for k in tensors if k in state)
+        if tensor.device.type == "meta" or not shared:
+            raise BitsmithError(f"incomplete checkpoint: tensor '{name}' is missing from {path}")
+    for name, module in model.named_modules():
+        check = getattr(module, "storage_problem", None)
+        problem = check() if check is not None else None
+        if problem:
+            raise BitsmithError(f"corrupt checkpoint: layer '{name}': {problem}")
 
-
-def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    expected = model.state_dict()
-    unexpected = sorted(set(tensors) - set(expected))
-    if unexpected:
-        raise BitsmithError(f"corrupt checkpoint: {path / WEIGHTS_FILE} has unexpected tensor '{unexpected[0]}'")
-    for name, tensor in tensors.items():
-        if tensor.shape != expected[name].shape or tensor.dtype != expected[name].dtype:
-            raise BitsmithError(
-                f"corrupt checkpoint: tensor '{name}' is {tensor.dtype} {list(tensor.shape)},"
-                f" the model expects {expected[name].dtype} {list(expected[name].shape)}"
-            )
-    missing = set(expected) - set(tensors)
-    # tied weights are stored once; anything else missing is an error
-    for name in missing:
-        if not any(expected[name].data_ptr() == expected[k].data_ptr() for k in tensors if k in expected):
-            raise BitsmithError(f"incomplete checkpoint: tensor '{name}' is missing from {path / WEIGHTS_FILE}")
-    model.load_state_dict(tensors, strict=False)

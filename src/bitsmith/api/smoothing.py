@@ -8,6 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from bitsmith.algorithms._modules import assign_
 from bitsmith.algorithms.smooth import fold_scales_, smoothquant_scales
 from bitsmith.api.calibrate import run_calibration
 from bitsmith.api.config import QuantizeConfig, Scheme
@@ -52,9 +53,12 @@ def smoothquant_(
             handles.append(block.get_submodule(group[0]).register_forward_pre_hook(_absmax_hook(absmax, key)))
     run_calibration(model, batches, handles, "smoothquant", progress)
     alpha = config.smoothquant.alpha
-    done = {"family": family.name, "alpha": alpha, "smoothed": [], "notes": []}
+    done = {"family": family.name, "alpha": alpha, "smoothed": [], "notes": [], "layer_notes": {}}
     for block_prefix, block, plan in plans:
         done["notes"] += [block_prefix + note for note in plan.notes]
+        for layers, why in plan.skipped:
+            for local in layers:
+                done["layer_notes"][block_prefix + local] = f"not smoothed ({why})"
         for mapping in plan.mappings:
             key = block_prefix + mapping.prev
             if key not in absmax:
@@ -70,6 +74,9 @@ def smoothquant_(
                 continue
             if not all(targets[n].is_static for n in full):
                 done["notes"].append(f"{', '.join(full)}: no foldable producer and not static; not smoothed")
+                for name in full:
+                    done["layer_notes"][name] = "not smoothed: no operation can absorb the scale, and only static" \
+                                                " int8 layers take it inside their quantization step"
                 continue
             layers = [block.get_submodule(n) for n in group]
             s = smoothquant_scales(absmax[key], [layer.weight for layer in layers], alpha)
@@ -87,6 +94,6 @@ def _multiply_input(module: nn.Module, args):
 def _smooth_explicitly_(linear: nn.Linear, s: torch.Tensor) -> None:
     """``W * s`` with the input multiplied by ``1 / s`` first: a buffer the static int8 module takes
     over into its quantization step, and a hook that keeps the float layer exact until then."""
-    linear.weight.mul_(s.to(linear.weight.dtype))
+    assign_(linear, "weight", linear.weight * s.to(linear.weight.dtype))
     linear.register_buffer("input_smooth", (1.0 / s).to(linear.weight.dtype))
     linear.register_forward_pre_hook(_multiply_input)

@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from bitsmith.api.calibration_data import read_calibration
-from bitsmith.api.evaluate import cosine_fidelity, eval_sentences, read_text
+from bitsmith.api.evaluate import cosine_fidelity, eval_sentences, read_sentences, read_text
 from bitsmith.errors import BitsmithError
 
-__all__ = ["TextEmbeddingTask", "ImageClassificationTask", "LanguageModelTask", "task_for"]
+__all__ = ["TextEmbeddingTask", "ImageClassificationTask", "LanguageModelTask", "TASKS", "task_for"]
 
 CALIB_SAMPLES = 128
 CALIB_BATCH = 16
@@ -26,6 +26,7 @@ CALIB_BATCH = 16
 class TextEmbeddingTask:
     name = "text-embedding"
     evaluation = "cosine of mean-pooled sentence embeddings to the float model"
+    batch_size = 64  # sentences per forward; the first batch is the one timed
 
     def __init__(self, tokenizer, text: str | Path | None = None):
         if tokenizer is None:
@@ -33,8 +34,14 @@ class TextEmbeddingTask:
         from bitsmith.zoo.minilm import encode_batch
 
         self.tokenizer = tokenizer
-        self.sentences = eval_sentences(text)
-        self.batch = encode_batch(tokenizer, self.sentences)
+        # a user's file is evaluated whole, one sentence per line; the default is 64 documentation paragraphs
+        self.sentences = read_sentences(text, limit=None) if text else eval_sentences(None)
+        self.max_length = _max_tokens(tokenizer)
+        lengths = [len(ids) for ids in tokenizer(self.sentences, truncation=False)["input_ids"]]
+        self.truncated = sum(length > self.max_length for length in lengths)
+        self.batches = [encode_batch(tokenizer, self.sentences[i : i + self.batch_size], self.max_length)
+                        for i in range(0, len(self.sentences), self.batch_size)]
+        self.batch = self.batches[0]
 
     def calibration(self, path: str | Path | None, samples: int = CALIB_SAMPLES) -> list[dict]:
         from bitsmith.zoo.minilm import encode_batch
@@ -43,25 +50,44 @@ class TextEmbeddingTask:
         texts = read_calibration(path, samples) if path else doc_sentences(samples, split="calib")
         if not all(isinstance(t, str) for t in texts):
             raise BitsmithError("this is a text model: give text calibration data (a .txt or .jsonl file)")
-        return [encode_batch(self.tokenizer, texts[i : i + CALIB_BATCH]) for i in range(0, len(texts), CALIB_BATCH)]
+        return [encode_batch(self.tokenizer, texts[i : i + CALIB_BATCH], self.max_length)
+                for i in range(0, len(texts), CALIB_BATCH)]
 
     def runner(self, model: nn.Module):
         from bitsmith.zoo.minilm import sentence_embeddings
 
         return lambda: sentence_embeddings(model, self.batch)
 
+    def _embed_all(self, model: nn.Module) -> torch.Tensor:
+        from bitsmith.zoo.minilm import sentence_embeddings
+
+        return torch.cat([sentence_embeddings(model, batch) for batch in self.batches])
+
     def fidelity(self, float_model: nn.Module, quant_model: nn.Module) -> dict:
-        result = cosine_fidelity(self.runner(quant_model)(), self.runner(float_model)())
-        return {"sentences": len(self.sentences), "batch_shape": list(self.batch["input_ids"].shape), **result}
+        result = cosine_fidelity(self._embed_all(quant_model), self._embed_all(float_model))
+        return {"sentences": len(self.sentences), "batch_shape": list(self.batch["input_ids"].shape),
+                "truncated_sentences": self.truncated, "max_tokens": self.max_length, **result}
+
+    def own_figures(self, model: nn.Module) -> dict:
+        """A float model on its own has no fidelity to report: just what it was evaluated on."""
+        return {"sentences": len(self.sentences), "batch_shape": list(self.batch["input_ids"].shape)}
+
+
+def _max_tokens(tokenizer, cap: int = 512) -> int:
+    """The longest input the tokenizer allows (transformers uses a huge number for "no limit"), at most ``cap``."""
+    limit = getattr(tokenizer, "model_max_length", cap) or cap
+    return int(min(limit, cap))
 
 
 class ImageClassificationTask:
     name = "image-classification"
     evaluation = "test-split accuracy of the digits classifier"
 
-    def __init__(self):
+    def __init__(self, tokenizer=None, text: str | Path | None = None):
         from bitsmith.zoo.digits import digits_data, example_input
 
+        if text is not None:
+            raise BitsmithError("--text applies to text models; digits-cnn is evaluated on its test split")
         self.x_test, self.y_test = digits_data("test")
         self.batch = example_input(64)
 
@@ -83,6 +109,12 @@ class ImageClassificationTask:
                 return model(self.batch)
 
         return run
+
+    def own_figures(self, model: nn.Module) -> dict:
+        from bitsmith.zoo.digits import accuracy
+
+        return {"test_samples": len(self.y_test), "batch_shape": list(self.batch.shape),
+                "accuracy": round(accuracy(model, self.x_test, self.y_test), 5)}
 
     def fidelity(self, float_model: nn.Module, quant_model: nn.Module) -> dict:
         from bitsmith.zoo.digits import accuracy
@@ -134,11 +166,18 @@ class LanguageModelTask:
 
         return run
 
+    def own_figures(self, model: nn.Module) -> dict:
+        from bitsmith.zoo.docs_lm import perplexity
+
+        result = perplexity(model, self.tokenizer, self.text, window=self.window)
+        return {"batch_shape": list(self.batch["input_ids"].shape), "tokens": result["tokens"],
+                "windows": result["windows"], "perplexity": round(result["perplexity"], 4)}
+
     def fidelity(self, float_model: nn.Module, quant_model: nn.Module) -> dict:
         from bitsmith.zoo.docs_lm import perplexity
 
         base = perplexity(float_model, self.tokenizer, self.text, window=self.window)
-        result = base if quant_model is float_model else perplexity(quant_model, self.tokenizer, self.text, window=self.window)
+        result = perplexity(quant_model, self.tokenizer, self.text, window=self.window)
         return {
             "batch_shape": list(self.batch["input_ids"].shape), "tokens": result["tokens"],
             "float_perplexity": round(base["perplexity"], 4), "perplexity": round(result["perplexity"], 4),
@@ -159,14 +198,21 @@ def _as_digit_image(sample: torch.Tensor) -> torch.Tensor:
     return nn.functional.interpolate(image[None], size=(32, 32), mode="bilinear", align_corners=False)[0]
 
 
+TASKS = {task.name: task for task in (TextEmbeddingTask, ImageClassificationTask, LanguageModelTask)}
+
+
 def task_for(source: dict, tokenizer=None, text=None, model: nn.Module | None = None):
-    if source.get("name") == "docs-lm" or _is_causal_lm(model):
-        return LanguageModelTask(tokenizer, text)
-    if source.get("name") == "digits-cnn":
-        if text is not None:
-            raise BitsmithError("--text applies to text models; digits-cnn is evaluated on its test split")
-        return ImageClassificationTask()
-    return TextEmbeddingTask(tokenizer, text)
+    """The task of a model: its zoo entry's, else a language model for any *ForCausalLM, else text embedding."""
+    from bitsmith.zoo import ZOO
+
+    name = source.get("name") if source.get("kind") == "zoo" else None
+    if name in ZOO:
+        kind = ZOO[name].task
+    elif _is_causal_lm(model):
+        kind = LanguageModelTask.name
+    else:
+        kind = TextEmbeddingTask.name
+    return TASKS[kind](tokenizer, text)
 
 
 def _is_causal_lm(model: nn.Module | None) -> bool:

@@ -74,6 +74,9 @@ def compress(
     from bitsmith.api.compress import compress_offloaded
     from bitsmith.api.recipes import load_recipe
 
+    from bitsmith.api.compress import check_counts
+
+    check_counts(repeats, calib_samples)  # bad counts fail before the model loads
     load_recipe(recipe)  # an unknown recipe fails before the model loads
     if offload:
         with Progress(TextColumn("[bold]quantizing block by block"), TextColumn("{task.description}"),
@@ -89,6 +92,7 @@ def compress(
                 f"{model} -> {recipe}: {result['quantized_layers']} layers in {result['blocks']} blocks,"
                 f" {result['quantize_seconds']:.0f} s, peak memory {_mb(peak) if peak else 'unknown'}; saved to {out}"
             )
+            _print_outcomes(result)
         return
     with Progress(
         TextColumn("[bold]quantizing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
@@ -121,7 +125,35 @@ def compress(
         f"size {m['size_ratio']:.3f}x of float; {result['quantized_layers']} layers quantized; "
         f"timed on batch {shape}; {m['evaluation']}; saved to {result['out']}"
     )
-    for name, reason in result["skipped"].items():
+    if m.get("truncated_sentences"):
+        out_console.print(f"[yellow]note[/]: {m['truncated_sentences']} sentences are longer than {m['max_tokens']}"
+                          " tokens and were cut there")
+    _print_machine(m["machine"])
+    _print_kernels(result["kernels"])
+    _print_outcomes(result)
+
+
+def _print_machine(machine: dict) -> None:
+    out_console.print(f"kernels here: int8 {machine['int8_dot_product']} ({machine['int8']}); bf16"
+                      f" {machine['bf16']}; native loops {machine['native']}")
+
+
+def _print_kernels(kernels: dict[str, dict]) -> None:
+    """One line per kernel that ran in the timed runs, with how many layers used it."""
+    counts: dict[tuple[str, int], int] = {}
+    for ran in kernels.values():
+        key = (ran["kernel"], ran["rows"])
+        counts[key] = counts.get(key, 0) + 1
+    for (kernel, rows), count in sorted(counts.items()):
+        out_console.print(f"ran: {kernel} on {count} layers ({rows} rows)")
+
+
+def _print_outcomes(result: dict) -> None:
+    """Every layer not quantized as asked: notes (quantized, but not quite as asked) and skipped ones."""
+    for name, note in result.get("notes", {}).items():
+        label = result.get("quantized", {}).get(name, "")
+        out_console.print(f"[yellow]note[/]: {name}{f' ({label})' if label else ''}: {note}")
+    for name, reason in result.get("skipped", {}).items():
         out_console.print(f"[yellow]kept in float[/]: {name}: {reason}")
 
 
@@ -135,29 +167,31 @@ def eval_command(
         " directories, which do not name their original."),
     as_json: bool = JSON_OPTION,
 ):
-    """Run MODEL's evaluation: a float original, or a compressed directory against its float source."""
-    from bitsmith.api.compress import evaluate
+    """Run MODEL's evaluation: a float model on its own, or a compressed directory against its float source."""
+    from bitsmith.api.compress import check_counts, evaluate
 
+    check_counts(repeats)
     metrics = evaluate(model, text=text, repeats=repeats, baseline=baseline)
     if as_json:
         _emit_json(metrics)
         return
-    if metrics.get("baseline", "") is None:  # compressed, nothing to compare with
-        metrics = {**metrics, "compressed": False}
+    compared = "latency_ratio" in metrics
     table = Table(title=f"eval {model}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("evaluation", metrics["evaluation"])
     table.add_row("input batch", str(metrics.get("batch_shape")))
     for column, (float_value, value) in _fidelity_columns(metrics).items():
-        table.add_row(column + (" (float model)" if metrics["compressed"] else ""), float_value)
-        if metrics["compressed"]:
-            table.add_row(column, value)
+        if compared:
+            table.add_row(column + " (float model)", float_value)
+        table.add_row(column, value)
     table.add_row("size", _mb(metrics["bytes"]))
     table.add_row("latency", f"{metrics['latency_s'] * 1e3:.0f} ms")
-    if metrics["compressed"]:
+    if compared:
         table.add_row("float latency, same run", f"{metrics['original_latency_s'] * 1e3:.0f} ms")
         table.add_row("latency vs float", f"{metrics['latency_ratio']:.2f}x")
+    elif metrics.get("baseline", "") is None:
+        table.add_row("compared with", "nothing: give --baseline FLOAT_MODEL")
     out_console.print(table)
 
 
@@ -176,9 +210,22 @@ def inspect(
     table = Table(title=f"{path}  (source: {info['source'].get('name') or info['source'].get('class')})")
     for column in ("layer", "module", "scheme", "bits", "bytes", "kernel"):
         table.add_column(column, justify="right" if column in ("bits", "bytes") else "left")
+    quantized = info.get("quantized", {})
     for row in info["layers"]:
-        table.add_row(row["name"], row["module"], row["scheme"], str(row["bits"]), f"{row['bytes']:,}", row["kernel"])
+        kernel = row["kernel"]
+        if "ran_at_compress" in row:
+            ran = row["ran_at_compress"]
+            kernel = f"{' | '.join(row.get('kernels_here', []))}; at compress: {ran['kernel']} ({ran['rows']} rows)"
+        table.add_row(row["name"], row["module"], quantized.get(row["name"], row["scheme"]), str(row["bits"]),
+                      f"{row['bytes']:,}", kernel)
     out_console.print(table)
+    _print_machine_inspect(info["machine"])
+    reasons: dict[tuple[str, str], int] = {}
+    for row in info["layers"]:
+        if row["why"]:
+            reasons[(row["module"], row["why"])] = reasons.get((row["module"], row["why"]), 0) + 1
+    for (module, why), count in reasons.items():
+        out_console.print(f"why ({module}, {count} layers): {why}")
     out_console.print(
         f"quantized layers {_mb(info['quantized_bytes'])}, float tensors {_mb(info['float_bytes'])}, "
         f"file {_mb(info['file_bytes'])}"
@@ -188,8 +235,12 @@ def inspect(
         if "latency_ratio" in m:
             fidelity = ", ".join(f"{k} {v[1]}" for k, v in _fidelity_columns(m).items())
             out_console.print(f"measured at compress time: {fidelity}, latency {m['latency_ratio']}x float")
-    for name, reason in info.get("skipped", {}).items():
-        out_console.print(f"[yellow]kept in float[/]: {name}: {reason}")
+    _print_outcomes(info)
+
+
+def _print_machine_inspect(machine: dict) -> None:
+    out_console.print(f"this machine: {machine['cpu']}; int8 {machine['int8_dot_product']} ({machine['onednn_int8']});"
+                      f" bf16 {machine['bf16']}; native loops {machine['native']}")
 
 
 @app.command()
@@ -259,20 +310,22 @@ def zoo_list(
     """All zoo entries with their evaluation and fp32 figure."""
     from bitsmith.api.models import load_model
     from bitsmith.api.tasks import task_for
-    from bitsmith.zoo import ZOO
-
-    from bitsmith.zoo import is_built
+    from bitsmith.zoo import ZOO, figures, is_built
 
     rows = []
     for name, entry in ZOO.items():
-        row = {"name": name, **entry, "built": is_built(name)}
-        if measure and row["built"]:
-            loaded = load_model(name)
-            task = task_for(loaded.source, loaded.tokenizer, model=loaded.model)
-            fidelity = task.fidelity(loaded.model, loaded.model)
-            row["fp32"] = fidelity.get("accuracy", fidelity.get("mean_cosine", fidelity.get("perplexity")))
-        elif not row["built"]:
+        row = {"name": name, "description": entry.description, "evaluation": entry.evaluation,
+               "task": entry.task, "built": is_built(name)}
+        if not row["built"]:
             row["fp32"] = f"not built yet: bitsmith zoo build {name}"
+        else:
+            row["recorded"] = figures(name)
+            if measure:
+                loaded = load_model(name)
+                own = task_for(loaded.source, loaded.tokenizer, model=loaded.model).own_figures(loaded.model)
+                row["fp32"] = own.get("accuracy", own.get("perplexity", "reference"))
+            else:
+                row["fp32"] = row["recorded"]
         rows.append(row)
     if as_json:
         _emit_json(rows)
@@ -320,32 +373,44 @@ def _error_line(message: str) -> None:
     sys.stderr.write("error: " + " ".join(message.split()) + "\n")
 
 
+def _usage_error(err: BaseException) -> bool:
+    """Click's usage errors, from whichever click the installed typer uses (its own vendored copy or click)."""
+    return callable(getattr(err, "format_message", None)) and isinstance(getattr(err, "exit_code", None), int)
+
+
 def main() -> None:
-    """Entry point: user errors are one line on stderr and exit status 2, never a traceback."""
+    """Entry point: user errors are one line on stderr and exit status 2, never a traceback; Ctrl-C is 130."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except BitsmithError as err:
         _error_line(str(err))
         sys.exit(2)
     except KeyboardInterrupt:
         _error_line("interrupted")
         sys.exit(130)
-    except Exception as err:  # click usage errors and the like
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
-            _error_line(err.format_message())
-            sys.exit(err.exit_code or 2)
-        if isinstance(err, click.exceptions.Exit):
+    except Exception as err:
+        name = type(err).__name__
+        if name == "Exit" and isinstance(getattr(err, "exit_code", None), int):
             sys.exit(err.exit_code)
+        if name == "Abort":  # Ctrl-C or end of input at a prompt
+            _error_line("interrupted")
+            sys.exit(130)
+        if _usage_error(err):
+            _error_line(err.format_message())
+            sys.exit(2)
         if os.environ.get("BITSMITH_DEBUG"):
             raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        _error_line(f"unexpected {type(err).__name__}: {first} (set BITSMITH_DEBUG=1 for the traceback)")
+        _error_line(f"unexpected {name}: {first} (set BITSMITH_DEBUG=1 for the traceback)")
         sys.exit(1)
+    if isinstance(code, int) and not isinstance(code, bool) and code:
+        if code == 130:  # typer turns Ctrl-C into Exit(130) and, with standalone_mode=False, returns it
+            _error_line("interrupted")
+        sys.exit(code)
 
 
 if __name__ == "__main__":

