@@ -49,5 +49,5 @@ def test_missing_and_bad_files(tmp_path):
     (tmp_path / "bad.npy").write_bytes(b"not numpy")
     with pytest.raises(BitsmithError, match="cannot read calibration tensor"):
         read_calibration(tmp_path / "bad.npy", 10)
-    with pytest.raises(BitsmithError, match="must be positive"):
+    with pytest.raises(BitsmithError, match="must be a whole number of at least 1, got 0"):
         read_calibration(tmp_path / "bad.npy", 0)

@@ -50,7 +50,15 @@ def _load_tensor(path: Path) -> torch.Tensor:
         raise BitsmithError(f"cannot read calibration tensor {path}: {type(err).__name__}") from None
     if not isinstance(value, torch.Tensor):
         raise BitsmithError(f"calibration file {path} does not hold a single tensor")
-    return value.float()
+    if value.dim() == 0 or value.numel() == 0:
+        raise BitsmithError(f"calibration file {path} holds {'one number' if value.dim() == 0 else 'no values'};"
+                            " give a tensor of samples (one per row)")
+    if value.is_complex() or value.dtype == torch.bool:
+        raise BitsmithError(f"calibration file {path} holds {value.dtype} values, not numbers of an image or input")
+    value = value.float()
+    if not torch.isfinite(value).all():
+        raise BitsmithError(f"calibration file {path} holds NaN or infinite values")
+    return value
 
 
 def _load_image(path: Path) -> torch.Tensor:
@@ -84,8 +92,8 @@ def _dataset_samples(path: Path) -> list:
 def read_calibration(path: str | Path, samples: int) -> list:
     """Up to ``samples`` raw samples from ``path``; an empty or unreadable set is a BitsmithError."""
     path = Path(path)
-    if samples <= 0:
-        raise BitsmithError(f"--calib-samples must be positive, got {samples}")
+    if type(samples) is not int or samples <= 0:
+        raise BitsmithError(f"--calib-samples must be a whole number of at least 1, got {samples!r}")
     if not path.exists():
         raise BitsmithError(f"calibration set not found: {path}")
     if path.is_file():

@@ -15,6 +15,7 @@ scheme they get. The first rule that matches a module wins; ``ignore`` keeps mod
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -42,11 +43,14 @@ __all__ = [
 ]
 
 CONFIG_VERSION = 1
+MAX_RULES = 10_000  # a recipe is written by hand or a search; more rules than this is a mistake
+MAX_RECIPE_BYTES = 4 << 20
 WeightDtype = Literal["fp16", "bf16", "int8", "int7", "int6", "int5", "int4", "int3", "int2"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a YAML `true` or "128" is not a group size, a count is never a boolean
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class WeightSpec(_Strict):
@@ -146,6 +150,20 @@ class GPTQOptions(_Strict):
     block_size: int = 128  # columns per lazy update (speed only)
     true_sequential: bool = True  # inside a block, quantize layer groups in execution order
 
+    @field_validator("damp_percent")
+    @classmethod
+    def _damp(cls, value: float) -> float:
+        if not 0.0 <= value < 1.0 or value != value:
+            raise ValueError(f"must be in [0, 1), got {value}")
+        return value
+
+    @field_validator("block_size")
+    @classmethod
+    def _block(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"must be at least 1, got {value}")
+        return value
+
 
 class AWQOptions(_Strict):
     grid: int = 20  # candidate scale exponents r = 0, 1/grid, ..., (grid-1)/grid
@@ -187,6 +205,18 @@ class MappingSpec(_Strict):
     layers: list[str]
 
 
+def _check_targets(targets: list[str]) -> list[str]:
+    for target in targets:
+        if not target:
+            raise ValueError("a target is an empty string")
+        if target.startswith("re:"):
+            try:
+                re.compile(target[3:])
+            except (re.error, RecursionError, OverflowError) as err:
+                raise ValueError(f"bad regex {target!r}: {err}") from None
+    return targets
+
+
 class Rule(_Strict):
     targets: list[str]
     scheme: Scheme | None  # None keeps the matched modules in float
@@ -196,13 +226,7 @@ class Rule(_Strict):
     def _valid_targets(cls, targets: list[str]) -> list[str]:
         if not targets:
             raise ValueError("a rule needs at least one target")
-        for target in targets:
-            if target.startswith("re:"):
-                try:
-                    re.compile(target[3:])
-                except re.error as err:
-                    raise ValueError(f"bad regex {target!r}: {err}") from None
-        return targets
+        return _check_targets(targets)
 
 
 class QuantizeConfig(_Strict):
@@ -219,6 +243,18 @@ class QuantizeConfig(_Strict):
     # where SmoothQuant/AWQ scales go: a family of algorithms/families.yaml (default: detected), or own maps
     family: str | None = None
     mappings: list[MappingSpec] | None = None
+
+    @field_validator("ignore")
+    @classmethod
+    def _valid_ignore(cls, targets: list[str]) -> list[str]:
+        return _check_targets(targets)
+
+    @field_validator("rules")
+    @classmethod
+    def _some_rules(cls, rules: list) -> list:
+        if len(rules) > MAX_RULES:
+            raise ValueError(f"{len(rules)} rules; at most {MAX_RULES} (group targets into fewer rules)")
+        return rules
 
     @property
     def needs_calibration(self) -> bool:
@@ -248,21 +284,38 @@ class Recipe(_Strict):
     quantize: QuantizeConfig
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled(pattern: str) -> re.Pattern:
+    return re.compile(pattern)  # re's own cache holds 512: a recipe of thousands of regexes would recompile
+
+
 def target_matches(target: str, name: str, module_type: str) -> bool:
     """``re:`` targets match the full module name; plain ones match the type name or the exact name."""
     if target.startswith("re:"):
-        return re.fullmatch(target[3:], name) is not None
+        return _compiled(target[3:]).fullmatch(name) is not None
     return target in (module_type, name)
+
+
+_UNION_TAG = re.compile(r"^(literal\[.*\]|int|str|float|bool|function-after\[.*\]|[A-Z]\w*)$")
 
 
 def _first_error(err: ValidationError) -> str:
     # a misspelt key also leaves its intended key "missing": name the misspelling first
     errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
     first = errors[0]
-    where = ".".join(str(p) for p in first["loc"]) or "top level"
     if first["type"] == "extra_forbidden":
-        return f"unknown key '{where}'"
-    return f"{where}: {first['msg']}"
+        return f"unknown key '{'.'.join(str(p) for p in first['loc'])}'"
+    # a union (granularity: "tensor" | "channel" | int) reports one error per branch: say them together
+    def place(error):
+        return [p for p in error["loc"] if not (isinstance(p, str) and _UNION_TAG.match(p))]
+
+    where = place(first)
+    branches = [e for e in errors if place(e) == where]
+    where_text = ".".join(str(p) for p in where) or "top level"
+    if len(branches) > 1:
+        wanted = " or ".join(dict.fromkeys(e["msg"].removeprefix("Input should be ") for e in branches))
+        return f"{where_text}: got {first.get('input')!r}, expected {wanted}"
+    return f"{where_text}: {first['msg']}"
 
 
 def config_from_dict(data: dict, model=QuantizeConfig, source: str = "config"):
@@ -275,14 +328,27 @@ def config_from_dict(data: dict, model=QuantizeConfig, source: str = "config"):
         raise BitsmithError(f"{source}: {_first_error(err)}") from None
 
 
+def _yaml_loader():
+    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C parser: a large recipe in a second, not minutes
+
+
 def config_from_yaml(path: str | Path, model=Recipe):
     path = Path(path)
     try:
-        text = path.read_text()
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise BitsmithError(f"recipe {path} is larger than {MAX_RECIPE_BYTES >> 20} MB; is it a recipe?")
+        text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise BitsmithError(f"cannot read recipe {path}: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise BitsmithError(f"recipe {path} is not UTF-8 text") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a safe loader, C or Python
     except yaml.YAMLError as err:
         raise BitsmithError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    return config_from_dict(data, model, source=f"recipe {path}")
+    except RecursionError:
+        raise BitsmithError(f"recipe {path} is nested too deeply to be a recipe") from None
+    try:
+        return config_from_dict(data, model, source=f"recipe {path}")
+    except RecursionError:
+        raise BitsmithError(f"recipe {path} is nested too deeply to be a recipe") from None

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from bitsmith.api.models import load_model
 from bitsmith.errors import BitsmithError
+from bitsmith.outputs import prepare_output_dir, prepare_output_file
 
 __all__ = ["FORMATS", "export_checkpoint"]
 
@@ -14,13 +15,9 @@ FORMATS = ("onnx", "compressed-tensors", "gptq")
 
 def _example_inputs(loaded):
     """A real input for tracing, and the output names, from the model's task."""
-    from bitsmith.api.tasks import ImageClassificationTask, task_for
+    from bitsmith.api.tasks import task_for
 
-    task = task_for(loaded.source, loaded.tokenizer, model=loaded.model)
-    if isinstance(task, ImageClassificationTask):
-        return task.batch[:2], ["logits"]
-    batch = {name: tensor[:2] for name, tensor in task.batch.items()}
-    return batch, ["last_hidden_state"]
+    return task_for(loaded.source, loaded.tokenizer, model=loaded.model).export_example()
 
 
 def export_checkpoint(
@@ -28,11 +25,10 @@ def export_checkpoint(
 ) -> dict:
     if fmt not in FORMATS:
         raise BitsmithError(f"unknown export format '{fmt}'; available: {', '.join(FORMATS)}")
-    out = Path(out)
-    if out.exists():
-        raise BitsmithError(f"{out} already exists; choose another --out")
-    if fmt == "onnx" and out.suffix != ".onnx":
-        raise BitsmithError(f"--out for ONNX should be a .onnx file, got {out.name}")
+    if fmt == "onnx":
+        out = prepare_output_file(out, ".onnx")
+    else:
+        out = prepare_output_dir(out)
     loaded = load_model(path)
     if not loaded.compressed:
         raise BitsmithError(f"{path} is not a bitsmith checkpoint; compress the model first")
@@ -48,6 +44,9 @@ def export_checkpoint(
     from bitsmith.export.onnx import export_onnx
 
     example, output_names = _example_inputs(loaded)
+    config = getattr(loaded.model, "config", None)
+    if config is not None and hasattr(config, "use_cache"):
+        config.use_cache = False  # logits only: a KV cache object is no ONNX output
     result = export_onnx(
         loaded.model, example, out, output_names=output_names, dynamic_activations=dynamic_activations,
         activation_type=activation_type,

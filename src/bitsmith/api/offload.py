@@ -21,7 +21,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
-import json
 import os
 import shutil
 import tempfile
@@ -56,6 +55,7 @@ from bitsmith.api.serialization import (
     tensors_for_disk,
     write_metadata,
 )
+from bitsmith.checkpoint_files import weight_map
 from bitsmith.errors import BitsmithError
 
 __all__ = ["quantize_offloaded", "checkpoint_files"]
@@ -66,25 +66,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 
 def checkpoint_files(source: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file of a transformers checkpoint directory (single file or sharded)."""
-    index = source / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
-            raise BitsmithError(f"corrupt checkpoint: {index} has no weight_map") from None
-        return {name: source / file for name, file in weight_map.items()}
-    single = source / "model.safetensors"
-    if not single.exists():
-        raise BitsmithError(f"{source} has no model.safetensors or model.safetensors.index.json")
-    return {name: single for name in _keys(single)}
-
-
-def _keys(path: Path) -> list[str]:
-    try:
-        with safe_open(path, framework="pt") as f:
-            return list(f.keys())
-    except (SafetensorError, OSError) as err:
-        raise BitsmithError(f"corrupt or truncated checkpoint: {path} ({err})") from None
+    return weight_map(source)
 
 
 def _read(files: dict[str, Path], names: list[str]) -> dict[str, torch.Tensor]:

@@ -68,6 +68,10 @@ class TextEmbeddingTask:
         return {"sentences": len(self.sentences), "batch_shape": list(self.batch["input_ids"].shape),
                 "truncated_sentences": self.truncated, "max_tokens": self.max_length, **result}
 
+    def export_example(self) -> tuple[dict, list[str]]:
+        """(a real input to trace, the output names) for ONNX export."""
+        return {name: tensor[:2] for name, tensor in self.batch.items()}, ["last_hidden_state"]
+
     def own_figures(self, model: nn.Module) -> dict:
         """A float model on its own has no fidelity to report: just what it was evaluated on."""
         return {"sentences": len(self.sentences), "batch_shape": list(self.batch["input_ids"].shape)}
@@ -109,6 +113,9 @@ class ImageClassificationTask:
                 return model(self.batch)
 
         return run
+
+    def export_example(self) -> tuple[torch.Tensor, list[str]]:
+        return self.batch[:2], ["logits"]
 
     def own_figures(self, model: nn.Module) -> dict:
         from bitsmith.zoo.digits import accuracy
@@ -165,6 +172,12 @@ class LanguageModelTask:
                 return model(**self.batch).logits
 
         return run
+
+    def export_example(self) -> tuple[dict, list[str]]:
+        # an explicit mask: without one transformers looks for packed sequences with aten::diff, which the
+        # ONNX exporter has no symbolic for (and a mask is what ONNX Runtime's LM pipelines feed anyway)
+        ids = self.batch["input_ids"][:2, :32]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ["logits"]
 
     def own_figures(self, model: nn.Module) -> dict:
         from bitsmith.zoo.docs_lm import perplexity

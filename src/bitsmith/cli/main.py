@@ -77,7 +77,7 @@ def compress(
     from bitsmith.api.compress import check_counts
 
     check_counts(repeats, calib_samples)  # bad counts fail before the model loads
-    load_recipe(recipe)  # an unknown recipe fails before the model loads
+    recipe_name, recipe = recipe, load_recipe(recipe)  # a bad recipe fails before the model loads; read once
     if offload:
         with Progress(TextColumn("[bold]quantizing block by block"), TextColumn("{task.description}"),
                       TimeElapsedColumn(), console=err_console, disable=as_json, transient=True) as progress:
@@ -89,7 +89,7 @@ def compress(
         else:
             peak = result["peak_rss_bytes"]
             out_console.print(
-                f"{model} -> {recipe}: {result['quantized_layers']} layers in {result['blocks']} blocks,"
+                f"{model} -> {recipe_name}: {result['quantized_layers']} layers in {result['blocks']} blocks,"
                 f" {result['quantize_seconds']:.0f} s, peak memory {_mb(peak) if peak else 'unknown'}; saved to {out}"
             )
             _print_outcomes(result)
@@ -111,13 +111,13 @@ def compress(
         _emit_json(result)
         return
     m = result["metrics"]
-    table = Table(title=f"{model} -> {recipe}  ({m['machine']['cpu']}, {m['machine']['threads']} threads)")
+    table = Table(title=f"{model} -> {recipe_name}  ({m['machine']['cpu']}, {m['machine']['threads']} threads)")
     fidelity = _fidelity_columns(m)
     for column in ("model", "size", "latency", "vs float", *fidelity):
         table.add_column(column, justify="right" if column != "model" else "left")
     table.add_row("float (original)", _mb(m["original_bytes"]), f"{m['original_latency_s'] * 1e3:.0f} ms", "1.00x",
                   *(v[0] for v in fidelity.values()))
-    table.add_row(recipe, _mb(m["bytes"]), f"{m['latency_s'] * 1e3:.0f} ms", f"{m['latency_ratio']:.2f}x",
+    table.add_row(recipe_name, _mb(m["bytes"]), f"{m['latency_s'] * 1e3:.0f} ms", f"{m['latency_ratio']:.2f}x",
                   *(v[1] for v in fidelity.values()))
     out_console.print(table)
     shape = m.get("batch_shape")

@@ -6,7 +6,8 @@ Two formats for weight-only schemes with one scale (and zero point) per group or
     format                      | per quantized Linear (N = out_features, K = in_features, G = groups)
     compressed-tensors          | weight_packed int32 (N, ceil(K * bits / 32)), codes along K
       "pack-quantized"          | weight_scale (N, G) in the model's float dtype; weight_shape int64 [N, K]
-                                | weight_zero_point int32 (ceil(N * bits / 32), G), only when asymmetric
+                                | weight_zero_point int32, only when asymmetric: packed along N, its
+                                |   ceil(N * bits / 32) words in the first rows of an (N, G) tensor (see below)
     GPTQ, checkpoint_format     | qweight int32 (K * bits / 32, N), codes along K; scales fp16 (G, N)
       "gptq" (v1)               | qzeros int32 (G, N * bits / 32) holding zero - 1; g_idx int32 (K,) = k // group
 
@@ -15,6 +16,15 @@ significant first (``bitsmith.formats.packing.pack_int32_dense``; for 4 and 8 bi
 word; compressed-tensors lets a 3-bit code straddle two words). compressed-tensors thinks of codes and zero
 points as signed, ``q_signed = q - 2**(bits - 1)``, and packs ``q_signed + 2**(bits - 1)``: exactly bitsmith's
 unsigned code, so bitsmith's codes and zero points are packed as they are and ``(q - zero) * scale`` is unchanged.
+
+G = ceil(K / group): a last group shorter than the others is stored like the rest (its scale and zero point
+cover the remaining columns), as compressed-tensors quantizes it.
+
+Why the zero points are padded to (N, G): transformers 5.24 with compressed-tensors 0.20.1 registers each
+module's ``weight_zero_point`` at the unpacked shape (N, G) before loading and refuses a tightly packed
+(ceil(N * bits / 32), G) tensor; compressed-tensors' own unpacking (at the first forward) reads only the words
+it needs from the start of the tensor. So a padded tensor loads in plain ``AutoModelForCausalLM.from_pretrained``
+and decompresses to the same weights; bitsmith reads both forms.
 
 Everything else (norms, float Linears such as ``lm_head``, embeddings, which bitsmith dequantizes to float
 here) is written as plain float tensors under the transformers names, with config.json, generation_config.json
@@ -27,10 +37,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +48,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from bitsmith.algorithms.rtn import QuantizedWeight
-from bitsmith.api.serialization import prepare_output_dir
+from bitsmith.outputs import SAFETENSORS_METADATA, prepare_output_dir, publish, staging_dir
+from bitsmith.checkpoint_files import shard_names
 from bitsmith.errors import BitsmithError
 from bitsmith.formats.affine import IntFormat
 from bitsmith.formats.packing import pack_int32, pack_int32_dense, unpack_int32_dense
@@ -66,6 +75,8 @@ class _Scheme:
     bits: int
     group_size: int | None  # None: one group spanning each row (compressed-tensors "channel")
     symmetric: bool
+    observer: str = "minmax"  # how the ranges were chosen: "minmax", or "mse" (searched)
+    actorder: str | None = None  # "weight": GPTQ in activation order with static groups (no g_idx needed)
 
 
 @dataclass
@@ -126,7 +137,17 @@ def _collect(model: nn.Module, allowed_bits=_BITS) -> tuple[dict[str, _IntLinear
     return quantized, float_linears, special
 
 
-def _schemes(quantized: dict[str, _IntLinear]) -> dict[str, _Scheme]:
+def _provenance(model: nn.Module, name: str) -> tuple[str, str | None]:
+    """(observer, actorder) of a layer, from what quantize_ recorded it did and the recipe's GPTQ options."""
+    label = (getattr(model, "bitsmith_quantized", None) or {}).get(name, "")
+    observer = "mse" if " mse" in label else "minmax"
+    recipe = getattr(model, "bitsmith_recipe", None) or {}
+    gptq = ((recipe.get("quantize") or recipe) if isinstance(recipe, dict) else {}).get("gptq") or {}
+    actorder = "weight" if label.endswith(" gptq") and gptq.get("act_order", True) else None
+    return observer, actorder
+
+
+def _schemes(quantized: dict[str, _IntLinear], model: nn.Module | None = None) -> dict[str, _Scheme]:
     """Each layer's scheme. Symmetric means every zero point sits at 2**(bits - 1); it is decided per
     (bits, group) family so that one asymmetric recipe gives one scheme even if a layer happens to be centred."""
     families: dict[tuple[int, int | None], list[str]] = {}
@@ -135,8 +156,16 @@ def _schemes(quantized: dict[str, _IntLinear]) -> dict[str, _Scheme]:
     schemes = {}
     for (bits, group), names in families.items():
         symmetric = all(bool((quantized[n].zero == 2 ** (bits - 1)).all()) for n in names)
-        schemes.update({n: _Scheme(bits, group, symmetric) for n in names})
+        for n in names:
+            observer, actorder = _provenance(model, n) if model is not None else ("minmax", None)
+            schemes[n] = _Scheme(bits, group, symmetric, observer, actorder)
     return schemes
+
+
+def _recipe_gptq_options(model: nn.Module) -> dict:
+    recipe = getattr(model, "bitsmith_recipe", None) or {}
+    quantize = recipe.get("quantize", recipe) if isinstance(recipe, dict) else {}
+    return quantize.get("gptq") or {} if isinstance(quantize, dict) else {}
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype:
@@ -199,15 +228,12 @@ def _untie_if_needed(model: nn.Module, tensors: dict[str, torch.Tensor], quantiz
 
 @contextlib.contextmanager
 def _staging_dir(out_dir: str | Path):
-    """A temporary directory beside ``out_dir``, renamed to it when the block ends without error."""
+    """A temporary directory beside ``out_dir``, published to it when the block ends without error."""
     out = prepare_output_dir(out_dir)
-    out.resolve().parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent))
+    tmp = staging_dir(out)
     try:
         yield tmp
-        if out.exists():
-            out.rmdir()  # empty, checked by prepare_output_dir
-        os.replace(tmp, out)
+        publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -219,11 +245,12 @@ def _write_model_dir(
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "save_pretrained"):
         raise BitsmithError("LLM checkpoints are written for transformers models (the model has no .config)")
-    save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt", "producer": "bitsmith"})
+    save_file(tensors, tmp / WEIGHTS_FILE, metadata=SAFETENSORS_METADATA)
     config.save_pretrained(tmp)
     config_path = tmp / "config.json"
     written = json.loads(config_path.read_text())
     written["quantization_config"] = quantization_config
+    written["architectures"] = [type(model).__name__]  # what loaders build (a model made in code has none set)
     written["torch_dtype" if "torch_dtype" in written else "dtype"] = str(dtype).removeprefix("torch.")
     if untie:
         written["tie_word_embeddings"] = False
@@ -243,8 +270,8 @@ def _ct_group(scheme: _Scheme, targets: list[str]) -> dict:
         "strategy": "channel" if scheme.group_size is None else "group",
         "group_size": scheme.group_size,
         "dynamic": False,
-        "actorder": None,
-        "observer": "minmax",
+        "actorder": scheme.actorder,
+        "observer": scheme.observer,
     }
     return {
         "targets": targets,
@@ -258,7 +285,8 @@ def _ct_group(scheme: _Scheme, targets: list[str]) -> dict:
 def _ct_quantization_config(schemes: dict[str, _Scheme], float_linears: list[str]) -> dict:
     """One config group targeting every "Linear" when all layers share a scheme; otherwise one group per
     scheme, targeting its layers by name."""
-    distinct = sorted(set(schemes.values()), key=lambda s: (s.bits, s.group_size or 0, s.symmetric))
+    distinct = sorted(set(schemes.values()), key=lambda s: (s.bits, s.group_size or 0, s.symmetric, s.observer,
+                                                            s.actorder or ""))
     if len(distinct) == 1:
         groups = {"group_0": _ct_group(distinct[0], ["Linear"])}
     else:
@@ -281,8 +309,11 @@ def _ct_tensors(name: str, layer: _IntLinear, scheme: _Scheme, dtype: torch.dtyp
         f"{name}.weight_scale": layer.scale.to(dtype).contiguous(),  # (N, G)
         f"{name}.weight_shape": torch.tensor([out_features, in_features], dtype=torch.int64),
     }
-    if not scheme.symmetric:  # packed along N: (ceil(N * bits / 32), G)
-        tensors[f"{name}.weight_zero_point"] = pack_int32_dense(layer.zero, layer.bits, dim=0).contiguous()
+    if not scheme.symmetric:  # packed along N into the first ceil(N * bits / 32) rows of an (N, G) tensor
+        packed = pack_int32_dense(layer.zero, layer.bits, dim=0)  # (ceil(N * bits / 32), G)
+        zero = torch.zeros(out_features, packed.shape[1], dtype=torch.int32)
+        zero[: packed.shape[0]] = packed
+        tensors[f"{name}.weight_zero_point"] = zero
     if layer.bias is not None:
         tensors[f"{name}.bias"] = layer.bias.detach().to(dtype).clone()
     return tensors
@@ -298,7 +329,7 @@ def export_compressed_tensors(
     written in; bitsmith's fp16 scales are exact in fp16 and fp32. Returns a summary of what was written.
     """
     quantized, float_linears, special = _collect(model, _CT_BITS)
-    schemes = _schemes(quantized)
+    schemes = _schemes(quantized, model)
     dtype = dtype or _float_dtype(model)
     tensors = _plain_tensors(model, special, dtype)
     for name, layer in quantized.items():
@@ -343,7 +374,7 @@ def _gptq_tensors(name: str, layer: _IntLinear, checkpoint_format: str) -> dict[
 
 
 def _check_gptq_layout(model: nn.Module, schemes: dict[str, _Scheme], float_linears: list[str]) -> _Scheme:
-    distinct = set(schemes.values())
+    distinct = {(s.bits, s.group_size, s.symmetric): s for s in schemes.values()}
     if len(distinct) > 1:
         raise BitsmithError(
             f"a GPTQ checkpoint has one scheme, but the model mixes {len(distinct)} (bits/group/symmetry);"
@@ -358,7 +389,7 @@ def _check_gptq_layout(model: nn.Module, schemes: dict[str, _Scheme], float_line
             f"layer '{stray[0]}' is a float Linear, but GPTQ loaders expect every Linear in the model's blocks"
             " quantized; quantize it or export compressed-tensors"
         )
-    return distinct.pop()
+    return next(iter(distinct.values()))
 
 
 def export_gptq(
@@ -369,27 +400,32 @@ def export_gptq(
 
     ``checkpoint_format`` "gptq" (v1, what transformers, optimum and vLLM read) stores zero - 1 per group, so a
     zero point of 0 is refused; "gptq_v2" (gptqmodel) stores zero points as they are. Scales are fp16 (the
-    format's); other float tensors are written in ``dtype``. The quantization itself is bitsmith's (RTN or
-    whatever the recipe ran); ``damp_percent`` and ``true_sequential`` are the format's customary fields.
+    format's); other float tensors are written in ``dtype``. The config's ``desc_act``, ``static_groups``,
+    ``true_sequential`` and ``damp_percent`` say what the recipe ran (GPTQ's options, or round-to-nearest).
     """
     if checkpoint_format not in ("gptq", "gptq_v2"):
         raise BitsmithError(f"unknown GPTQ checkpoint_format {checkpoint_format!r}: use 'gptq' or 'gptq_v2'")
     quantized, float_linears, special = _collect(model)
-    schemes = _schemes(quantized)
+    schemes = _schemes(quantized, model)
     scheme = _check_gptq_layout(model, schemes, float_linears)
     tensors = _plain_tensors(model, special, dtype)
     for name, layer in quantized.items():
         tensors.update(_gptq_tensors(name, layer, checkpoint_format))
+    options = _recipe_gptq_options(model)
+    labels = getattr(model, "bitsmith_quantized", None) or {}
+    gptq_done = any(labels.get(name, "").endswith(" gptq") for name in quantized)
     untie = _untie_if_needed(model, tensors, quantized)
     config = {
         "quant_method": "gptq",
         "bits": scheme.bits,
         "group_size": scheme.group_size or -1,  # -1: one group per output row
-        "desc_act": False,
+        # act-order with static groups: columns were processed by decreasing Hessian diagonal, but each
+        # keeps its group c // group_size, which the g_idx written says
+        "desc_act": scheme.actorder == "weight",
         "sym": scheme.symmetric,
-        "true_sequential": True,
-        "damp_percent": 0.01,
-        "static_groups": False,
+        "true_sequential": bool(options.get("true_sequential", True)) if gptq_done else False,
+        "damp_percent": float(options.get("damp_percent", 0.01)),
+        "static_groups": scheme.actorder == "weight",
         "checkpoint_format": checkpoint_format,
     }
     with _staging_dir(out_dir) as tmp:
@@ -424,14 +460,13 @@ def is_compressed_tensors_dir(path: str | Path) -> bool:
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of ``model.safetensors``, or of the shards listed in ``model.safetensors.index.json``."""
-    index = path / f"{WEIGHTS_FILE}.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [WEIGHTS_FILE]
     tensors = {}
-    for file in files:
+    for file in shard_names(path):
         try:
-            tensors.update(load_file(path / file))
+            loaded = load_file(path / file)
         except (SafetensorError, OSError) as err:
             raise BitsmithError(f"corrupt or missing checkpoint file {path / file} ({err})") from None
+        tensors.update({k: v.clone() for k, v in loaded.items()})  # own, aligned memory (not the mapped file)
     return tensors
 
 
@@ -496,14 +531,17 @@ def _quantized_weight(name: str, tensors: dict, weights: dict, linear: nn.Linear
     codes = unpack_int32_dense(tensors[f"{name}.weight_packed"], bits, in_features, dim=1)  # (N, K) = signed + 2**(b-1)
     scale = tensors[f"{name}.weight_scale"].float().reshape(out_features if strategy != "tensor" else 1, -1)
     group_size = (weights.get("group_size") or 0) if strategy == "group" else in_features
-    if group_size <= 0 or in_features % group_size or scale.shape[-1] != in_features // group_size:
-        raise BitsmithError(f"layer '{name}': group size {group_size} does not divide in_features={in_features}")
+    if type(group_size) is not int or group_size <= 0 or scale.shape[-1] != -(-in_features // group_size):
+        raise BitsmithError(f"layer '{name}': {scale.shape[-1]} scales per row do not fit group size {group_size}"
+                            f" over in_features={in_features}")
     scale = scale.expand(out_features, -1)  # (N, G); a per-tensor scale repeats down the rows
     zero = torch.full_like(scale, 2 ** (bits - 1), dtype=torch.int32)  # symmetric: signed zero 0
     if not weights.get("symmetric", True):
         stored = tensors[f"{name}.weight_zero_point"]
-        if stored.dtype == torch.int32:  # packed along N: (ceil(N * bits / 32), G)
-            zero = unpack_int32_dense(stored.reshape(-1, scale.shape[-1]), bits, out_features, dim=0).to(torch.int32)
+        if stored.dtype == torch.int32:  # packed along N: (ceil(N * bits / 32), G), or that padded to (N, G)
+            words = -(-out_features * bits // 32)
+            packed = stored.reshape(-1, scale.shape[-1])[:words]
+            zero = unpack_int32_dense(packed, bits, out_features, dim=0).to(torch.int32)
         else:  # unpacked signed int8 (per-tensor, or written by older compressed-tensors)
             zero = (stored.to(torch.int32) + 2 ** (bits - 1)).reshape(-1, scale.shape[-1]).expand_as(scale)
     return QuantizedWeight(codes, scale.contiguous(), zero, IntFormat(bits, signed=False), group_size)
@@ -522,21 +560,21 @@ def _runtime_linear(qweight: QuantizedWeight, bias: torch.Tensor | None) -> nn.M
     return IntxWeightOnlyLinear.from_quantized(qweight, bias)
 
 
-def _skeleton(path: Path):
+def _skeleton(path: Path, causal: bool):
     import transformers
 
-    try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise BitsmithError(f"cannot read {path / 'config.json'} ({err})") from None
+    from bitsmith.api.models import read_model_config
+
+    config = read_model_config(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # bitsmith's modules replace the quantized layers, not compressed-tensors'
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # older transformers: initialize, only slower
         no_init_weights = contextlib.nullcontext
+    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     with no_init_weights():  # every weight comes from the checkpoint: skip the random initialization
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = auto.from_config(config, dtype=torch.float32, trust_remote_code=False)
     model.tie_weights()  # skipped with the initialization; ties lm_head to the embedding where the config says so
     return model
 
@@ -551,9 +589,12 @@ def load_compressed_tensors(path: str | Path) -> nn.Module:
     qc = _read_config(path).get("quantization_config") or {}
     if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
         raise BitsmithError(f"{path} is not a compressed-tensors checkpoint (no quant_method 'compressed-tensors')")
+    from bitsmith.api.models import _is_causal_lm_dir
+
     groups, ignore = _check_ct_config(qc, path), list(qc.get("ignore") or [])
     tensors = _read_tensors(path)
-    model = _skeleton(path)
+    # a causal LM by its config, or (a config written without architectures) by its output head
+    model = _skeleton(path, _is_causal_lm_dir(path) or "lm_head.weight" in tensors)
     replaced = set()
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or f"{name}.weight_packed" not in tensors:

@@ -33,8 +33,10 @@ All measured on MiniLM in ``bench/bench_onnx.py``.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
+import sys
 import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
@@ -44,6 +46,7 @@ import torch
 from torch import nn
 
 from bitsmith.errors import BitsmithError
+from bitsmith.outputs import publish, staging_file
 from bitsmith.nn import (
     QUANTIZED_MODULES,
     HalfEmbedding,
@@ -142,9 +145,7 @@ def _write_atomically(path: Path, export, count_layers):
     """Export to a temporary file beside ``path``, tidy and check it, then rename it over ``path``."""
     import onnx
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = str(staging_file(path))
     try:
         trace_warnings = export(tmp)
         proto = onnx.load(tmp)
@@ -153,7 +154,7 @@ def _write_atomically(path: Path, export, count_layers):
         _annotate(proto, layers)
         onnx.checker.check_model(proto)
         onnx.save(proto, tmp)
-        os.replace(tmp, path)
+        publish(Path(tmp), path)  # 0644 less the umask: a serving process under another user can read it
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -207,7 +208,7 @@ def _torch_export(wrapper, args, path, names, out_names, axes, opset, contrib: b
     """Run the legacy exporter; returns the tracer's warnings (the exporter's own notices are dropped)."""
     # no_grad: the tracer keeps each stand-in's output as a constant of the Function's (unused)
     # subgraph, and refuses a constant that requires grad
-    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad(), _quiet_stderr():
         warnings.simplefilter("always")
         try:
             torch.onnx.export(
@@ -221,6 +222,25 @@ def _torch_export(wrapper, args, path, names, out_names, axes, opset, contrib: b
             raise BitsmithError(f"ONNX export failed: {type(err).__name__}: {first}") from err
     traced = {str(w.message).splitlines()[0] for w in caught if w.category is torch.jit.TracerWarning}
     return sorted(traced)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """File descriptor 2 into a temporary file while the exporter runs: on a failure it prints the whole traced
+    graph (thousands of lines) there, and the user is to see one line. BITSMITH_DEBUG=1 keeps it."""
+    if os.environ.get("BITSMITH_DEBUG"):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _emitted_layers(proto, swapped) -> dict[str, int]:
