@@ -34,3 +34,23 @@ def minilm_batch(repeats: int, sentences: int = 64):
     batch = encode_batch(tokenizer, doc_sentences(sentences), max_length=128)
     notes = {"sentences": sentences, "batch_shape": list(batch["input_ids"].shape), "repeats": repeats}
     return model, tokenizer, batch, notes
+
+
+def machine_line() -> str:
+    """The CPU and the facts that decide its kernels (flags read from the machine), for every report."""
+    from bitsmith.nn import cpu, native
+
+    facts = cpu.summary()
+    caps = ", ".join(f"{k}={v}" for k, v in facts["library_caps"].items())
+    return (f"CPU: {facts['cpu']} | flags: {' '.join(facts['flags'])} | int8: {facts['int8_dot_product']}"
+            f" ({facts['onednn_int8']}) | bf16: {facts['bf16']}{' | caps: ' + caps if caps else ''}"
+            f" | native: {native.status()} | torch {torch.__version__} | threads {torch.get_num_threads()}")
+
+
+def finish(checks: list[tuple[str, bool]]) -> int:
+    """Print each (target, passed) as PASS/FAIL; the exit status is 1 if any target failed."""
+    for target, passed in checks:
+        print(f"{'PASS' if passed else 'FAIL'}  {target}")
+    failed = sum(not passed for _, passed in checks)
+    print(f"\n{len(checks) - failed} of {len(checks)} targets met" + (f"; {failed} FAILED" if failed else ""))
+    return 1 if failed else 0

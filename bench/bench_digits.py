@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import platform
 import shutil
 import statistics
 import tempfile
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 import bitsmith
-from _common import bench_parser, parse
+from _common import bench_parser, finish, machine_line, parse
 from bitsmith.api.models import load_model
 from bitsmith.api.tasks import ImageClassificationTask
 from bitsmith.export.onnx import export_onnx
@@ -91,21 +90,24 @@ def main() -> None:
             })
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine())
-    print(f"CPU: {cpu} | torch {torch.__version__} | threads {args.threads} | batch {list(task.batch.shape)}, "
-          f"{args.repeats} interleaved rounds (median); accuracy on {len(task.y_test)} test images\n")
+    print(machine_line())
+    print(f"batch {list(task.batch.shape)}, {args.repeats} interleaved rounds (median); accuracy on"
+          f" {len(task.y_test)} test images\n")
     print("| variant | latency vs torch fp32 | median ms | size MB | test accuracy |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['latency_ratio']:.2f} | {r['median_ms']:.1f} | {r['size_mb']:.3f} | {100 * r['accuracy']:.2f}% |")
     fp32, int8 = rows[0], rows[1]
-    ok_acc = fp32["accuracy"] - int8["accuracy"] <= 0.005
-    print(f"\n{'PASS' if ok_acc else 'FAIL'}  w8a8-static accuracy within 0.5 points of fp32 "
-          f"({100 * fp32['accuracy']:.2f}% -> {100 * int8['accuracy']:.2f}%)")
-    print(f"{'PASS' if int8['latency_ratio'] < 1 else 'FAIL'}  w8a8-static faster than fp32 ({int8['latency_ratio']:.2f}x)")
+    print()
+    code = finish([
+        (f"w8a8-static accuracy within 0.5 points of fp32 ({100 * fp32['accuracy']:.2f}% ->"
+         f" {100 * int8['accuracy']:.2f}%)", fp32["accuracy"] - int8["accuracy"] <= 0.005),
+        (f"w8a8-static faster than fp32 ({int8['latency_ratio']:.2f}x)", int8["latency_ratio"] < 1),
+    ])
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"cpu": cpu, "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"machine": machine_line(), "rows": rows}, indent=2))
+    return code
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

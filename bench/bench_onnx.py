@@ -24,7 +24,7 @@ import onnxruntime as ort
 import torch
 
 import bitsmith
-from _common import bench_parser, minilm_batch, parse
+from _common import bench_parser, finish, machine_line, minilm_batch, parse
 from bitsmith.api.compress import machine_summary
 from bitsmith.api.evaluate import cosine_fidelity
 from bitsmith.export import export_onnx
@@ -224,19 +224,17 @@ def main(argv=None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     machine = {**machine_summary(), "onnxruntime": ort.__version__, "threads": args.threads}
     checks = check_targets(rows)
-    print(f"\nCPU: {machine['cpu']} | torch {machine['torch']} | onnxruntime {machine['onnxruntime']} "
-          f"| threads {args.threads}")
+    print(f"\n{machine_line()} | onnxruntime {machine['onnxruntime']}")
     print(f"batch {notes['batch_shape']}, {args.repeats} interleaved rounds (median); MB = 1e6 bytes; "
           f"ORT pre-processing: {notes.get('ort_preprocess')}\n")
     print(markdown(rows) + "\n")
-    for c in checks:
-        print(f"{'PASS' if c['pass'] else 'FAIL'}  {c['target']}  (measured {c['value']:.4g}, bound {c['bound']:.4g})")
+    code = finish([(f"{c['target']}  (measured {c['value']:.4g}, bound {c['bound']:.4g})", c["pass"]) for c in checks])
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         exports = {k: {"layers": v["layers"], "ops": v["ops"]} for k, v in info.items()}
         payload = {"machine": machine, "settings": notes, "results": rows, "checks": checks, "exports": exports}
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from bitsmith.api.recipes import load_recipe
 from bitsmith.api.serialization import prepare_output_dir, save
 from bitsmith.api.tasks import task_for
 from bitsmith.errors import BitsmithError
-from bitsmith.nn import cpu, native
+from bitsmith.nn import cpu, dispatch, native
 
 __all__ = ["compress", "evaluate", "machine_summary", "check_counts"]
 
@@ -119,7 +119,9 @@ def compress(
         "skipped": report.skipped, "notes": report.notes, "prepared": report.prepared, "kernels": kernels,
     }
     if out is not None:
-        meta = save(quant_model, out, tokenizer=tokenizer, metrics=metrics, extra={"kernels": kernels})
+        # the kernel decisions too: bitsmith eval on this machine then runs the same kernels (the same numbers)
+        extra = {"kernels": kernels, "kernel_decisions": dispatch.export_decisions()}
+        meta = save(quant_model, out, tokenizer=tokenizer, metrics=metrics, extra=extra)
         result["out"] = str(out)
         result["file_bytes"] = sum(entry["bytes"] for entry in meta["files"].values())
     result["model"] = quant_model

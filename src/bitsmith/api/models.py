@@ -96,9 +96,16 @@ def _load_transformers_dir(path: Path):
     config = read_model_config(path)  # refuses remote code before any weights are read
     auto = AutoModelForCausalLM if _is_causal_lm_dir(path) else AutoModel  # keep the LM head of a causal LM
     try:
-        model = auto.from_pretrained(path, config=config, local_files_only=True, trust_remote_code=False).eval()
+        model, info = auto.from_pretrained(path, config=config, local_files_only=True, trust_remote_code=False,
+                                           output_loading_info=True)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as err:
         raise BitsmithError(f"cannot load a transformers model from {path}: {_first_line(err)}") from None
+    # transformers fills tensors the checkpoint lacks with random values and only warns: a wrong model
+    missing = sorted(info.get("missing_keys") or []) + sorted(str(k) for k in info.get("mismatched_keys") or [])
+    if missing:
+        raise BitsmithError(f"{path}: the checkpoint does not fit a {type(model).__name__} (tensor {missing[0]}"
+                            " is missing or of another shape); is it a bitsmith checkpoint without its bitsmith.json?")
+    model.eval()
     tokenizer = load_tokenizer(path)
     if tokenizer is None:
         raise BitsmithError(f"{path} has no tokenizer files; bitsmith evaluates text models with their tokenizer")

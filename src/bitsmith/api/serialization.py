@@ -157,7 +157,7 @@ def _check_structure(meta, meta_path: Path) -> dict:
     what = f"corrupt checkpoint: {meta_path}"
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION or "layers" not in meta:
         raise BitsmithError(f"corrupt or unsupported checkpoint: {meta_path} lacks format_version {FORMAT_VERSION}")
-    for key in ("source", "layers", "files", "skipped", "notes", "quantized", "metrics", "kernels"):
+    for key in ("source", "layers", "files", "skipped", "notes", "quantized", "metrics", "kernels", "kernel_decisions"):
         if key in meta and not isinstance(meta[key], dict):
             raise BitsmithError(f"{what}: '{key}' must be a mapping, not {type(meta[key]).__name__}")
     if meta.get("recipe") is not None and not isinstance(meta["recipe"], dict):
@@ -332,6 +332,9 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         target.bitsmith_skipped = meta.get("skipped", {})
         target.bitsmith_notes = meta.get("notes", {})
         target.bitsmith_quantized = meta.get("quantized", {})
+    from bitsmith.nn import dispatch
+
+    dispatch.seed(meta.get("kernel_decisions"))  # the kernels it was measured with, if this is that machine
     return target.eval()
 
 

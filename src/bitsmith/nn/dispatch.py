@@ -11,28 +11,28 @@ process; rows are bucketed by powers of two.
     BITSMITH_KERNEL_<FAMILY>=<name>   | always use candidate <name> of that family (e.g. BITSMITH_KERNEL_W8A16=dequant-fp32)
     BITSMITH_AUTOTUNE=0               | no timing: the first candidate (the static preference order)
 
-Every decision is kept with its timings (``decisions()``), so reports say what ran and why, and written to
-``$BITSMITH_CACHE/kernels/decisions-<machine key>.json`` (the key covers the CPU's flags, library caps and
-torch version): later processes on the same machine run the same kernels, so their numbers agree to the last
-bit (bf16 and fp32 candidates round differently), and skip the timing. Delete the file to measure again.
+Every decision is kept with its timings (``decisions()``), so reports say what ran and why. A compressed
+checkpoint records the decisions made when it was measured (``bitsmith.json`` "kernel_decisions", with the
+machine key: CPU flags, library caps, torch version); loading it on the same machine runs the same kernels
+(``seed``), so ``bitsmith eval`` reproduces the figures of ``bitsmith compress`` to the last bit (bf16 and fp32
+candidates round differently). Nothing else is kept between processes: a noisy moment is not remembered.
+A candidate other than the first (the static preference) has to be 5% faster to be chosen.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
 from bitsmith.errors import BitsmithError
 from bitsmith.nn import cpu
 
-__all__ = ["Decision", "choose", "decisions", "forced", "row_bucket", "reset"]
+__all__ = ["Decision", "choose", "decisions", "forced", "row_bucket", "reset", "seed", "export_decisions",
+           "decisions_key"]
 
 _TIMED_ROUNDS = 3  # after one warm-up call each; candidates alternate so load from others falls on all alike
 
@@ -53,41 +53,34 @@ class Decision:
 
 
 _DECISIONS: dict[tuple[str, str], Decision] = {}
-_LOADED: set[str] = set()  # decision files read in this process
+_MARGIN = 0.95  # another candidate must take at most 95% of the preferred one's time
 
 
-def _decisions_file() -> Path:
-    root = os.environ.get("BITSMITH_CACHE") or Path.home() / ".cache" / "bitsmith"
-    forced = "-int8-exact" if cpu.exact_int8_forced() else ""  # another candidate set: kept apart
-    return Path(root) / "kernels" / f"decisions-{cpu.machine_key()}{forced}.json"
+def decisions_key() -> str:
+    """What decisions are valid for: this machine's kernel key, and whether the exact int8 path is forced."""
+    return cpu.machine_key() + ("-int8-exact" if cpu.exact_int8_forced() else "")
 
 
-def _load_saved() -> None:
-    path = _decisions_file()
-    if str(path) in _LOADED:
-        return
-    _LOADED.add(str(path))
-    try:
-        saved = json.loads(path.read_text())
-        for item in saved:
-            decision = Decision(**item)
-            _DECISIONS.setdefault((decision.family, decision.key), decision)
-    except (OSError, ValueError, TypeError):
-        return  # none yet, or unreadable: measure again
-
-
-def _save() -> None:
-    path = _decisions_file()
+def export_decisions() -> dict:
+    """The measured decisions of this process, for a checkpoint's bitsmith.json."""
     measured = [asdict(d) for d in _DECISIONS.values() if d.how == "measured"]
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(measured, f, indent=1)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)  # atomic: a concurrent reader sees the old or the new file
-    except OSError:
-        pass  # a read-only cache: decisions stay in this process
+    return {"key": decisions_key(), "decisions": measured}
+
+
+def seed(recorded: dict | None) -> int:
+    """Adopt decisions recorded in a checkpoint if they were made on a machine like this one; returns how many."""
+    if not isinstance(recorded, dict) or recorded.get("key") != decisions_key():
+        return 0
+    adopted = 0
+    for item in recorded.get("decisions") or []:
+        try:
+            decision = Decision(**{**item, "how": "recorded at compress time"})
+        except TypeError:
+            continue
+        if isinstance(decision.family, str) and isinstance(decision.key, str) and isinstance(decision.chosen, str):
+            _DECISIONS.setdefault((decision.family, decision.key), decision)
+            adopted += 1
+    return adopted
 
 
 def row_bucket(rows: int) -> int:
@@ -106,11 +99,14 @@ def forced(family: str) -> str | None:
 
 
 def _time(candidates: dict[str, Callable[[], object]]) -> dict[str, float]:
-    best = {}
+    best, warm = {}, {}
     with torch.inference_mode():
-        for run in candidates.values():
+        for name, run in candidates.items():
+            start = time.perf_counter()
             run()
-        for _ in range(_TIMED_ROUNDS):
+            warm[name] = time.perf_counter() - start
+        rounds = _TIMED_ROUNDS if max(warm.values()) > 0.005 else 2 * _TIMED_ROUNDS  # cheap calls: more rounds
+        for _ in range(rounds):
             for name, run in candidates.items():
                 start = time.perf_counter()
                 run()
@@ -132,7 +128,6 @@ def choose(family: str, key: str, candidates: dict[str, Callable[[], object]]) -
             )
         _DECISIONS.setdefault((family, key), Decision(family, key, name, f"forced by {_variable(family)}"))
         return name
-    _load_saved()
     cached = _DECISIONS.get((family, key))
     if cached is not None and cached.chosen in candidates:
         return cached.chosen
@@ -142,11 +137,9 @@ def choose(family: str, key: str, candidates: dict[str, Callable[[], object]]) -
         decision = Decision(family, key, next(iter(candidates)), "static preference order (not timed)")
     else:
         timings = _time(candidates)
-        decision = Decision(family, key, min(timings, key=timings.get), "measured",
-                            {name: round(ms, 4) for name, ms in timings.items()})
-        _DECISIONS[(family, key)] = decision
-        _save()
-        return decision.chosen
+        preferred, fastest = next(iter(candidates)), min(timings, key=timings.get)
+        chosen = fastest if timings[fastest] <= _MARGIN * timings[preferred] else preferred
+        decision = Decision(family, key, chosen, "measured", {name: round(ms, 4) for name, ms in timings.items()})
     _DECISIONS[(family, key)] = decision
     return decision.chosen
 
@@ -156,10 +149,6 @@ def decisions(family: str | None = None) -> list[Decision]:
     return [d for (f, _), d in _DECISIONS.items() if family is None or f == family]
 
 
-def reset(saved: bool = False) -> None:
-    """Forget every decision of this process (tests; or after changing BITSMITH_* variables); with
-    ``saved``, also the decisions file of this machine."""
+def reset() -> None:
+    """Forget every decision of this process (tests; or after changing BITSMITH_* variables)."""
     _DECISIONS.clear()
-    _LOADED.clear()
-    if saved:
-        _decisions_file().unlink(missing_ok=True)
