@@ -88,12 +88,17 @@ def test_awq_scales_beat_round_to_nearest_on_outlier_inputs():
     assert direct == pytest.approx(info["error"], rel=1e-3)
 
 
-def test_awq_scales_keep_plain_rounding_when_scaling_does_not_help():
-    x = torch.randn(512, 128)  # no outliers, isotropic inputs
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_awq_scales_stay_near_one_without_outliers(seed):
+    """Isotropic inputs give AWQ little to work with: the scales it picks stay near 1 and the error barely
+    moves (with outlier channels, above, it falls to a third)."""
+    torch.manual_seed(seed)
+    x = torch.randn(512, 128)  # no outliers
     w = torch.randn(32, 128)
     h, _ = accumulate_hessian(None, x, 0)
     s, info = awq_scales([w], h, x.abs().mean(0), bits=8, group=128, symmetric=True, grid=5)
-    assert info["error"] <= info["rtn_error"]
+    assert 0.8 <= float(s.min()) and float(s.max()) <= 1.25  # measured 0.82 .. 1.22 over the four seeds
+    assert info["error"] / info["rtn_error"] > 0.9  # measured 0.926 .. 1.0
 
 
 def test_clip_search_lowers_the_output_error():
