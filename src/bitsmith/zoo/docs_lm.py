@@ -24,8 +24,9 @@ held-out perplexity and the build time) in ``$BITSMITH_CACHE/zoo`` (default ``~/
     max_position_embeddings | 512 (trained on 256-token windows)
     parameters              | 5,245,184 (float32)
 
-Its evaluation is perplexity over fixed-length windows of held-out text (``perplexity``): 131.5 over the 175
-windows of 256 tokens of the held-out split on Python 3.11 (an untrained model of the same shape: ~4300).
+Its evaluation is perplexity over fixed-length windows of held-out text (``perplexity``); the build records
+it in ``bitsmith_zoo.json`` (``figures()``): 132.27 over the 175 windows of 256 tokens of the held-out split on
+Python 3.11, built with pinned numerics (zoo/pinned.py; an untrained model of the same shape: ~4300).
 """
 
 from __future__ import annotations
@@ -34,18 +35,13 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
-import importlib
-import inspect
 import json
 import math
-import os
-import pkgutil
 import random
-import shutil
+import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -53,6 +49,7 @@ import torch
 from torch.nn import functional as F
 
 from bitsmith.errors import BitsmithError
+from bitsmith.zoo.cache import read_built_dir, write_built_dir, zoo_root
 
 __all__ = [
     "TrainRecipe",
@@ -77,96 +74,33 @@ __all__ = [
 NAME = "docs-lm"
 HELDOUT_EVERY = 10  # one document in 10 (by name hash) is held out: 29 of 395, 155k characters
 SPLIT_SEED = 0
-MIN_DOCSTRING_CHARS = 40  # shorter docstrings are mostly "Return self==value." boilerplate
 MIN_WINDOW_TOKENS = 16  # a trailing partial window shorter than this is not scored
 SPECIAL_TOKENS = ("<s>", "</s>", "<pad>")  # ids 0, 1, 2
 
-# Modules whose import opens windows, prints, starts a GUI or is slow, and packages of tests or generated codecs.
-SKIPPED_MODULES = frozenset({
-    "antigravity",  # opens a web browser
-    "this",  # prints the Zen of Python
-    "idlelib", "tkinter", "turtle", "turtledemo",  # GUI
-    "test", "lib2to3",  # the test suite; lib2to3 may write grammar pickles next to itself
-    "readline", "rlcompleter",  # may write terminal escape codes
-    "encodings",  # ~120 generated codec modules with one-line docstrings
-    "ensurepip", "venv", "distutils",  # packaging machinery
-    "pydoc_data",  # the topics are taken directly
-})
 
 
 # ---------------------------------------------------------------------------------------------------- corpus
-
-
-def _stdlib_module_names() -> list[str]:
-    """Public stdlib modules and their public submodules, sorted; importing them on the way."""
-    names = []
-    for top in sorted(sys.stdlib_module_names):
-        if top.startswith("_") or top in SKIPPED_MODULES:
-            continue
-        try:
-            module = importlib.import_module(top)
-        except Exception:  # not built on this platform (winreg, msvcrt, ...)
-            continue
-        names.append(top)
-        for info in pkgutil.walk_packages(getattr(module, "__path__", []), top + ".", onerror=lambda name: None):
-            parts = info.name.split(".")
-            if any(part.startswith("_") or part in ("test", "tests") for part in parts):
-                continue
-            try:
-                importlib.import_module(info.name)
-            except Exception:  # dbm.gnu, asyncio.windows_events, ...
-                continue
-            names.append(info.name)
-    return sorted(set(names))
-
-
-def _defined_in(obj, module_name: str) -> bool:
-    """True unless ``obj`` says it comes from another module (C methods say nothing and count as here).
-
-    Other libraries add to stdlib classes (transformers puts ``warning_once`` on ``logging.Logger``); their
-    docstrings would make the corpus depend on what the caller imported.
-    """
-    origin = obj.fget if isinstance(obj, property) else obj
-    return getattr(origin, "__module__", None) in (None, module_name)
-
-
-def _module_docstrings(module) -> list[str]:
-    """The module's docstring, then its public classes (with their methods) and functions, by name."""
-    found = [inspect.getdoc(module)]
-    for name, obj in sorted(vars(module).items()):
-        # defined here, not imported: re-exports are collected where they are defined
-        if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
-            continue
-        if inspect.isclass(obj):
-            found.append(inspect.getdoc(obj))
-            for attr_name, attr in sorted(vars(obj).items()):
-                is_member = inspect.isroutine(attr) or isinstance(attr, property)
-                if is_member and not attr_name.startswith("_") and _defined_in(attr, module.__name__):
-                    found.append(inspect.getdoc(attr))
-        elif inspect.isroutine(obj):
-            found.append(inspect.getdoc(obj))
-    return [doc for doc in found if doc and len(doc) >= MIN_DOCSTRING_CHARS]
 
 
 @functools.cache
 def documents() -> tuple[tuple[str, str], ...]:
     """``(name, text)`` of every document: ``topic:<key>`` pages, then ``module:<name>`` docstrings, sorted.
 
-    A module's docstrings are joined by blank lines; a docstring seen earlier (an inherited or shared one) is
-    dropped, so no text is in two documents. The result depends on the Python version, not on the caller.
+    Collected by ``_stdlib_docs.py`` in a child interpreter that sees the standard library only (``python -I
+    -S``): what the caller imported or patched (transformers puts ``warning_once`` on ``logging.Logger``, a test
+    may patch a module) cannot reach the corpus, and the caller's process is not made to import every stdlib
+    module. The result depends on the Python version, not on the caller.
     """
-    from pydoc_data.topics import topics
-
-    docs = [(f"topic:{key}", topics[key].strip()) for key in sorted(topics)]
-    seen = set()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # deprecated modules (and typing.io's docstring) warn when touched
-        for name in _stdlib_module_names():
-            fresh = [doc for doc in _module_docstrings(sys.modules[name]) if doc not in seen]
-            seen.update(fresh)
-            if fresh:
-                docs.append((f"module:{name}", "\n\n".join(fresh)))
-    return tuple(docs)
+    script = Path(__file__).with_name("_stdlib_docs.py")
+    with tempfile.TemporaryDirectory(prefix="bitsmith-docs-") as tmp:
+        out = Path(tmp) / "documents.json"
+        done = subprocess.run([sys.executable, "-I", "-S", str(script), str(out)], cwd=tmp,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, timeout=600)
+        if done.returncode != 0 or not out.is_file():
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise BitsmithError(f"collecting Python's documentation for docs-lm failed: {last}")
+        return tuple((name, text) for name, text in json.loads(out.read_text(encoding="utf-8")))
 
 
 def _is_heldout(name: str) -> bool:
@@ -227,7 +161,7 @@ def calibration_texts(n: int = 128, max_chars: int = 2000, seed: int = 0) -> lis
 class TrainRecipe:
     """How ``train_docs_lm`` builds the model; the cache entry is keyed by this recipe and the Python version."""
 
-    version: int = 1  # bump when the training code changes in a way these fields do not show
+    version: int = 2  # bump when the training code changes in a way these fields do not show (2: pinned numerics)
     vocab_size: int = 4096  # BPE vocabulary including the special tokens
     hidden_size: int = 256
     intermediate_size: int = 768  # SwiGLU width; a multiple of 128
@@ -484,46 +418,16 @@ def perplexity(
 
 
 def _cache_path(recipe: TrainRecipe) -> Path:
-    root = os.environ.get("BITSMITH_CACHE") or Path.home() / ".cache" / "bitsmith"
     # the docstrings differ between Python versions; the hash only tells entries apart, bitsmith_zoo.json says more
     python = "{}.{}".format(*sys.version_info[:2])
     key = hashlib.sha256((python + json.dumps(dataclasses.asdict(recipe), sort_keys=True)).encode())
-    return Path(root) / "zoo" / f"{NAME}-{key.hexdigest()[:16]}"
+    return zoo_root() / f"{NAME}-{key.hexdigest()[:16]}"
 
 
 def _is_complete(path: Path, recipe: TrainRecipe) -> bool:
     """True when ``path`` holds a whole build of ``recipe``: metadata, readable weights and tokenizer."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        info = json.loads((path / "bitsmith_zoo.json").read_text())
-        json.loads((path / "tokenizer.json").read_text())
-        json.loads((path / "config.json").read_text())
-        with safe_open(path / "model.safetensors", framework="pt") as weights:
-            has_head = "lm_head.weight" in weights.keys()
-    except (OSError, ValueError, SafetensorError):
-        return False
-    return has_head and info.get("recipe") == dataclasses.asdict(recipe)
-
-
-def _write_dir(path: Path, model, tokenizer, info: dict) -> None:
-    """Writes the directory next to ``path`` and renames it into place, so readers never see half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "bitsmith_zoo.json").write_text(json.dumps(info, indent=2) + "\n")
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a cache entry is not secret
-        for file in tmp.iterdir():
-            os.chmod(file, 0o644)
-        if path.exists():  # stale or broken: move it aside, then swap in the new one
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}-old-", dir=path.parent))
-            os.replace(path, old / "entry")
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    info = read_built_dir(path, "lm_head.weight")
+    return info is not None and info.get("recipe") == dataclasses.asdict(recipe)
 
 
 def build_docs_lm(
@@ -532,8 +436,18 @@ def build_docs_lm(
     """The cache directory of the built model: trained, evaluated and saved when missing, broken or ``force``."""
     import transformers
 
+    from bitsmith.zoo import pinned
+
     path = _cache_path(recipe)
     if not force and _is_complete(path, recipe):
+        return path
+    if recipe == RECIPE and pinned.can_pin() and not pinned.in_pinned_child():
+        # the zoo's own model: trained with every numeric library held to AVX2 and one thread (zoo/pinned.py),
+        # so every x86-64 machine gets the same weights and figures
+        pinned.run_pinned(f"from bitsmith.zoo import docs_lm, pinned\n"
+                          f"docs_lm.build_docs_lm(force={force!r}, progress=pinned.child_progress)", progress)
+        if not _is_complete(path, recipe):
+            raise BitsmithError(f"the docs-lm build ended without a complete model in {path}")
         return path
     started = time.perf_counter()
     model, tokenizer, facts = train_docs_lm(recipe, progress)
@@ -556,6 +470,7 @@ def build_docs_lm(
             **facts,
         },
         "build_seconds": round(time.perf_counter() - started, 1),
+        "numerics": pinned.PINNED_ENV if pinned.in_pinned_child() else "this machine's own kernels (not pinned)",
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -564,7 +479,7 @@ def build_docs_lm(
         progress("saving")
     if not force and _is_complete(path, recipe):  # another process finished the same build meanwhile
         return path
-    _write_dir(path, model, tokenizer, info)
+    write_built_dir(path, model, tokenizer, info)
     return path
 
 
