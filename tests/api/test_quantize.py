@@ -197,3 +197,22 @@ def test_embedding_table_is_int8_per_row(minilm):
     table = model.embeddings.word_embeddings
     assert isinstance(table, QuantizedEmbedding) and table.weight_codes.shape == (30522, 384)
     assert table.weight_scale.shape == (30522, 1)
+
+
+def test_a_table_tied_to_a_float_head_is_quantized_as_asked_and_the_report_says_it_untied():
+    """LLM recipes keep lm_head in float; a rule for the tied table is followed, and the untying reported."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+    report = bitsmith.quantize_(model, bitsmith.QuantizeConfig.model_validate({"rules": [
+        {"targets": ["Embedding"], "scheme": {"weights": {"dtype": "int8"}}},
+        {"targets": ["Linear"], "scheme": {"weights": {"dtype": "int4", "granularity": 32, "symmetric": False}}}],
+        "ignore": ["lm_head"]}))
+    assert "was tied to lm_head, which stays in float: now untied" in report.notes["model.embed_tokens"]
+    assert "model.embed_tokens" not in report.skipped
+    assert isinstance(model.model.embed_tokens, QuantizedEmbedding)
+    assert isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight.dtype == torch.float32
+    ids = torch.randint(0, 256, (1, 8))
+    assert torch.isfinite(model(ids).logits).all()

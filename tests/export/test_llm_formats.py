@@ -489,3 +489,21 @@ def test_load_refuses_other_checkpoints(float_llama, tokenizer, tmp_path):
         load_compressed_tensors(tmp_path / "ct")
     with pytest.raises(BitsmithError, match="not an empty directory"):
         export_compressed_tensors(model, tokenizer, tmp_path / "ct")
+
+
+def test_exports_write_the_options_the_recipe_ran(float_llama, tokenizer, tmp_path):
+    """A GPTQ model (act-order with static groups, MSE ranges, 2% damping, true-sequential off): both export
+    configs say so, where the round-to-nearest exports above say minmax and no act-order."""
+    model = copy.deepcopy(float_llama)
+    config = {"rules": [{"targets": ["Linear"], "scheme": {"weights": {
+        "dtype": "int4", "granularity": 128, "symmetric": True, "clip": "mse", "algorithm": "gptq"}}}],
+        "ignore": ["lm_head"], "gptq": {"damp_percent": 0.02, "true_sequential": False}}
+    calibration = [torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    bitsmith.quantize_(model, bitsmith.QuantizeConfig.model_validate(config), calibration=calibration)
+    export_compressed_tensors(model, tokenizer, tmp_path / "ct")
+    weights = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert weights["group_0"]["weights"]["observer"] == "mse" and weights["group_0"]["weights"]["actorder"] == "weight"
+    export_gptq(model, tokenizer, tmp_path / "gptq")
+    gptq = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
+    assert gptq["desc_act"] is True and gptq["static_groups"] is True
+    assert gptq["damp_percent"] == 0.02 and gptq["true_sequential"] is False

@@ -113,6 +113,25 @@ def plan(model: nn.Module, config: QuantizeConfig) -> tuple[dict[str, Scheme], d
     return chosen, skipped
 
 
+def _untied_tables(model: nn.Module, chosen: dict[str, Scheme]) -> dict[str, str]:
+    """Embeddings the plan quantizes whose matrix is shared with an output head that stays in float: the
+    recipe is followed (the table is quantized, the head keeps the float matrix), so they come apart and the
+    matrix is stored twice. Said in the report rather than done another way than asked."""
+    modules = dict(model.named_modules())
+    notes = {}
+    for name in chosen:
+        table = modules[name]
+        if not isinstance(table, nn.Embedding):
+            continue
+        heads = [n for n, m in modules.items() if isinstance(m, nn.Linear) and m.weight is table.weight]
+        float_heads = [head for head in heads if head not in chosen]
+        if float_heads:
+            notes[name] = (f"was tied to {', '.join(float_heads)}, which stays in float: now untied, the float matrix"
+                           f" is kept by the head and the table stored quantized beside it (to keep them tied,"
+                           f" ignore '{name}' too)")
+    return notes
+
+
 def _check_finite(name: str, weight: torch.Tensor) -> None:
     if not torch.isfinite(weight).all():
         raise BitsmithError(f"layer '{name}' has NaN or infinite weights; fix the model before quantizing")
@@ -196,8 +215,11 @@ def quantize_(
         calibration = calibration_batches(calibration)
     _check_recipe(model, chosen, config, calibration)
     report = QuantizeReport(skipped=skipped)
+    untied = _untied_tables(model, chosen)
     with all_or_nothing(model):
         _run(model, config, chosen, calibration, report, progress)
+        for name, text in untied.items():
+            report.note(name, text)
         model.bitsmith_recipe = recipe_dict
         model.bitsmith_skipped = {**getattr(model, "bitsmith_skipped", {}), **report.skipped}
         model.bitsmith_notes = {**getattr(model, "bitsmith_notes", {}), **report.notes}

@@ -33,6 +33,8 @@ __all__ = [
     "onednn_int8_available",
     "onednn_int8_exact",
     "exact_int8_forced",
+    "int8_status",
+    "int8_reason",
     "machine_key",
     "summary",
 ]
@@ -186,16 +188,36 @@ def machine_key() -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
+def int8_status(op: str = "linear") -> str:
+    """One word or phrase for reports: how oneDNN's int8 ``op`` runs here."""
+    if onednn_int8_exact(op):
+        return "exact in one pass"
+    if exact_int8_forced():
+        return "exact split path forced (BITSMITH_INT8=exact)"
+    if onednn_int8_available():
+        return "one pass saturates: exact split path"
+    return "not available"
+
+
+def int8_reason(op: str) -> str:
+    """Why oneDNN's one-pass int8 kernel does or does not run here (inspect's "why" for W8A8 layers)."""
+    status = int8_status(op)
+    if status == "exact in one pass":
+        return f"{int8_dot_product()}: u8 x s8 products exact in one pass"
+    if status == "one pass saturates: exact split path":
+        caps = ", ".join(f"{k}={v}" for k, v in library_caps().items())
+        where = int8_dot_product() + (f", capped by {caps}" if caps else "")
+        return f"one-pass u8 x s8 sums saturate here ({where}): exact split path"
+    return "BITSMITH_INT8=exact: exact no-VNNI path forced" if exact_int8_forced() else "no oneDNN int8 on this CPU"
+
+
 def summary() -> dict:
     """What reports print about this machine's kernels."""
-    exact = onednn_int8_exact("linear")
     return {
         "cpu": cpu_name(),
         "flags": sorted(cpu_flags() & set(KERNEL_FLAGS)),
         "int8_dot_product": int8_dot_product(),
-        "onednn_int8": "exact" if exact else ("forced exact path (BITSMITH_INT8=exact)" if exact_int8_forced()
-                                              else "saturating int16 pairs: exact path used" if
-                                              onednn_int8_available() else "not available"),
+        "onednn_int8": int8_status("linear"),
         "bf16": bf16_compute(),
         "library_caps": library_caps(),
     }

@@ -218,20 +218,7 @@ class Int8DynamicLinear(_Int8Linear):
 
     def kernel_why(self) -> str:
         quantizer = "fused native loop" if native.available() else f"eager torch ops (native: {native.status()})"
-        return f"{int8_reason('linear')}; per-token activation quantization: {quantizer}"
-
-
-def int8_reason(op: str) -> str:
-    """Why oneDNN's one-pass int8 kernel does or does not run here."""
-    if cpu.onednn_int8_exact(op):
-        return f"{cpu.int8_dot_product()}: u8 x s8 products exact in one pass"
-    if cpu.exact_int8_forced():
-        return "BITSMITH_INT8=exact: exact no-VNNI path forced"
-    if not cpu.onednn_int8_available():
-        return "no oneDNN int8 on this CPU"
-    caps = ", ".join(f"{k}={v}" for k, v in cpu.library_caps().items())
-    where = cpu.int8_dot_product() + (f", capped by {caps}" if caps else "")
-    return f"one-pass u8 x s8 sums saturate here ({where}): exact split path"
+        return f"{cpu.int8_reason('linear')}; per-token activation quantization: {quantizer}"
 
 
 class IntxWeightOnlyLinear(_QuantLinearBase):

@@ -17,7 +17,6 @@ from torch import nn
 
 from bitsmith.nn import cpu, dispatch, kernels, native
 from bitsmith.nn.kinds import tensor_problems
-from bitsmith.nn.linear import int8_reason
 
 __all__ = ["StaticInt8Linear", "StaticInt8Conv2d"]
 
@@ -122,7 +121,7 @@ class _StaticBase(nn.Module):
         how = "fused native" if native.available() else f"eager torch (native: {native.status()})"
         if getattr(self, "input_smooth", None) is not None:
             how += " with per-channel smoothing"
-        return f"{int8_reason(self._op)}; uint8 activations with a calibrated zero point, quantized by {how}"
+        return f"{cpu.int8_reason(self._op)}; uint8 activations with a calibrated zero point, quantized by {how}"
 
 
 class StaticInt8Linear(_StaticBase):
