@@ -29,6 +29,9 @@ def build_recipe(bits: int, group: int, symmetric: bool, actorder: str, damp: fl
         targets=["Linear"],
         ignore=["lm_head"],
         dampening_frac=damp,
+        # a last, shorter group where group_size does not divide a layer (SmolLM2's 576 = 4.5 x 128), as
+        # bitsmith does; llm-compressor refuses it unless told that the runtime takes it (bitsmith's does)
+        bypass_divisibility_checks=True,
         actorder=None if actorder == "none" else actorder,
         config_groups={
             "group_0": {
@@ -45,6 +48,11 @@ def build_recipe(bits: int, group: int, symmetric: bool, actorder: str, damp: fl
             }
         },
     )
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         "quantize_cpu_seconds": round(cpu_seconds, 3),
         "threads": args.threads,
         "out": args.out,
+        "peak_rss_bytes": _peak_rss(),
     }
     if args.json:
         print(json.dumps(result), flush=True)
