@@ -99,7 +99,7 @@ def worker(args) -> int:
 def run_child(command: list[str]) -> dict:
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"{command[1]} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+        raise RuntimeError(f"{Path(command[1]).name} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
