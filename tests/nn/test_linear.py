@@ -240,3 +240,19 @@ def test_modules_describe_their_kernels_and_what_ran(linear):
     assert "bf16 here: " + cpu.bf16_compute() == module.kernel_why()
     module(torch.randn(3, 256))
     assert f"; ran {module.last_kernel[0]} at M=3" in module.kernel()
+
+
+def test_bf16_and_fp16_layers_of_one_shape_decide_their_kernels_apart(monkeypatch):
+    """An fp16 layer (one candidate on most CPUs) run first must not hand its choice to a bf16 layer of the
+    same shape: the bf16 layer times its own candidates (once a shared "half" decision ran bf16 on fp32)."""
+    monkeypatch.delenv("BITSMITH_AUTOTUNE", raising=False)
+    dispatch.reset()
+    linear = nn.Linear(64, 32)
+    x = torch.randn(8, 64)
+    fp16, bf16 = HalfLinear.from_float(linear, "fp16"), HalfLinear.from_float(linear, "bf16")
+    fp16(x)
+    bf16(x)
+    (decided,) = dispatch.decisions("bf16")
+    assert set(decided.timings_ms) == {"bf16", "upcast-fp32"}  # measured, not the fp16 layer's choice
+    assert [d.family for d in dispatch.decisions()] == ["fp16", "bf16"]
+    dispatch.reset()

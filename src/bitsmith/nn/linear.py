@@ -105,11 +105,10 @@ class HalfLinear(_QuantLinearBase):
     """fp16 or bf16 weight. bf16 computes in bf16 where that is fast (AVX512-BF16, AMX) and on the fp32
     upcast otherwise; fp16 computes on the fp32 upcast unless the CPU has fp16 arithmetic."""
 
-    family = "half"
-
     def __init__(self, in_features: int, out_features: int, has_bias: bool, dtype: str = "bf16"):
         super().__init__(in_features, out_features, has_bias)
         self.dtype_name = dtype
+        self.family = dtype  # bf16 and fp16 have different candidates: one's decision is not the other's
         torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float16
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch_dtype))
         self.scheme = dtype
