@@ -7,21 +7,36 @@
 """
 
 from bitsmith.api.compress import compress, evaluate
-from bitsmith.api.config import ActivationSpec, QuantizeConfig, Recipe, Rule, Scheme, WeightSpec
-from bitsmith.api.quantize import quantize_
-from bitsmith.api.recipes import builtin_recipes, load_recipe
-from bitsmith.api.serialization import load, read_metadata, save
 from bitsmith.errors import BitsmithError
+from bitsmith.io.serialization import load, read_metadata, save
+from bitsmith.pipeline import run_stages
+from bitsmith.recipe import (
+    ActivationSpec,
+    EqualizeConfig,
+    FoldBatchNormConfig,
+    QuantizeConfig,
+    Recipe,
+    Rule,
+    Scheme,
+    SmoothConfig,
+    WeightSpec,
+    builtin_recipes,
+    load_recipe,
+)
+from bitsmith.stages import quantize_
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ActivationSpec",
     "BitsmithError",
+    "EqualizeConfig",
+    "FoldBatchNormConfig",
     "QuantizeConfig",
     "Recipe",
     "Rule",
     "Scheme",
+    "SmoothConfig",
     "WeightSpec",
     "builtin_recipes",
     "compress",
@@ -30,5 +45,6 @@ __all__ = [
     "load_recipe",
     "quantize_",
     "read_metadata",
+    "run_stages",
     "save",
 ]

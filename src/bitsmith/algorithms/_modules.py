@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["assign_"]
+__all__ = ["assign_", "replace_module"]
 
 
 def assign_(module: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -25,3 +25,13 @@ def assign_(module: nn.Module, name: str, value: torch.Tensor) -> None:
     else:
         requires_grad = old.requires_grad if isinstance(old, nn.Parameter) else False
         module._parameters[name] = nn.Parameter(value, requires_grad=requires_grad)
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` where the submodule ``name`` (a dotted path) of ``root`` is; returns the module it replaced.
+    The one way bitsmith swaps a layer (quantizing, loading, exporting), so that every swap is undone alike."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    old = getattr(parent, child)  # AttributeError for a name that is not there: a bug, not user input
+    setattr(parent, child, new)
+    return old

@@ -7,23 +7,23 @@ import time
 from pathlib import Path
 
 from bitsmith.algorithms.observers import OBSERVERS
-from bitsmith.api.config import Recipe
-from bitsmith.api.models import load_model
-from bitsmith.api.quantize import quantize_
-from bitsmith.api.recipes import load_recipe
-from bitsmith.api.tasks import task_for
 from bitsmith.errors import BitsmithError
+from bitsmith.evaluation.tasks import task_for
+from bitsmith.io.models import load_model
+from bitsmith.pipeline import run_stages
+from bitsmith.recipe import QuantizeConfig, Recipe, load_recipe
 
 __all__ = ["with_observer", "compare_observers"]
 
 
 def with_observer(recipe: Recipe, observer: str) -> Recipe:
     """The same recipe with every static activation rule set to ``observer``."""
-    data = recipe.model_dump(mode="json")
-    for rule in data["quantize"]["rules"]:
-        activations = (rule.get("scheme") or {}).get("activations")
-        if activations and not activations.get("dynamic", True):
-            activations["observer"] = observer
+    data = recipe.to_dict()
+    for stage in data["stages"]:
+        for rule in stage.get(QuantizeConfig.stage, {}).get("rules", []):
+            activations = (rule.get("scheme") or {}).get("activations")
+            if activations and not activations.get("dynamic", True):
+                activations["observer"] = observer
     return Recipe.model_validate(data)
 
 
@@ -33,7 +33,7 @@ def compare_observers(
 ) -> list[dict]:
     """Fidelity of ``model`` under ``recipe`` with each observer, on the same calibration data."""
     base = load_recipe(recipe)
-    if not base.quantize.is_static:
+    if not any(stage.is_static for stage in base.stages_of(QuantizeConfig)):
         raise BitsmithError(f"recipe '{recipe}' has no static activations: observers do not apply to it")
     loaded = load_model(model)
     if loaded.compressed:
@@ -44,7 +44,7 @@ def compare_observers(
     for name in observers or list(OBSERVERS):
         quantized = copy.deepcopy(loaded.model)
         start = time.perf_counter()
-        quantize_(quantized, with_observer(base, name), calibration=calibration)
+        run_stages(quantized, with_observer(base, name), calibration)
         seconds = time.perf_counter() - start
         rows.append({"observer": name, "quantize_s": round(seconds, 2), **task.fidelity(loaded.model, quantized)})
         if progress is not None:

@@ -1,4 +1,5 @@
-"""``compress``: quantize a model by a recipe, measure it against its float original, save it."""
+"""``compress``: the orchestrator. Load the model, read calibration data once, run the recipe's stages
+(``pipeline.run_stages``), measure the result against the float original on the same input, save it."""
 
 from __future__ import annotations
 
@@ -9,15 +10,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bitsmith.api.config import Recipe
-from bitsmith.api.evaluate import interleaved_latency, read_text
-from bitsmith.api.models import load_float_source, load_model, load_tokenizer, state_bytes
-from bitsmith.api.quantize import quantize_
-from bitsmith.api.recipes import load_recipe
-from bitsmith.api.serialization import prepare_output_dir, save
-from bitsmith.api.tasks import task_for
 from bitsmith.errors import BitsmithError
+from bitsmith.evaluation.measure import interleaved_latency, read_text
+from bitsmith.evaluation.tasks import LanguageModelTask, task_for
+from bitsmith.io.models import load_float_source, load_model, load_tokenizer, state_bytes
+from bitsmith.io.serialization import prepare_output_dir, save
 from bitsmith.nn import cpu, dispatch, native
+from bitsmith.pipeline import run_stages
+from bitsmith.recipe import Recipe, load_recipe
+from bitsmith.zoo import ZOO, zoo_model_dir
 
 __all__ = ["compress", "evaluate", "machine_summary", "check_counts"]
 
@@ -98,10 +99,10 @@ def compress(
         float_model, source = model, getattr(model, "bitsmith_source", {"kind": "module"})
     task = task_for(source, tokenizer, text, model=float_model)
     calibration = None
-    if recipe.quantize.needs_calibration or calib is not None:
+    if recipe.needs_calibration or calib is not None:
         calibration = task.calibration(calib, calib_samples)
     quant_model = copy.deepcopy(float_model)
-    report = quantize_(quant_model, recipe, calibration=calibration, progress=progress)
+    report = run_stages(quant_model, recipe, calibration, progress=progress)
     quant_model.bitsmith_source = source
     metrics = {
         "recipe": recipe.name,
@@ -116,7 +117,8 @@ def compress(
     kernels = _kernels_ran(quant_model)
     result = {
         "metrics": metrics, "quantized_layers": len(report.quantized), "quantized": report.quantized,
-        "skipped": report.skipped, "notes": report.notes, "prepared": report.prepared, "kernels": kernels,
+        "skipped": report.skipped, "notes": report.notes, "prepared": report.prepared, "stages": report.as_list(),
+        "kernels": kernels,
     }
     if out is not None:
         # the kernel decisions too: bitsmith eval on this machine then runs the same kernels (the same numbers)
@@ -187,8 +189,6 @@ def compress_offloaded(
     """``compress`` for a causal LM larger than memory: quantized block by block from its safetensors
     files (api/offload.py) into ``out``. Not evaluated here: run ``bitsmith eval`` where it fits."""
     from bitsmith.api.offload import quantize_offloaded
-    from bitsmith.api.tasks import LanguageModelTask
-    from bitsmith.zoo import ZOO, zoo_model_dir
 
     check_counts(calib_samples=calib_samples)
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
@@ -204,7 +204,7 @@ def compress_offloaded(
         raise BitsmithError(f"--offload quantizes a transformers model directory; {model_dir} is not one")
     prepare_output_dir(out)
     tokenizer = load_tokenizer(model_dir)
-    calibrated = calib is not None or recipe.quantize.needs_calibration
+    calibrated = calib is not None or recipe.needs_calibration
     if calibrated and tokenizer is None:
         raise BitsmithError(f"{model_dir}: no tokenizer files to make calibration data from")
     calibration = LanguageModelTask(tokenizer, text=None).calibration(calib, calib_samples) if calibrated else None
@@ -213,6 +213,6 @@ def compress_offloaded(
     return {
         "recipe": recipe.name, "out": str(out), "blocks": result["blocks"], "quantized_layers": len(result["quantized"]),
         "quantized": result["quantized"], "skipped": result["skipped"], "notes": result["notes"],
-        "files": result["files"], "quantize_seconds": round(time.perf_counter() - start, 2),
+        "stages": result["stages"], "files": result["files"], "quantize_seconds": round(time.perf_counter() - start, 2),
         "peak_rss_bytes": _peak_rss_bytes(), "machine": machine_summary(),
     }

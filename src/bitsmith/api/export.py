@@ -1,55 +1,79 @@
-"""``bitsmith export DIR --format ...``: turn a saved bitsmith checkpoint into a runtime's format."""
+"""``bitsmith export DIR --format ...``: turn a saved bitsmith checkpoint into a runtime's format.
+
+Formats are a registry (``EXPORT_FORMATS``): each names whether it writes a file or a directory and the
+function that writes it from the loaded checkpoint.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from bitsmith.api.models import load_model
 from bitsmith.errors import BitsmithError
-from bitsmith.outputs import prepare_output_dir, prepare_output_file
+from bitsmith.evaluation.tasks import task_for
+from bitsmith.io.models import LoadedModel, load_model
+from bitsmith.io.outputs import prepare_output_dir, prepare_output_file
 
-__all__ = ["FORMATS", "export_checkpoint"]
-
-FORMATS = ("onnx", "compressed-tensors", "gptq")
+__all__ = ["ExportFormat", "EXPORT_FORMATS", "FORMATS", "register_export_format", "export_checkpoint"]
 
 
-def _example_inputs(loaded):
-    """A real input for tracing, and the output names, from the model's task."""
-    from bitsmith.api.tasks import task_for
+@dataclass(frozen=True)
+class ExportFormat:
+    name: str
+    suffix: str | None  # a file with this suffix; None: a new directory
+    write: Callable[[LoadedModel, Path, dict], dict]  # (checkpoint, out, options) -> what was written
+    options: tuple[str, ...] = ()  # the export options it takes (the others do not apply to it)
 
-    return task_for(loaded.source, loaded.tokenizer, model=loaded.model).export_example()
+
+EXPORT_FORMATS: dict[str, ExportFormat] = {}
+
+
+def register_export_format(fmt: ExportFormat) -> None:
+    EXPORT_FORMATS[fmt.name] = fmt
+
+
+def _onnx(loaded: LoadedModel, out: Path, options: dict) -> dict:
+    from bitsmith.export.onnx import export_onnx
+
+    example, output_names = task_for(loaded.source, loaded.tokenizer, model=loaded.model).export_example()
+    config = getattr(loaded.model, "config", None)
+    if config is not None and hasattr(config, "use_cache"):
+        config.use_cache = False  # logits only: a KV cache object is no ONNX output
+    return export_onnx(loaded.model, example, out, output_names=output_names, **options)
+
+
+def _transformers_dir(writer_name: str):
+    def write(loaded: LoadedModel, out: Path, options: dict) -> dict:
+        from bitsmith.export import llm_formats
+
+        if loaded.tokenizer is None:
+            raise BitsmithError(f"the checkpoint has no tokenizer files; a {writer_name} export is a complete"
+                                " transformers directory")
+        writer = llm_formats.export_compressed_tensors if writer_name == "compressed-tensors" else llm_formats.export_gptq
+        return writer(loaded.model, loaded.tokenizer, out)
+
+    return write
+
+
+register_export_format(ExportFormat("onnx", ".onnx", _onnx, ("dynamic_activations", "activation_type")))
+register_export_format(ExportFormat("compressed-tensors", None, _transformers_dir("compressed-tensors")))
+register_export_format(ExportFormat("gptq", None, _transformers_dir("gptq")))
+FORMATS = tuple(EXPORT_FORMATS)
 
 
 def export_checkpoint(
     path: str | Path, fmt: str, out: str | Path, dynamic_activations: str = "token", activation_type: str = "u8"
 ) -> dict:
-    if fmt not in FORMATS:
-        raise BitsmithError(f"unknown export format '{fmt}'; available: {', '.join(FORMATS)}")
-    if fmt == "onnx":
-        out = prepare_output_file(out, ".onnx")
-    else:
-        out = prepare_output_dir(out)
+    if fmt not in EXPORT_FORMATS:
+        raise BitsmithError(f"unknown export format '{fmt}'; available: {', '.join(EXPORT_FORMATS)}")
+    export_format = EXPORT_FORMATS[fmt]
+    out = prepare_output_file(out, export_format.suffix) if export_format.suffix else prepare_output_dir(out)
     loaded = load_model(path)
     if not loaded.compressed:
         raise BitsmithError(f"{path} is not a bitsmith checkpoint; compress the model first")
-    if fmt in ("compressed-tensors", "gptq"):
-        from bitsmith.export.llm_formats import export_compressed_tensors, export_gptq
-
-        if loaded.tokenizer is None:
-            raise BitsmithError(f"{path} has no tokenizer files; a {fmt} export is a complete transformers directory")
-        writer = export_compressed_tensors if fmt == "compressed-tensors" else export_gptq
-        result = writer(loaded.model, loaded.tokenizer, out)
-        result["source"] = loaded.source
-        return result
-    from bitsmith.export.onnx import export_onnx
-
-    example, output_names = _example_inputs(loaded)
-    config = getattr(loaded.model, "config", None)
-    if config is not None and hasattr(config, "use_cache"):
-        config.use_cache = False  # logits only: a KV cache object is no ONNX output
-    result = export_onnx(
-        loaded.model, example, out, output_names=output_names, dynamic_activations=dynamic_activations,
-        activation_type=activation_type,
-    )
+    given = {"dynamic_activations": dynamic_activations, "activation_type": activation_type}
+    options = {name: given[name] for name in export_format.options}
+    result = export_format.write(loaded, out, options)
     result["source"] = loaded.source
     return result

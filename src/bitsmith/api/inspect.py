@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bitsmith.api.serialization import load, read_metadata
+from bitsmith.io.compressed_tensors import is_compressed_tensors_dir, load_compressed_tensors
+from bitsmith.io.serialization import load, read_metadata
 from bitsmith.nn import QUANTIZED_MODULES, cpu, native
 
 __all__ = ["inspect_checkpoint", "machine_kernels"]
@@ -26,8 +27,6 @@ def machine_kernels() -> dict:
 def inspect_checkpoint(path: str | Path) -> dict:
     """Load the checkpoint (so the kernels each layer can use are the ones available here)."""
     path = Path(path)
-    from bitsmith.export.llm_formats import is_compressed_tensors_dir, load_compressed_tensors
-
     if path.is_dir() and not (path / "bitsmith.json").exists() and is_compressed_tensors_dir(path):
         model = load_compressed_tensors(path)  # e.g. made by llm-compressor
         files = sorted(path.glob("*.safetensors"))
@@ -70,6 +69,7 @@ def inspect_checkpoint(path: str | Path) -> dict:
         "quantized": meta.get("quantized", {}),
         "skipped": meta.get("skipped", {}),
         "notes": notes,
+        "stages": meta.get("stages", []),
         "metrics": meta.get("metrics", {}),
         "versions": meta.get("versions", {}),
     }

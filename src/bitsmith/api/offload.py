@@ -1,15 +1,18 @@
-"""Quantize a model larger than memory: one decoder block in memory at a time, the rest on disk.
+"""Compress a model larger than memory: the recipe's stages run on one decoder block in memory at a time,
+the rest on disk. The stages are the same as in memory; only the block source differs (``DiskBlocks``).
 
     1. The model is built from its config with every parameter on the ``meta`` device (no memory),
        buffers real (rotary tables); the parameters outside the blocks (embeddings, final norm,
        lm_head) are read from the checkpoint's safetensors files.
-    2. The calibration batches run up to the first block; its inputs are kept.
+    2. The pipeline runs the recipe (``pipeline.run_stages``); its block runner captures the first
+       block's inputs, then ``DiskBlocks`` puts the outside parameters back on disk.
     3. For each block: its tensors are read from the memory-mapped safetensors file(s) (the file is
-       mapped for that read only, so its pages leave this process afterwards), its layers are
-       quantized (GPTQ, AWQ or round-to-nearest, as the recipe says, on the kept inputs), the block
-       runs once to give the next block's inputs, its quantized tensors are written to their own
-       shard, and the block goes back to ``meta``.
-    4. The layers outside the blocks are quantized round-to-nearest and written last.
+       mapped for that read only, so its pages leave this process afterwards), the stage changes it
+       (GPTQ, AWQ or round-to-nearest, as the recipe says, on the kept inputs), the block runs once to
+       give the next block's inputs, its tensors are written to their own shard, and the block goes
+       back to ``meta``.
+    4. The outside parameters are read again; the stage quantizes the layers there (round-to-nearest)
+       and they are written last.
 
 Peak memory is about the non-block parameters plus one block, its quantization temporaries (a GPTQ
 Hessian) and the calibration activations. The output is an ordinary bitsmith directory (one weights
@@ -21,9 +24,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
-import os
 import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -32,31 +33,22 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from bitsmith.api.calibrate import calibration_batches, run_batch
-from bitsmith.api.config import QuantizeConfig, Recipe
-from bitsmith.api.quantize import QuantizeReport, gptq_note, plan, quantize_, quantize_linear
-from bitsmith.api.sequential import (
-    _capture_inputs,
-    _gptq_block,
-    _run_block,
-    awq_block,
-    block_targets,
-    find_blocks,
-    finish_block_,
-    model_family,
-)
-from bitsmith.api.models import read_model_config
-from bitsmith.api.serialization import (
+from bitsmith.errors import BitsmithError
+from bitsmith.io.checkpoint_files import weight_map
+from bitsmith.io.serialization import (
     SAFETENSORS_METADATA,
-    build_on_meta,
     prepare_output_dir,
     publish,
     staging_dir,
     tensors_for_disk,
     write_metadata,
 )
-from bitsmith.checkpoint_files import weight_map
-from bitsmith.errors import BitsmithError
+from bitsmith.io.skeleton import float_skeleton, read_model_config
+from bitsmith.pipeline import BlockSource, run_stages
+from bitsmith.pipeline.run import check_stages
+from bitsmith.pipeline.blocks import find_blocks
+from bitsmith.recipe import QuantizeConfig, Recipe
+from bitsmith.stages import plan
 
 __all__ = ["quantize_offloaded", "checkpoint_files"]
 
@@ -139,124 +131,74 @@ def _params_to_meta(model: nn.Module, names: list[str]) -> None:
         owner._parameters[attr] = nn.Parameter(owner._parameters[attr].to("meta"), requires_grad=False)
 
 
-def _weight_only_rtn(config: QuantizeConfig) -> QuantizeConfig:
-    """The same rules with every calibrated algorithm replaced by round-to-nearest (for non-block layers)."""
-    data = config.model_dump(mode="json")
-    for rule in data["rules"]:
-        if rule["scheme"] is not None:
-            rule["scheme"]["weights"]["algorithm"] = "rtn"
-    return QuantizeConfig.model_validate(data)
+class DiskBlocks(BlockSource):
+    """Blocks read from the checkpoint when their turn comes, written to their own shard and dropped after."""
 
+    offloaded = True
 
-def _quantize_block(block, prefix, index, chosen, config, family, inputs, pending, report: QuantizeReport,
-                    progress) -> None:
-    names = block_targets(prefix, index, chosen)
-    by_algorithm: dict[str, dict[str, str]] = {}
-    for local, full in names.items():
-        by_algorithm.setdefault(chosen[full].weights.algorithm, {})[local] = full
-    done = {full: "rtn" for full in names.values()}
-    if "gptq" in by_algorithm:
-        infos = _gptq_block(block, by_algorithm["gptq"], chosen, inputs, config.gptq, pending, progress)
-        for full, info in infos.items():
-            done[full], note = gptq_note(info, config.gptq)
-            if note:
-                report.note(full, note)
-    if "awq" in by_algorithm:
-        infos, notes = awq_block(block, f"{prefix}.{index}.", {f: chosen[f] for f in by_algorithm["awq"].values()},
-                                 family, inputs, config, pending, progress)
-        for full, info in infos.items():
-            done[full] = "rtn" if info.get("no_data") else "awq"
-        for full, text in notes.items():
-            report.note(full, text)
-    with torch.no_grad():
-        for local, full in by_algorithm.get("rtn", {}).items():
-            block.set_submodule(local, quantize_linear(full, block.get_submodule(local), chosen[full]), strict=True)
-            if progress is not None:
-                progress(full)
-    for full, algorithm in done.items():
-        report.quantized[full] = chosen[full].describe(algorithm)
+    def __init__(self, files: dict[str, Path], prefix: str, outside: list[str], tmp: Path, count: int, progress=None):
+        self.files, self.prefix, self.outside, self.tmp, self.count = files, prefix, outside, tmp, count
+        self.progress = progress
+        self.written: list[str] = []
+
+    def start(self, model: nn.Module) -> None:
+        _params_to_meta(model, self.outside)  # embeddings and lm_head wait on disk while the blocks run
+        _release_memory()
+
+    def load(self, index: int, block: nn.Module) -> None:
+        _materialize(block, f"{self.prefix}.{index}.", self.files)
+
+    def release(self, index: int, block: nn.Module) -> None:
+        name = f"model-block-{index:05d}.safetensors"
+        state = tensors_for_disk(block.state_dict(prefix=f"{self.prefix}.{index}."))
+        save_file(state, self.tmp / name, metadata=SAFETENSORS_METADATA)
+        self.written.append(name)
+        _to_meta(block)
+        _release_memory()
+        if self.progress is not None:
+            self.progress(f"block {index + 1}/{self.count} written")
+
+    def finish(self, model: nn.Module) -> None:
+        _load_outside(model, self.prefix, self.outside, self.files)
 
 
 def quantize_offloaded(
     source: str | Path,
     config: QuantizeConfig | Recipe,
     out: str | Path,
-    calibration: Iterable,
+    calibration: Iterable | None,
     *,
     source_info: dict | None = None,
     progress=None,
 ) -> dict:
-    """Quantize the transformers causal-LM checkpoint in ``source`` block by block from disk into the
-    bitsmith directory ``out``; returns {"quantized": {name: scheme}, "blocks": n, "files": [...]}.
-
-    Weight-only schemes (round-to-nearest, GPTQ, AWQ) and dynamic W8A8 are supported; static
-    activation ranges need the whole model run at once and are refused."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+    """Run ``config`` (a recipe whose stages can work block by block: quantize with weight-only schemes or
+    dynamic W8A8) on the transformers causal-LM checkpoint in ``source``, block by block from disk, into the
+    bitsmith directory ``out``; returns {"quantized", "skipped", "notes", "stages", "blocks", "files"}."""
     source = Path(source)
     if not source.is_dir():
         raise BitsmithError(f"no such model directory: {source}")
-    recipe_dict = config.model_dump(mode="json")
-    if isinstance(config, Recipe):
-        config = config.quantize
-    if config.is_static or config.smoothquant is not None:
-        raise BitsmithError("the block-by-block pipeline quantizes weights (rtn, gptq, awq) and dynamic W8A8 only")
+    recipe = config if isinstance(config, Recipe) else Recipe(name="quantize_", stages=[config])
     out = prepare_output_dir(out)
     files = checkpoint_files(source)
     hf_config = read_model_config(source)
-    with build_on_meta():
-        model = AutoModelForCausalLM.from_config(hf_config).eval()
+    model = float_skeleton(hf_config, causal=True).eval()
     # the whole recipe against every block, and the whole checkpoint, before the first block runs
-    chosen, skipped = plan(model, config)
+    chosen = {name: scheme for stage in recipe.stages_of(QuantizeConfig) for name, scheme in plan(model, stage)[0].items()}
     prefix, blocks = find_blocks(model, chosen, "the block-by-block pipeline")
-    calibrated = any(s.weights.algorithm != "rtn" for s in chosen.values())
+    check_stages(model, recipe, calibration, blocks=DiskBlocks(files, prefix, [], out, len(blocks)))
     _check_checkpoint(model, files, chosen)
     outside = [n for n, p in model.named_parameters(remove_duplicate=False) if not n.startswith(prefix + ".")]
     present = [n for n in outside if n in files]
     _load_outside(model, prefix, present, files)
-    family = model_family(model, blocks[0], config) if any(s.weights.algorithm == "awq" for s in chosen.values()) else None
-    batches = calibration_batches(calibration) if calibrated else None
-    _check_recipe_calibration(config, batches)
 
-    report = QuantizeReport(skipped=skipped)
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
     tmp = staging_dir(out)
     try:
-        inputs = _capture_inputs(model, blocks[0], batches, run_batch) if calibrated else None
-        _params_to_meta(model, present)  # embeddings and lm_head wait on disk while the blocks run
-        _release_memory()
-        written = []
-        for index, block in enumerate(blocks):
-            block_prefix = f"{prefix}.{index}."
-            _materialize(block, block_prefix, files)
-            pending = []
-            _quantize_block(block, prefix, index, chosen, config, family, inputs, pending, report, progress)
-            if inputs is not None:
-                inputs = _run_block(block, inputs)
-            finish_block_(block, pending)
-            name = f"model-block-{index:05d}.safetensors"
-            save_file(tensors_for_disk(block.state_dict(prefix=block_prefix)), tmp / name, metadata=SAFETENSORS_METADATA)
-            written.append(name)
-            _to_meta(block)
-            _release_memory()
-            if progress is not None:
-                progress(f"block {index + 1}/{len(blocks)} written")
-        del inputs
-        _load_outside(model, prefix, present, files)
-        rest = {n: s for n, s in chosen.items() if not n.startswith(prefix + ".")}
-        if rest:
-            rest_report = quantize_(model, _weight_only_rtn(config))
-            report.quantized.update(rest_report.quantized)
-            for name in rest:
-                if chosen[name].weights.algorithm != "rtn":
-                    report.note(name, f"outside the repeated blocks: round-to-nearest instead of {chosen[name].weights.algorithm}")
+        disk = DiskBlocks(files, prefix, present, tmp, len(blocks), progress)
+        report = run_stages(model, recipe, calibration, blocks=disk, progress=progress)
         state = tensors_for_disk({k: v for k, v in model.state_dict().items() if not k.startswith(prefix + ".")})
         save_file(state, tmp / "model-rest.safetensors", metadata=SAFETENSORS_METADATA)
-        written.append("model-rest.safetensors")
-        model.bitsmith_recipe = recipe_dict
-        model.bitsmith_skipped = report.skipped
-        model.bitsmith_notes = report.notes
-        model.bitsmith_quantized = report.quantized
+        written = [*disk.written, "model-rest.safetensors"]
         # where the float original is, so that `bitsmith eval` can compare against it
         model.bitsmith_source = source_info or {"kind": "transformers-dir", "path": str(source.resolve())}
         hf_config.save_pretrained(tmp)
@@ -268,13 +210,8 @@ def quantize_offloaded(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"quantized": report.quantized, "skipped": report.skipped, "notes": report.notes, "blocks": len(blocks),
-            "files": written}
-
-
-def _check_recipe_calibration(config: QuantizeConfig, batches) -> None:
-    if config.needs_calibration and batches is None:
-        raise BitsmithError("this recipe calibrates (gptq or awq): give calibration data (--calib)")
+    return {"quantized": report.quantized, "skipped": report.skipped, "notes": report.notes,
+            "stages": report.as_list(), "blocks": len(blocks), "files": written}
 
 
 def _check_checkpoint(model: nn.Module, files: dict[str, Path], chosen: dict) -> None:

@@ -72,7 +72,7 @@ def compress(
     """Quantize MODEL by a recipe, compare it with the original on this machine, and save it."""
     from bitsmith.api.compress import compress as run_compress
     from bitsmith.api.compress import compress_offloaded
-    from bitsmith.api.recipes import load_recipe
+    from bitsmith.recipe import load_recipe
 
     from bitsmith.api.compress import check_counts
 
@@ -92,6 +92,7 @@ def compress(
                 f"{model} -> {recipe_name}: {result['quantized_layers']} layers in {result['blocks']} blocks,"
                 f" {result['quantize_seconds']:.0f} s, peak memory {_mb(peak) if peak else 'unknown'}; saved to {out}"
             )
+            _print_stages(result.get("stages", []))
             _print_outcomes(result)
         return
     with Progress(
@@ -130,6 +131,7 @@ def compress(
                           " tokens and were cut there")
     _print_machine(m["machine"])
     _print_kernels(result["kernels"])
+    _print_stages(result.get("stages", []))
     _print_outcomes(result)
 
 
@@ -146,6 +148,13 @@ def _print_kernels(kernels: dict[str, dict]) -> None:
         counts[key] = counts.get(key, 0) + 1
     for (kernel, rows), count in sorted(counts.items()):
         out_console.print(f"ran: {kernel} on {count} layers ({rows} rows)")
+
+
+def _print_stages(stages: list[dict]) -> None:
+    """One line: the recipe's stages in the order they ran, with how many layers each changed."""
+    if stages:
+        parts = [f"{s['stage']} ({sum('done' in e for e in s['layers'].values())} layers)" for s in stages]
+        out_console.print("stages: " + " -> ".join(parts))
 
 
 def _print_outcomes(result: dict) -> None:
@@ -235,6 +244,7 @@ def inspect(
         if "latency_ratio" in m:
             fidelity = ", ".join(f"{k} {v[1]}" for k, v in _fidelity_columns(m).items())
             out_console.print(f"measured at compress time: {fidelity}, latency {m['latency_ratio']}x float")
+    _print_stages(info.get("stages", []))
     _print_outcomes(info)
 
 
@@ -309,8 +319,8 @@ def zoo_list(
     as_json: bool = JSON_OPTION,
 ):
     """All zoo entries with their evaluation and fp32 figure."""
-    from bitsmith.api.models import load_model
-    from bitsmith.api.tasks import task_for
+    from bitsmith.io.models import load_model
+    from bitsmith.evaluation.tasks import task_for
     from bitsmith.zoo import ZOO, figures, is_built
 
     rows = []
@@ -365,7 +375,7 @@ def zoo_build(name: str = typer.Argument(..., help="Zoo entry to build (train) a
 @app.command()
 def recipes(as_json: bool = JSON_OPTION):
     """List the built-in recipes."""
-    from bitsmith.api.recipes import builtin_recipes, load_recipe
+    from bitsmith.recipe import builtin_recipes, load_recipe
 
     rows = [{"name": n, "description": load_recipe(n).description} for n in sorted(builtin_recipes())]
     if as_json:

@@ -28,7 +28,7 @@ and decompresses to the same weights; bitsmith reads both forms.
 
 Everything else (norms, float Linears such as ``lm_head``, embeddings, which bitsmith dequantizes to float
 here) is written as plain float tensors under the transformers names, with config.json, generation_config.json
-and the tokenizer files, so the directory is a complete model. ``load_compressed_tensors`` reads a
+and the tokenizer files, so the directory is a complete model. ``bitsmith.io.compressed_tensors.load_compressed_tensors`` reads a
 pack-quantized directory (ours or llm-compressor's) back into a transformers model whose quantized Linears are
 bitsmith runtime modules.
 """
@@ -37,22 +37,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from bitsmith.algorithms.rtn import QuantizedWeight
-from bitsmith.outputs import SAFETENSORS_METADATA, prepare_output_dir, publish, staging_dir
-from bitsmith.checkpoint_files import shard_names
+from bitsmith.io.compressed_tensors import CT_BITS, prefixes
+from bitsmith.io.outputs import SAFETENSORS_METADATA, prepare_output_dir, publish, staging_dir
 from bitsmith.errors import BitsmithError
-from bitsmith.formats.affine import IntFormat
-from bitsmith.formats.packing import pack_int32, pack_int32_dense, unpack_int32_dense
+from bitsmith.formats.packing import pack_int32, pack_int32_dense
 from bitsmith.nn import (
     QUANTIZED_MODULES,
     HalfEmbedding,
@@ -62,11 +58,10 @@ from bitsmith.nn import (
     QuantizedEmbedding,
 )
 
-__all__ = ["export_compressed_tensors", "export_gptq", "load_compressed_tensors", "is_compressed_tensors_dir"]
+__all__ = ["export_compressed_tensors", "export_gptq"]
 
 WEIGHTS_FILE = "model.safetensors"
 _BITS = (4, 8)  # GPTQ: widths that pack 32 // bits to a word without straddling
-_CT_BITS = (2, 3, 4, 5, 6, 7, 8)  # compressed-tensors packs any width densely
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -141,8 +136,7 @@ def _provenance(model: nn.Module, name: str) -> tuple[str, str | None]:
     """(observer, actorder) of a layer, from what quantize_ recorded it did and the recipe's GPTQ options."""
     label = (getattr(model, "bitsmith_quantized", None) or {}).get(name, "")
     observer = "mse" if " mse" in label else "minmax"
-    recipe = getattr(model, "bitsmith_recipe", None) or {}
-    gptq = ((recipe.get("quantize") or recipe) if isinstance(recipe, dict) else {}).get("gptq") or {}
+    gptq = _recipe_gptq_options(model)
     actorder = "weight" if label.endswith(" gptq") and gptq.get("act_order", True) else None
     return observer, actorder
 
@@ -163,8 +157,16 @@ def _schemes(quantized: dict[str, _IntLinear], model: nn.Module | None = None) -
 
 
 def _recipe_gptq_options(model: nn.Module) -> dict:
+    """The GPTQ options of the recipe the model was quantized by: version 2 (the first quantize stage's),
+    version 1 (its quantize section) or a bare quantize config, as bitsmith.json recorded it."""
     recipe = getattr(model, "bitsmith_recipe", None) or {}
-    quantize = recipe.get("quantize", recipe) if isinstance(recipe, dict) else {}
+    if not isinstance(recipe, dict):
+        return {}
+    quantize = recipe.get("quantize", recipe)
+    for stage in recipe.get("stages") or []:
+        if isinstance(stage, dict) and isinstance(stage.get("quantize"), dict):
+            quantize = stage["quantize"]
+            break
     return quantize.get("gptq") or {} if isinstance(quantize, dict) else {}
 
 
@@ -188,7 +190,7 @@ def _plain_tensors(model: nn.Module, special: set[str], dtype: torch.dtype) -> d
     modules = dict(model.named_modules())
     tensors = {}
     for key, tensor in model.state_dict().items():
-        if not any(prefix in special for prefix in _prefixes(key)):
+        if not any(prefix in special for prefix in prefixes(key)):
             tensors[key] = tensor
     for name in special:
         module = modules[name]
@@ -200,12 +202,6 @@ def _plain_tensors(model: nn.Module, special: set[str], dtype: torch.dtype) -> d
                 tensors[f"{name}.bias"] = module.bias
     cast = {k: v.to(dtype) if v.dtype.is_floating_point else v for k, v in tensors.items()}
     return {k: v.detach().cpu().contiguous().clone() for k, v in cast.items()}  # clone: no shared storage
-
-
-def _prefixes(key: str) -> list[str]:
-    """Module names that own ``key``: 'a.b.weight' -> ['a.b', 'a']."""
-    parts = key.split(".")[:-1]
-    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
 
 
 def _untie_if_needed(model: nn.Module, tensors: dict[str, torch.Tensor], quantized: dict) -> bool:
@@ -328,7 +324,7 @@ def export_compressed_tensors(
     ``dtype`` (default: the dtype of the model's float parameters) is what scales and float tensors are
     written in; bitsmith's fp16 scales are exact in fp16 and fp32. Returns a summary of what was written.
     """
-    quantized, float_linears, special = _collect(model, _CT_BITS)
+    quantized, float_linears, special = _collect(model, CT_BITS)
     schemes = _schemes(quantized, model)
     dtype = dtype or _float_dtype(model)
     tensors = _plain_tensors(model, special, dtype)
@@ -434,200 +430,3 @@ def export_gptq(
     return {"path": str(out), "bytes": (out / WEIGHTS_FILE).stat().st_size, "quantization_config": config}
 
 
-# ------------------------------------------------------------------------------------------------------ loading
-
-
-def _read_config(path: Path) -> dict:
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise BitsmithError(f"{path} is not a transformers model directory (no config.json)")
-    try:
-        return json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BitsmithError(f"corrupt checkpoint: {config_path} is not valid JSON") from None
-
-
-def is_compressed_tensors_dir(path: str | Path) -> bool:
-    """Whether ``path`` holds a model whose config.json says ``quant_method: compressed-tensors``."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        return False
-    with contextlib.suppress(BitsmithError):
-        qc = _read_config(path).get("quantization_config") or {}
-        return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
-    return False
-
-
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of ``model.safetensors``, or of the shards listed in ``model.safetensors.index.json``."""
-    tensors = {}
-    for file in shard_names(path):
-        try:
-            loaded = load_file(path / file)
-        except (SafetensorError, OSError) as err:
-            raise BitsmithError(f"corrupt or missing checkpoint file {path / file} ({err})") from None
-        tensors.update({k: v.clone() for k, v in loaded.items()})  # own, aligned memory (not the mapped file)
-    return tensors
-
-
-def _check_ct_config(qc: dict, path: Path) -> list[dict]:
-    """The config groups, each checked to be a weight-only int pack-quantized scheme bitsmith runs."""
-    top_format = qc.get("format")
-    sparsity = (qc.get("sparsity_config") or {}).get("format", "dense")
-    if sparsity != "dense":
-        raise BitsmithError(f"{path}: sparse compressed-tensors checkpoints ({sparsity}) are not supported")
-    if qc.get("quantization_status", "compressed") != "compressed":
-        status = qc["quantization_status"]
-        raise BitsmithError(f"{path}: quantization_status is {status!r}; bitsmith reads 'compressed' checkpoints")
-    groups = []
-    for group_name, group in (qc.get("config_groups") or {}).items():
-        weights, fmt = group.get("weights") or {}, group.get("format") or top_format
-        what = f"{path}: config group '{group_name}'"
-        if fmt != "pack-quantized":
-            raise BitsmithError(f"{what} has format {fmt!r}; bitsmith reads 'pack-quantized' checkpoints")
-        if group.get("input_activations") or group.get("output_activations"):
-            raise BitsmithError(f"{what} quantizes activations; bitsmith reads weight-only checkpoints")
-        if weights.get("type") != "int" or weights.get("num_bits") not in _CT_BITS or weights.get("dynamic"):
-            raise BitsmithError(f"{what} is not a static 2- to 8-bit integer weight scheme")
-        if weights.get("strategy") not in ("group", "channel", "tensor"):
-            raise BitsmithError(f"{what} has strategy {weights.get('strategy')!r}; use group, channel or tensor")
-        groups.append({"targets": list(group.get("targets") or []), "weights": weights})
-    if not groups:
-        raise BitsmithError(f"{path}: the quantization_config has no config_groups")
-    return groups
-
-
-def _matches(name: str, module: nn.Module, target: str) -> bool:
-    """compressed-tensors' rule: an exact module name, ``re:<regex>`` matched from the start of the name,
-    or a class name anywhere in the module's MRO."""
-    if target.startswith("re:"):
-        return re.match(target[3:], name) is not None
-    return target == name or any(cls.__name__ == target for cls in type(module).__mro__)
-
-
-def _weights_for(name: str, module: nn.Module, groups: list[dict], ignore: list[str]) -> dict | None:
-    """The weight args of the group quantizing ``name``; a target naming the layer (exactly or by regex) wins
-    over a class-name target, as in compressed-tensors."""
-    if any(_matches(name, module, target) for target in ignore):
-        return None
-    by_name = [g for g in groups if any(t == name or (t.startswith("re:") and _matches(name, module, t))
-                                        for t in g["targets"])]
-    by_class = [g for g in groups if any(_matches(name, module, t) for t in g["targets"])]
-    chosen = (by_name or by_class or [None])[0]
-    return chosen["weights"] if chosen is not None else None
-
-
-def _quantized_weight(name: str, tensors: dict, weights: dict, linear: nn.Linear) -> QuantizedWeight:
-    """Unpack one layer's compressed-tensors tensors into bitsmith's unsigned codes and zero points."""
-    bits, strategy = weights["num_bits"], weights["strategy"]
-    out_features, in_features = linear.out_features, linear.in_features
-    if f"{name}.weight_g_idx" in tensors:
-        raise BitsmithError(f"layer '{name}' uses activation-order groups (weight_g_idx); bitsmith cannot load it")
-    shape = tensors.get(f"{name}.weight_shape")
-    if shape is not None and shape.tolist() != [out_features, in_features]:
-        raise BitsmithError(
-            f"layer '{name}' is {shape.tolist()} in the checkpoint but {[out_features, in_features]} in the model"
-        )
-    codes = unpack_int32_dense(tensors[f"{name}.weight_packed"], bits, in_features, dim=1)  # (N, K) = signed + 2**(b-1)
-    scale = tensors[f"{name}.weight_scale"].float().reshape(out_features if strategy != "tensor" else 1, -1)
-    group_size = (weights.get("group_size") or 0) if strategy == "group" else in_features
-    if type(group_size) is not int or group_size <= 0 or scale.shape[-1] != -(-in_features // group_size):
-        raise BitsmithError(f"layer '{name}': {scale.shape[-1]} scales per row do not fit group size {group_size}"
-                            f" over in_features={in_features}")
-    scale = scale.expand(out_features, -1)  # (N, G); a per-tensor scale repeats down the rows
-    zero = torch.full_like(scale, 2 ** (bits - 1), dtype=torch.int32)  # symmetric: signed zero 0
-    if not weights.get("symmetric", True):
-        stored = tensors[f"{name}.weight_zero_point"]
-        if stored.dtype == torch.int32:  # packed along N: (ceil(N * bits / 32), G), or that padded to (N, G)
-            words = -(-out_features * bits // 32)
-            packed = stored.reshape(-1, scale.shape[-1])[:words]
-            zero = unpack_int32_dense(packed, bits, out_features, dim=0).to(torch.int32)
-        else:  # unpacked signed int8 (per-tensor, or written by older compressed-tensors)
-            zero = (stored.to(torch.int32) + 2 ** (bits - 1)).reshape(-1, scale.shape[-1]).expand_as(scale)
-    return QuantizedWeight(codes, scale.contiguous(), zero, IntFormat(bits, signed=False), group_size)
-
-
-def _runtime_linear(qweight: QuantizedWeight, bias: torch.Tensor | None) -> nn.Module:
-    """8-bit symmetric per-row weights run on bitsmith's int8 kernel (as ``quantize_`` builds them);
-    the rest on ``IntxWeightOnlyLinear`` (its fp16 scales round fp32/bf16 checkpoint scales)."""
-    per_row = qweight.group_size == qweight.codes.shape[1]
-    if qweight.fmt.bits == 8 and per_row and bool((qweight.zero_point == 128).all()):
-        signed = QuantizedWeight(
-            (qweight.codes.to(torch.int16) - 128).to(torch.int8), qweight.scale, torch.zeros_like(qweight.zero_point),
-            IntFormat(8, signed=True), qweight.group_size,
-        )
-        return Int8WeightOnlyLinear.from_quantized(signed, bias)
-    return IntxWeightOnlyLinear.from_quantized(qweight, bias)
-
-
-def _skeleton(path: Path, causal: bool):
-    import transformers
-
-    from bitsmith.api.models import read_model_config
-
-    config = read_model_config(path)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # bitsmith's modules replace the quantized layers, not compressed-tensors'
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # older transformers: initialize, only slower
-        no_init_weights = contextlib.nullcontext
-    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-    with no_init_weights():  # every weight comes from the checkpoint: skip the random initialization
-        model = auto.from_config(config, dtype=torch.float32, trust_remote_code=False)
-    model.tie_weights()  # skipped with the initialization; ties lm_head to the embedding where the config says so
-    return model
-
-
-def load_compressed_tensors(path: str | Path) -> nn.Module:
-    """A compressed-tensors ``pack-quantized`` directory (bitsmith's or llm-compressor's) as a transformers
-    causal LM on CPU in float32, its quantized Linears replaced by bitsmith runtime modules, in eval mode.
-
-    Peak memory is one float copy of the model (the skeleton is built, then its Linears are swapped out).
-    """
-    path = Path(path)
-    qc = _read_config(path).get("quantization_config") or {}
-    if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
-        raise BitsmithError(f"{path} is not a compressed-tensors checkpoint (no quant_method 'compressed-tensors')")
-    from bitsmith.api.models import _is_causal_lm_dir
-
-    groups, ignore = _check_ct_config(qc, path), list(qc.get("ignore") or [])
-    tensors = _read_tensors(path)
-    # a causal LM by its config, or (a config written without architectures) by its output head
-    model = _skeleton(path, _is_causal_lm_dir(path) or "lm_head.weight" in tensors)
-    replaced = set()
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or f"{name}.weight_packed" not in tensors:
-            continue
-        weights = _weights_for(name, module, groups, ignore)
-        if weights is None:
-            raise BitsmithError(f"layer '{name}' is packed in {path} but no config group of its config targets it")
-        bias = tensors.pop(f"{name}.bias", None)
-        new = _runtime_linear(_quantized_weight(name, tensors, weights, module), bias)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-        replaced.add(name)
-    plain = {k: v.float() if v.dtype.is_floating_point else v for k, v in tensors.items()
-             if not any(p in replaced for p in _prefixes(k))}
-    _load_plain(model, plain, replaced, path)
-    model.bitsmith_source = {"kind": "compressed-tensors", "format": "pack-quantized"}
-    model.bitsmith_recipe, model.bitsmith_skipped = None, {}
-    return model.eval()
-
-
-def _load_plain(model: nn.Module, plain: dict[str, torch.Tensor], replaced: set[str], path: Path) -> None:
-    expected = {k: v for k, v in model.state_dict().items() if not any(p in replaced for p in _prefixes(k))}
-    unexpected = sorted(set(plain) - set(expected))
-    if unexpected:
-        raise BitsmithError(f"checkpoint {path} has tensor '{unexpected[0]}' that the model has no place for")
-    for key, tensor in plain.items():
-        if tensor.shape != expected[key].shape:
-            raise BitsmithError(
-                f"tensor '{key}' is {list(tensor.shape)} in {path} but {list(expected[key].shape)} in the model"
-            )
-    stored = {expected[k].data_ptr() for k in plain}
-    # a tied tensor (lm_head sharing the embedding) is stored once
-    missing = [k for k in expected if k not in plain and expected[k].data_ptr() not in stored]
-    if missing:
-        raise BitsmithError(f"incomplete checkpoint: tensor '{missing[0]}' is missing from {path}")
-    model.load_state_dict(plain, strict=False)

@@ -45,8 +45,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bitsmith.algorithms._modules import replace_module
 from bitsmith.errors import BitsmithError
-from bitsmith.outputs import publish, staging_file
+from bitsmith.io.outputs import publish, staging_file
 from bitsmith.nn import (
     QUANTIZED_MODULES,
     HalfEmbedding,
@@ -131,7 +132,7 @@ def export_onnx(
 
         proto, layers, trace_warnings = _write_atomically(Path(path), export, lambda p: _emitted_layers(p, swapped))
     finally:
-        _restore(swapped)
+        _restore(wrapper, swapped)
         for module, training in modes.items():
             module.training = training
     return {
@@ -247,7 +248,7 @@ def _emitted_layers(proto, swapped) -> dict[str, int]:
     """Stand-ins whose weights made it into the graph (layers the outputs do not need are dropped)."""
     used = {i.name for i in proto.graph.initializer}
     counts = collections.Counter()
-    for _, _, _, stand_in in swapped:
+    for *_, stand_in in swapped:
         if any(name in used for name in stand_in.graph_names):
             counts[stand_in.label] += 1
     return dict(sorted(counts.items()))
@@ -283,7 +284,7 @@ def _annotate(proto, layers: dict[str, int]) -> None:
 
 
 def _swap_in_stand_ins(wrapper: nn.Module, options: dict) -> list[tuple]:
-    """Replace every bitsmith module by its stand-in; returns (parent, attr, original, stand_in) to restore."""
+    """Replace every bitsmith module by its stand-in; returns (name, original, stand_in) to restore."""
     swapped = []
     try:
         for name, module in list(wrapper.named_modules()):
@@ -294,26 +295,24 @@ def _swap_in_stand_ins(wrapper: nn.Module, options: dict) -> list[tuple]:
                 shown = f"layer {name.removeprefix('model.')}" if name != "model" else "the model"
                 raise BitsmithError(f"{shown} is a {type(module).__name__}, which has no ONNX pattern in "
                                     f"export_onnx: quantize it with a built-in scheme or keep it in float")
-            parent, _, attr = name.rpartition(".")
-            parent_module = wrapper.get_submodule(parent) if parent else wrapper
             stand_in = build(module, options)
             stand_in.graph_names = [f"{name}.{key}" for key in stand_in.tensor_names]  # initializer names
-            swapped.append((parent_module, attr, module, stand_in))
-            setattr(parent_module, attr, stand_in)
+            replace_module(wrapper, name, stand_in)
+            swapped.append((name, module, stand_in))
     except BaseException:
-        _restore(swapped)
+        _restore(wrapper, swapped)
         raise
     return swapped
 
 
-def _restore(swapped: list[tuple]) -> None:
-    for parent, attr, original, _ in reversed(swapped):
-        setattr(parent, attr, original)
+def _restore(wrapper: nn.Module, swapped: list[tuple]) -> None:
+    for name, original, _ in reversed(swapped):
+        replace_module(wrapper, name, original)
 
 
 def _has_half(swapped) -> bool:
     # the exporter's constant folding would turn Cast(fp16 weight) into an fp32 initializer
-    return any(isinstance(original, (HalfLinear, HalfEmbedding)) for _, _, original, _ in swapped)
+    return any(isinstance(original, (HalfLinear, HalfEmbedding)) for _, original, _ in swapped)
 
 
 class _Emit(torch.autograd.Function):

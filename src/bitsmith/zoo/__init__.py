@@ -27,7 +27,7 @@ class ZooEntry:
     name: str
     description: str
     evaluation: str
-    task: str  # a key of bitsmith.api.tasks.TASKS
+    task: str  # a key of bitsmith.evaluation.tasks.TASKS
     module: str  # the module implementing load / build / is_built / figures
 
     def implementation(self):

@@ -1,0 +1,1 @@
+"""What "evaluate" and "calibrate" mean for each kind of model (tasks), and the measurements themselves."""

@@ -1,0 +1,105 @@
+"""Run a recipe's stages on a model, in order, all or nothing.
+
+    report = run_stages(model, recipe, calibration)
+
+1. The calibration set is checked once (``calibration_batches``) and shared by every stage.
+2. Every stage's handler is found in the registry and its ``check`` runs on the model as given: a recipe
+   that cannot work on this model fails before anything changes.
+3. Each handler runs in recipe order, filling its ``StageReport``; a failure in any stage puts the model
+   back exactly as it was (``transaction.all_or_nothing``).
+4. What the stages did is recorded on the model (``bitsmith_recipe``, ``bitsmith_stages``,
+   ``bitsmith_quantized`` / ``_skipped`` / ``_notes``), which ``save`` writes to ``bitsmith.json``.
+
+With ``blocks`` given (a ``BlockSource`` reading blocks from disk), every stage must be able to run block
+by block; the one block runner (``pipeline/blocks.py``) is the same in both cases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from torch import nn
+
+from bitsmith.errors import BitsmithError
+from bitsmith.pipeline.blocks import BlockSource
+from bitsmith.pipeline.calibration import calibration_batches
+from bitsmith.pipeline.registry import handler_for
+from bitsmith.pipeline.report import Report, StageReport
+from bitsmith.pipeline.transaction import all_or_nothing
+from bitsmith.recipe.recipe import Recipe
+from bitsmith.recipe.stages import QUANTIZE, StageConfig
+
+__all__ = ["Context", "check_stages", "run_stages"]
+
+
+@dataclass
+class Context:
+    """What a handler may use besides its own config."""
+
+    stages: list[StageConfig]  # the whole recipe, for stages that work for a later one (smooth -> quantize)
+    index: int  # this stage's place in it
+    calibration: list | None  # checked batches, shared by every stage
+    blocks: BlockSource  # where the block runner gets blocks from
+    progress: Callable[[str], None] | None = None
+
+    @property
+    def offloaded(self) -> bool:
+        return self.blocks.offloaded
+
+    def following(self, kind: type[StageConfig]) -> StageConfig | None:
+        """The first stage of type ``kind`` after this one."""
+        return next((s for s in self.stages[self.index + 1:] if isinstance(s, kind)), None)
+
+
+def _check_offload(recipe: Recipe, handlers: list) -> None:
+    for stage, handler in zip(recipe.stages, handlers):
+        if not handler.offload:
+            raise BitsmithError(f"the block-by-block pipeline (--offload) cannot run stage '{stage.stage}'"
+                                f" ({handler.why_not_offload}); run the recipe in memory")
+    if len(recipe.stages) > 1:
+        raise BitsmithError("the block-by-block pipeline (--offload) runs a recipe of one stage (each block is"
+                            " written once it is done)")
+
+
+def check_stages(model: nn.Module, recipe: Recipe, calibration: Iterable | None = None, *,
+                 blocks: BlockSource | None = None, progress=None) -> list[tuple]:
+    """Steps 1 and 2 of ``run_stages``: (stage, handler, context) for every stage, all checked."""
+    source = blocks if blocks is not None else BlockSource()
+    if calibration is not None:
+        calibration = calibration_batches(calibration)
+    if recipe.needs_calibration and calibration is None:
+        raise BitsmithError("this recipe calibrates (static activations, gptq, awq or smoothquant): give calibration"
+                            " data (--calib)")
+    handlers = [handler_for(stage) for stage in recipe.stages]
+    if source.offloaded:
+        _check_offload(recipe, handlers)
+    steps = [(stage, handler, Context(recipe.stages, index, calibration, source, progress))
+             for index, (stage, handler) in enumerate(zip(recipe.stages, handlers))]
+    for stage, handler, context in steps:
+        if handler.check is not None:
+            handler.check(model, stage, context)
+    return steps
+
+
+def run_stages(model: nn.Module, recipe: Recipe, calibration: Iterable | None = None, *,
+               blocks: BlockSource | None = None, progress=None) -> Report:
+    """Run every stage of ``recipe`` on ``model`` in place (see the module docstring)."""
+    steps = check_stages(model, recipe, calibration, blocks=blocks, progress=progress)
+    report = Report()
+    with all_or_nothing(model):
+        for stage, handler, context in steps:
+            stage_report = StageReport(stage.stage, quantizes=stage.phase == QUANTIZE)
+            handler.run(model, stage, context, stage_report)
+            report.stages.append(stage_report)
+        _record(model, recipe, report)
+    return report
+
+
+def _record(model: nn.Module, recipe: Recipe, report: Report) -> None:
+    """What was done, on the model, added to what earlier runs recorded."""
+    model.bitsmith_recipe = recipe.to_dict()
+    model.bitsmith_stages = [*getattr(model, "bitsmith_stages", []), *report.as_list()]
+    model.bitsmith_skipped = {**getattr(model, "bitsmith_skipped", {}), **report.skipped}
+    model.bitsmith_notes = {**getattr(model, "bitsmith_notes", {}), **report.notes}
+    model.bitsmith_quantized = {**getattr(model, "bitsmith_quantized", {}), **report.quantized}

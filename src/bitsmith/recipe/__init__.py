@@ -1,0 +1,22 @@
+"""Recipes: what to do to a model, as typed configs (no torch here)."""
+
+from bitsmith.recipe.builtin import builtin_recipes, load_recipe
+from bitsmith.recipe.recipe import Recipe, config_from_dict, config_from_yaml
+from bitsmith.recipe.schemes import ActivationSpec, Rule, Scheme, WeightSpec, target_matches
+from bitsmith.recipe.stages import (
+    STAGE_CONFIGS,
+    AWQOptions,
+    EqualizeConfig,
+    FoldBatchNormConfig,
+    GPTQOptions,
+    MappingSpec,
+    QuantizeConfig,
+    SmoothConfig,
+    StageConfig,
+)
+
+__all__ = [
+    "ActivationSpec", "AWQOptions", "EqualizeConfig", "FoldBatchNormConfig", "GPTQOptions", "MappingSpec",
+    "QuantizeConfig", "Recipe", "Rule", "STAGE_CONFIGS", "Scheme", "SmoothConfig", "StageConfig", "WeightSpec",
+    "builtin_recipes", "config_from_dict", "config_from_yaml", "load_recipe", "target_matches",
+]

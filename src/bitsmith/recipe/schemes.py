@@ -1,0 +1,156 @@
+"""Quantization schemes and the rules that give them to layers (pure configuration: no torch).
+
+A rule names targets (module types such as ``Linear`` or ``Embedding``, exact module names, or
+``re:<regex>`` matched against the full module name) and the scheme they get:
+
+    targets: ["re:.*intermediate.dense", Linear]
+    scheme: {weights: {dtype: int4, granularity: 128, symmetric: false}}
+
+Every config class is strict (``extra="forbid"``): a misspelt key is an error, never ignored.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+__all__ = ["Strict", "WeightSpec", "ActivationSpec", "Scheme", "Rule", "check_targets", "target_matches"]
+
+WeightDtype = Literal["fp16", "bf16", "int8", "int7", "int6", "int5", "int4", "int3", "int2"]
+
+
+class Strict(BaseModel):
+    # strict: a YAML `true` or "128" is not a group size, a count is never a boolean
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class WeightSpec(Strict):
+    dtype: WeightDtype
+    granularity: Union[Literal["tensor", "channel"], int] = "channel"  # int = group size along inputs
+    symmetric: bool = True
+    clip: Literal["minmax", "mse"] = "minmax"  # how each block's range is chosen (rtn)
+    # gptq and awq need calibration data; their options are QuantizeConfig.gptq / .awq
+    algorithm: Literal["rtn", "gptq", "awq"] = "rtn"
+
+    @property
+    def bits(self) -> int | None:
+        return int(self.dtype[3:]) if self.dtype.startswith("int") else None
+
+    @field_validator("granularity")
+    @classmethod
+    def _positive_group(cls, value):
+        if isinstance(value, int) and value <= 0:
+            raise ValueError(f"group size must be positive, got {value}")
+        return value
+
+
+ObserverName = Literal["minmax", "moving_average", "percentile", "entropy", "mse"]
+
+
+class ActivationSpec(Strict):
+    dtype: Literal["int8"] = "int8"
+    # dynamic: one scale per token (row), chosen at run time; static: one calibrated scale per tensor
+    granularity: Literal["token", "tensor"] = "token"
+    dynamic: bool = True
+    observer: ObserverName = "minmax"  # how a static range is chosen from the calibration data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ActivationSpec":
+        if self.dynamic and self.observer != "minmax":
+            raise ValueError("an observer chooses a static range; dynamic activations are scaled per token at run time")
+        if self.dynamic and self.granularity != "token":
+            raise ValueError("dynamic activations are quantized per token (granularity: token)")
+        if not self.dynamic and self.granularity != "tensor":
+            raise ValueError("static activations use one calibrated range per tensor (granularity: tensor)")
+        return self
+
+
+class Scheme(Strict):
+    weights: WeightSpec
+    activations: ActivationSpec | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> "Scheme":
+        w = self.weights
+        if self.activations is not None:
+            if not (w.dtype == "int8" and w.symmetric):
+                raise ValueError("int8 activations need symmetric int8 weights (the W8A8 kernels take nothing else)")
+            if isinstance(w.granularity, int):
+                raise ValueError("int8 activations need per-channel or per-tensor weights, not groups (the W8A8"
+                                 " kernels take one weight scale per output channel)")
+        if w.bits is None:  # fp16 / bf16: nothing to choose but the dtype
+            defaults = {"granularity": "channel", "symmetric": True, "clip": "minmax", "algorithm": "rtn"}
+            given = sorted(key for key, default in defaults.items() if getattr(w, key) != default)
+            if given:
+                raise ValueError(f"{w.dtype} weights take no {', '.join(given)} (those apply to integer weights)")
+        return self
+
+    @model_validator(mode="after")
+    def _gptq_weights(self) -> "Scheme":
+        algorithm = self.weights.algorithm
+        if algorithm != "rtn" and (self.weights.bits is None or self.activations is not None):
+            raise ValueError(f"{algorithm} applies to integer weight-only schemes (no activation quantization)")
+        if algorithm != "rtn" and not isinstance(self.weights.granularity, int) and self.weights.granularity != "channel":
+            raise ValueError(f"{algorithm} quantizes per channel or per group, not per tensor")
+        if algorithm == "awq" and self.weights.clip != "minmax":
+            raise ValueError("awq searches its own clipping (awq: clip_search); 'clip' applies to rtn and gptq")
+        return self
+
+    @property
+    def is_static(self) -> bool:
+        """Activations quantized with a calibrated, fixed range."""
+        return self.activations is not None and not self.activations.dynamic
+
+    def describe(self, algorithm: str | None = None) -> str:
+        """A short label, e.g. ``w4 g128 asym a16 gptq``; ``algorithm`` overrides the recipe's (what was done)."""
+        w = self.weights
+        if w.bits is None:
+            return w.dtype
+        gran = f"g{w.granularity}" if isinstance(w.granularity, int) else f"per-{w.granularity}"
+        act = "a16"
+        if self.activations is not None:
+            act = "a8 per-token dynamic" if self.activations.dynamic else f"a8 static ({self.activations.observer})"
+        done = w.algorithm if algorithm is None else algorithm
+        clip = " mse" if w.clip == "mse" and done != "awq" else ""
+        return f"w{w.bits} {gran} {'sym' if w.symmetric else 'asym'}{clip} {act}{'' if done == 'rtn' else ' ' + done}"
+
+
+def check_targets(targets: list[str]) -> list[str]:
+    for target in targets:
+        if not target:
+            raise ValueError("a target is an empty string")
+        if target.startswith("re:"):
+            try:
+                re.compile(target[3:])
+            except (re.error, RecursionError, OverflowError) as err:
+                raise ValueError(f"bad regex {target!r}: {err}") from None
+    return targets
+
+
+class Rule(Strict):
+    targets: list[str]
+    scheme: Scheme | None  # None keeps the matched modules in float
+
+    @field_validator("targets")
+    @classmethod
+    def _valid_targets(cls, targets: list[str]) -> list[str]:
+        if not targets:
+            raise ValueError("a rule needs at least one target")
+        return check_targets(targets)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(pattern: str) -> re.Pattern:
+    return re.compile(pattern)  # re's own cache holds 512: a recipe of thousands of regexes would recompile
+
+
+def target_matches(target: str, name: str, module_type: str) -> bool:
+    """``re:`` targets match the full module name; plain ones match the type name or the exact name."""
+    if target.startswith("re:"):
+        return _compiled(target[3:]).fullmatch(name) is not None
+    return target in (module_type, name)
+
+

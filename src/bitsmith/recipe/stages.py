@@ -1,0 +1,201 @@
+"""The stages a recipe is made of: one typed config per technique, each naming itself in a recipe.
+
+    stage           | what it does                                              | phase
+    fold_batchnorm  | Conv2d -> BatchNorm2d pairs become one Conv2d             | rewrite (float, function-preserving)
+    equalize        | cross-layer equalization of consecutive convolutions      | rewrite
+    smooth          | SmoothQuant: activation outliers moved into the weights   | rewrite
+    quantize        | layers replaced by quantized runtime modules (rules)      | quantize
+
+Stages run in the order the recipe lists them. A stage that rewrites float layers cannot follow one that
+has already replaced them by quantized modules (``phase``), and ``smooth`` smooths for the int8
+activations of the ``quantize`` stage after it. A new technique adds one config class here (registered
+with ``register_stage_config``), one handler in ``bitsmith.stages`` and its math in ``bitsmith.algorithms``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import field_validator, model_validator
+
+from bitsmith.recipe.schemes import Rule, Strict, check_targets
+
+__all__ = [
+    "StageConfig", "STAGE_CONFIGS", "register_stage_config", "REWRITE", "QUANTIZE",
+    "GPTQOptions", "AWQOptions", "MappingSpec", "QuantizeConfig", "SmoothConfig", "FoldBatchNormConfig",
+    "EqualizeConfig",
+]
+
+MAX_RULES = 10_000  # a recipe is written by hand or a search; more rules than this is a mistake
+REWRITE, QUANTIZE = 0, 1  # phases: rewrites of the float model come before quantization
+PHASE_NAMES = {REWRITE: "changes float layers", QUANTIZE: "replaces layers by quantized modules"}
+
+
+class StageConfig(Strict):
+    """One step of a recipe; ``stage`` is its key in a recipe file."""
+
+    stage: ClassVar[str]
+    phase: ClassVar[int] = REWRITE
+
+    @property
+    def needs_calibration(self) -> bool:
+        return False
+
+
+STAGE_CONFIGS: dict[str, type[StageConfig]] = {}
+
+
+def register_stage_config(cls: type[StageConfig]) -> type[StageConfig]:
+    STAGE_CONFIGS[cls.stage] = cls
+    return cls
+
+
+class GPTQOptions(Strict):
+    act_order: bool = True  # columns by decreasing Hessian diagonal (with static groups: same layout)
+    damp_percent: float = 0.01  # escalated automatically when the Cholesky factorization fails
+    block_size: int = 128  # columns per lazy update (speed only)
+    true_sequential: bool = True  # inside a block, quantize layer groups in execution order
+
+    @field_validator("damp_percent")
+    @classmethod
+    def _damp(cls, value: float) -> float:
+        if not 0.0 <= value < 1.0 or value != value:
+            raise ValueError(f"must be in [0, 1), got {value}")
+        return value
+
+    @field_validator("block_size")
+    @classmethod
+    def _block(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"must be at least 1, got {value}")
+        return value
+
+
+class AWQOptions(Strict):
+    grid: int = 20  # candidate scale exponents r = 0, 1/grid, ..., (grid-1)/grid
+    duo_scaling: bool = True  # s = mean|x|^r / mean|w|^(1-r) (False: mean|x|^r alone)
+    clip_search: bool = True  # then shrink each group's range where that lowers the output error
+    clip_grid: int = 20
+    max_shrink: float = 0.5  # the narrowest range tried is (1 - max_shrink) of min-max
+
+    @field_validator("grid", "clip_grid")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"must be at least 1, got {value}")
+        return value
+
+    @field_validator("max_shrink")
+    @classmethod
+    def _shrink(cls, value: float) -> float:
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"must be in [0, 1), got {value}")
+        return value
+
+
+class MappingSpec(Strict):
+    """A layer group and the operation whose output it reads, as regexes relative to one block."""
+
+    prev: str
+    layers: list[str]
+
+
+_NOW_STAGES = {"smoothquant": "smooth", "fold_batchnorm": "fold_batchnorm", "cross_layer_equalization": "equalize"}
+
+
+@register_stage_config
+class QuantizeConfig(StageConfig):
+    """Ordered rules (the first that matches a module wins); ``ignore`` keeps modules in float.
+
+        rules:
+          - targets: [Embedding]
+            scheme: {weights: {dtype: int8, granularity: channel}}
+          - targets: ["re:.*intermediate.dense", Linear]
+            scheme: {weights: {dtype: int4, granularity: 128, symmetric: false}}
+        ignore: ["re:.*pooler.*"]
+    """
+
+    stage: ClassVar[str] = "quantize"
+    phase: ClassVar[int] = QUANTIZE
+
+    rules: list[Rule]
+    ignore: list[str] = []
+    bias_correction: bool = False  # static layers: subtract the output mean shift caused by weight rounding
+    gptq: GPTQOptions = GPTQOptions()
+    awq: AWQOptions = AWQOptions()
+    # where AWQ scales go: a family of algorithms/families.yaml (default: detected), or own maps
+    family: str | None = None
+    mappings: list[MappingSpec] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data):
+        if isinstance(data, dict):
+            data = dict(data)
+            if data.get("version") == 1:  # a version-1 quantize section: the same keys, version aside
+                del data["version"]
+            for key, stage in _NOW_STAGES.items():
+                if key in data:
+                    raise ValueError(f"'{key}' is the stage '{stage}' since recipe version 2: list it in the"
+                                     " recipe's stages before quantize (a version-1 recipe file is converted)")
+        return data
+
+    @field_validator("ignore")
+    @classmethod
+    def _valid_ignore(cls, targets: list[str]) -> list[str]:
+        return check_targets(targets)
+
+    @field_validator("rules")
+    @classmethod
+    def _some_rules(cls, rules: list) -> list:
+        if len(rules) > MAX_RULES:
+            raise ValueError(f"{len(rules)} rules; at most {MAX_RULES} (group targets into fewer rules)")
+        return rules
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.is_static or any(r.scheme and r.scheme.weights.algorithm != "rtn" for r in self.rules)
+
+    @property
+    def is_static(self) -> bool:
+        return any(r.scheme and r.scheme.is_static for r in self.rules)
+
+
+@register_stage_config
+class SmoothConfig(StageConfig):
+    """SmoothQuant: per input channel, s = max|x|^alpha / max|W|^(1-alpha) moves from the activations into
+    the weights of the layers the next ``quantize`` stage gives int8 activations, folded into the operation
+    that produces their input (the model family's map), or kept inside a static layer's quantization step
+    where no operation can absorb it."""
+
+    stage: ClassVar[str] = "smooth"
+
+    alpha: float = 0.5  # migration strength: 0 leaves activations alone, 1 moves all of their range to weights
+    family: str | None = None  # a family of algorithms/families.yaml (default: detected)
+    mappings: list[MappingSpec] | None = None  # or the recipe's own maps
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, value: float) -> float:
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {value}")
+        return value
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
+
+@register_stage_config
+class FoldBatchNormConfig(StageConfig):
+    """Every Conv2d followed by a BatchNorm2d (in an nn.Sequential) absorbs it; the BatchNorm becomes Identity."""
+
+    stage: ClassVar[str] = "fold_batchnorm"
+
+
+@register_stage_config
+class EqualizeConfig(StageConfig):
+    """Cross-layer equalization: consecutive Conv2d layers (with a ReLU between) rescaled per channel so their
+    ranges match, which keeps more precision in per-tensor int8 (Nagel et al., 2019)."""
+
+    stage: ClassVar[str] = "equalize"
