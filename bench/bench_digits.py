@@ -20,8 +20,8 @@ import torch
 
 import bitsmith
 from _common import bench_parser, finish, machine_line, parse
-from bitsmith.api.models import load_model
-from bitsmith.api.tasks import ImageClassificationTask
+from bitsmith.io.models import load_model
+from bitsmith.evaluation.tasks import ImageClassificationTask
 from bitsmith.export.onnx import export_onnx
 
 

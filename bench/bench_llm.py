@@ -79,8 +79,8 @@ def _peak_rss() -> int:
 def worker(args) -> int:
     """In a process of its own: load the float model, quantize it by one method, save it, report."""
     import bitsmith
-    from bitsmith.api.config import config_from_dict
-    from bitsmith.api.models import load_model
+    from bitsmith.recipe import config_from_dict
+    from bitsmith.io.models import load_model
 
     torch.set_num_threads(args.threads)
     model = load_model(args.model).model
@@ -126,8 +126,8 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     import bitsmith
-    from bitsmith.api.models import load_model
-    from bitsmith.api.tasks import LanguageModelTask
+    from bitsmith.io.models import load_model
+    from bitsmith.evaluation.tasks import LanguageModelTask
     from bitsmith.zoo import zoo_model_dir
     from bitsmith.zoo.docs_lm import heldout_text, perplexity
 

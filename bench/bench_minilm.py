@@ -24,7 +24,7 @@ from torch import nn
 import bitsmith
 from _common import bench_parser, finish, machine_line, minilm_batch, parse
 from bitsmith.api.compress import machine_summary
-from bitsmith.api.evaluate import cosine_fidelity, interleaved_latency
+from bitsmith.evaluation.measure import cosine_fidelity, interleaved_latency
 from bitsmith.zoo.minilm import model_dir, sentence_embeddings
 
 TORCH_QDYNAMIC = "torch quantize_dynamic int8 per-channel"
@@ -74,10 +74,10 @@ def torch_qdynamic(model, batch, tmp):
 
 def bitsmith_variant(recipe, tokenizer):
     def build(model, batch, tmp):
-        from bitsmith.api.tasks import TextEmbeddingTask
+        from bitsmith.evaluation.tasks import TextEmbeddingTask
 
         loaded = bitsmith.load_recipe(recipe)
-        calibration = TextEmbeddingTask(tokenizer).calibration(None) if loaded.quantize.needs_calibration else None
+        calibration = TextEmbeddingTask(tokenizer).calibration(None) if loaded.needs_calibration else None
         qmodel = copy.deepcopy(model)
         bitsmith.quantize_(qmodel, loaded, calibration=calibration)
         bitsmith.save(qmodel, tmp / recipe)

@@ -26,7 +26,7 @@ import torch
 import bitsmith
 from _common import bench_parser, finish, machine_line, minilm_batch, parse
 from bitsmith.api.compress import machine_summary
-from bitsmith.api.evaluate import cosine_fidelity
+from bitsmith.evaluation.measure import cosine_fidelity
 from bitsmith.export import export_onnx
 from bitsmith.zoo.minilm import encode_batch, sentence_embeddings
 from bitsmith.zoo.text import doc_sentences

@@ -7,6 +7,7 @@
 """
 
 from bitsmith.api.compress import compress, evaluate
+from bitsmith._version import __version__
 from bitsmith.errors import BitsmithError
 from bitsmith.io.serialization import load, read_metadata, save
 from bitsmith.pipeline import run_stages
@@ -25,7 +26,6 @@ from bitsmith.recipe import (
 )
 from bitsmith.stages import quantize_
 
-__version__ = "0.1.0"
 
 __all__ = [
     "ActivationSpec",
@@ -38,6 +38,7 @@ __all__ = [
     "Scheme",
     "SmoothConfig",
     "WeightSpec",
+    "__version__",
     "builtin_recipes",
     "compress",
     "evaluate",

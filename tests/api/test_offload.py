@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import bitsmith
 from bitsmith import BitsmithError
-from bitsmith.api.config import config_from_dict
+from bitsmith.recipe import config_from_dict
 from bitsmith.api.offload import quantize_offloaded
 
 
@@ -46,7 +46,7 @@ def test_offloaded_equals_in_memory(checkpoint, tmp_path, algorithm):
     result = quantize_offloaded(path, _config(algorithm), tmp_path / "out", calibration)
     assert result["blocks"] == 3 and len(result["quantized"]) == 3 * 7 + 2  # + embedding and lm_head
     meta = json.loads((tmp_path / "out" / "bitsmith.json").read_text())
-    assert len(meta["files"]) == 4 and meta["recipe"]["rules"][1]["scheme"]["weights"]["algorithm"] == algorithm
+    assert len(meta["files"]) == 4 and meta["recipe"]["stages"][0]["quantize"]["rules"][1]["scheme"]["weights"]["algorithm"] == algorithm
     loaded = bitsmith.load(tmp_path / "out")
     in_memory = copy.deepcopy(model)
     bitsmith.quantize_(in_memory, _config(algorithm), calibration=calibration)
@@ -64,9 +64,12 @@ def test_offloaded_bad_inputs_leave_nothing(checkpoint, tmp_path):
     with pytest.raises(BitsmithError, match="corrupt or truncated checkpoint"):
         quantize_offloaded(broken, _config("gptq"), tmp_path / "out", _calibration())
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
-    static = bitsmith.load_recipe("w8a8-static")
-    with pytest.raises(BitsmithError, match="weights .* and dynamic W8A8 only"):
+    static = bitsmith.load_recipe("w8a8-static")  # fold_batchnorm, then static quantize
+    with pytest.raises(BitsmithError, match=r"\(--offload\) cannot run stage 'fold_batchnorm'"):
         quantize_offloaded(path, static, tmp_path / "out2", _calibration())
+    with pytest.raises(BitsmithError, match="weights .* and dynamic W8A8 only"):
+        quantize_offloaded(path, static.stages[-1], tmp_path / "out2", _calibration())
+    assert not (tmp_path / "out2").exists()
     with pytest.raises(BitsmithError, match="no such model directory"):
         quantize_offloaded(tmp_path / "missing", _config("rtn"), tmp_path / "out3", _calibration())
 
@@ -74,8 +77,8 @@ def test_offloaded_bad_inputs_leave_nothing(checkpoint, tmp_path):
 def test_block_inputs_hold_no_kv_cache(checkpoint):
     """Running a block twice on the kept inputs gives the same output: no KV cache grows across runs
     (transformers passes one down the blocks; it would make later runs attend to stale keys)."""
-    from bitsmith.api.calibrate import run_batch
-    from bitsmith.api.sequential import _capture_inputs, _run_block
+    from bitsmith.pipeline.calibration import run_batch
+    from bitsmith.pipeline.blocks import capture_inputs as _capture_inputs, run_block as _run_block
 
     model, _ = checkpoint
     inputs = _capture_inputs(model, model.model.layers[0], _calibration()[:1], run_batch)

@@ -12,8 +12,8 @@ from torch import nn
 
 import bitsmith
 from bitsmith.algorithms.gptq import gptq_quantize
-from bitsmith.api.config import GPTQOptions, config_from_dict
-from bitsmith.api.quantize import gptq_note
+from bitsmith.recipe import GPTQOptions, config_from_dict
+from bitsmith.stages.gptq import gptq_note
 
 
 class _Experts(nn.Module):
@@ -96,7 +96,7 @@ def test_notes_reach_the_table_bitsmith_json_and_inspect(tmp_path, docs_lm_model
 def test_offloaded_output_loads_on_meta_and_inspects_and_evaluates(tmp_path, docs_lm_model):
     """compress --offload output: inspect and eval work on it, and load builds the model with its parameters
     on the meta device (no float copy of the model) before the quantized tensors are bound."""
-    from bitsmith.api import serialization
+    from bitsmith.io import serialization
 
     run = lambda *a: subprocess.run([sys.executable, "-m", "bitsmith.cli.main", *map(str, a)],  # noqa: E731
                                     capture_output=True, text=True, timeout=900)

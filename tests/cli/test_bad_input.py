@@ -311,6 +311,17 @@ RECIPE_CASES = {
     "a named layer the scheme cannot handle": (
         _recipe("  rules:\n    - targets: [embeddings.LayerNorm]\n      scheme: {weights: {dtype: int8}}\n"), None,
         "layer 'embeddings.LayerNorm' (LayerNorm), named by rule 1"),
+    # version 2: recipes as ordered stages
+    "unknown stage": ("version: 2\nname: r\nstages:\n  - prune: {sparsity: 0.5}\n", None,
+                      "stages[0]: unknown stage 'prune'"),
+    "a stage with an unknown key": ("version: 2\nname: r\nstages:\n  - smooth: {alfa: 0.5}\n  - quantize: {rules: []}\n",
+                                    None, "unknown key 'stages[0].smooth.alfa'"),
+    "quantize before smooth": ("version: 2\nname: r\nstages:\n  - quantize: {rules: []}\n  - smooth: {alpha: 0.5}\n",
+                               None, "stages[1] (smooth) comes after quantize"),
+    "smooth with nothing to smooth for": (
+        "version: 2\nname: r\nstages:\n  - smooth: {alpha: 0.5}\n  - quantize:\n      rules:\n"
+        "        - targets: [Linear]\n          scheme: {weights: {dtype: int4}}\n", None,
+        "smoothquant smooths int8 activations: the recipe quantizes no layer's activations"),
     "observer on dynamic activations": (
         _recipe("  rules:\n    - targets: [Linear]\n      scheme: {weights: {dtype: int8}, activations: {observer: mse}}\n"),
         None, "an observer chooses a static range"),
@@ -571,7 +582,7 @@ def test_model_directory_code_never_runs(tiny_bert, tmp_path):
         code, _, err = _run(*args, stdin="y\ny\ny\n")
         assert code == 0, err  # a known model type: the native class runs, the auto_map is ignored, no prompt
         assert "[y/N]" not in err and not marker.exists()
-    from bitsmith.api.models import load_model
+    from bitsmith.io.models import load_model
 
     load_model(hostile)  # a known model type: the auto_map is ignored, the native class is used
     assert not marker.exists()
@@ -598,11 +609,11 @@ def test_kill_9_leaves_no_partial_output(checkpoint, tiny_bert, tmp_path, comman
     args = (["compress", tiny_bert / "bert", "--recipe", "w8a16", "--out", out, "--text", tiny_bert / "text.txt",
              "--repeats", "1"] if command == "compress" else ["export", checkpoint, "--format", "onnx", "--out", out])
     # slow the write down so there is a moment to kill it: the child sleeps inside the staging step
-    slow = ("import sys, time, bitsmith.outputs as o\n"
+    slow = ("import sys, time, bitsmith.io.outputs as o\n"
             "real = o.publish\n"
             "def publish(tmp, out):\n    print('STAGED', flush=True)\n    time.sleep(60)\n    real(tmp, out)\n"
             "o.publish = publish\n"
-            "import bitsmith.api.serialization as s, bitsmith.export.onnx as x\n"
+            "import bitsmith.io.serialization as s, bitsmith.export.onnx as x\n"
             "s.publish = publish\nx.publish = publish\n"
             "from bitsmith.cli.main import main\nsys.argv = ['bitsmith'] + sys.argv[1:]\nmain()\n")
     child = subprocess.Popen([sys.executable, "-c", slow, *map(str, args)], stdout=subprocess.PIPE, text=True)

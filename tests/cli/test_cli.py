@@ -158,8 +158,8 @@ def test_empty_calibration_file(tmp_path):
 
 def test_zoo_list_json():
     """zoo list shows what each build recorded in the cache, and those figures are the built models' own."""
-    from bitsmith.api.models import load_model
-    from bitsmith.api.tasks import ImageClassificationTask
+    from bitsmith.io.models import load_model
+    from bitsmith.evaluation.tasks import ImageClassificationTask
     from bitsmith.zoo import figures
 
     code, stdout, stderr = run("zoo", "list", "--json")

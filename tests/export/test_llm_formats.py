@@ -17,12 +17,8 @@ from torch import nn
 
 import bitsmith
 from bitsmith.errors import BitsmithError
-from bitsmith.export.llm_formats import (
-    export_compressed_tensors,
-    export_gptq,
-    is_compressed_tensors_dir,
-    load_compressed_tensors,
-)
+from bitsmith.export.llm_formats import export_compressed_tensors, export_gptq
+from bitsmith.io.compressed_tensors import is_compressed_tensors_dir, load_compressed_tensors
 from bitsmith.nn import Int8WeightOnlyLinear, IntxWeightOnlyLinear, QuantizedEmbedding
 
 transformers = pytest.importorskip("transformers")

@@ -45,7 +45,7 @@ def test_gptq_w4a16_runs_as_written_on_576_wide_layers(smol):
     import copy
 
     model = copy.deepcopy(smol[0])
-    config = bitsmith.load_recipe("gptq-w4a16").quantize.model_dump(mode="json")
+    config = bitsmith.load_recipe("gptq-w4a16").stages[-1].to_dict()
     config["ignore"] = [*config["ignore"], r"re:^(?!model\.layers\.0\.).*"]  # block 0 only: a fast test
     recipe = bitsmith.QuantizeConfig.model_validate(config)
     ids = smol[1](calibration_texts(2, max_chars=1200), return_tensors="pt", padding=True).input_ids[:, :64]

@@ -273,7 +273,7 @@ def _drop_initializer_identities(graph) -> None:
 
 
 def _annotate(proto, layers: dict[str, int]) -> None:
-    from bitsmith import __version__
+    from bitsmith._version import __version__
 
     proto.producer_name, proto.producer_version = "bitsmith", __version__
     entry = proto.metadata_props.add()

@@ -20,7 +20,6 @@ only, as version 1 did), equalize, quantize.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Literal
@@ -53,8 +52,8 @@ def upgrade_v1(data: dict) -> dict:
         raise BitsmithError(f"quantize: expected a mapping, got {type(quantize).__name__}")
     quantize = {k: v for k, v in quantize.items() if k != "version"}
     moved = {k: quantize.pop(k) for k in ("fold_batchnorm", "cross_layer_equalization", "smoothquant") if k in quantize}
-    preparation = config_from_dict(moved, _V1Preparation, source="quantize")
-    static = config_from_dict(quantize, QuantizeConfig, source="quantize").is_static
+    preparation = config_from_dict(moved, _V1Preparation, source=None, within="quantize")
+    static = config_from_dict(quantize, QuantizeConfig, source=None, within="quantize").is_static
     stages = []
     if preparation.smoothquant is not None:
         maps = {k: quantize[k] for k in ("family", "mappings") if quantize.get(k) is not None}
@@ -81,7 +80,7 @@ def _stage(index: int, item) -> StageConfig:
     cls = STAGE_CONFIGS.get(name)
     if cls is None:
         raise BitsmithError(f"{where}: unknown stage '{name}'; stages: {', '.join(STAGE_CONFIGS)}")
-    return config_from_dict({} if options is None else options, cls, source=f"{where}.{name}")
+    return config_from_dict({} if options is None else options, cls, source=None, within=f"{where}.{name}")
 
 
 def _check_order(stages: list[StageConfig]) -> None:
@@ -136,46 +135,43 @@ class Recipe(Strict):
     def stages_of(self, kind: type[StageConfig]) -> list[StageConfig]:
         return [stage for stage in self.stages if isinstance(stage, kind)]
 
-    def to_dict(self) -> dict:
-        return self.model_dump(mode="json")
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
 
 _UNION_TAG = re.compile(r"^(literal\[.*\]|int|str|float|bool|function-after\[.*\]|[A-Z]\w*)$")
-def _first_error(err: ValidationError) -> str:
+def _first_error(err: ValidationError, within: str = "") -> str:
+    """The first problem as one phrase; ``within`` is the dotted place of the validated mapping in its file."""
     # a misspelt key also leaves its intended key "missing": name the misspelling first
     errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
     first = errors[0]
     if first["type"] == "extra_forbidden":
-        return f"unknown key '{'.'.join(str(p) for p in first['loc'])}'"
+        return f"unknown key '{'.'.join([within] * bool(within) + [str(p) for p in first['loc']])}'"
     # a union (granularity: "tensor" | "channel" | int) reports one error per branch: say them together
     def place(error):
         return [p for p in error["loc"] if not (isinstance(p, str) and _UNION_TAG.match(p))]
 
     where = place(first)
     branches = [e for e in errors if place(e) == where]
-    where_text = ".".join(str(p) for p in where) or "top level"
+    where_text = ".".join([within] * bool(within) + [str(p) for p in where]) or "top level"
     if len(branches) > 1:
         wanted = " or ".join(dict.fromkeys(e["msg"].removeprefix("Input should be ") for e in branches))
         return f"{where_text}: got {first.get('input')!r}, expected {wanted}"
     return f"{where_text}: {first['msg']}"
 
 
-def config_from_dict(data: dict, model=QuantizeConfig, source: str = "config"):
-    """Validate ``data`` as ``model``; a problem is one BitsmithError line naming the key."""
+def config_from_dict(data: dict, model=QuantizeConfig, source: str | None = "config", within: str = ""):
+    """Validate ``data`` as ``model``; a problem is one BitsmithError line naming the key (``source: ...``, or
+    without a source the bare problem, for a part of a recipe that its caller names)."""
+    prefix = f"{source}: " if source else ""
     if not isinstance(data, dict):
-        raise BitsmithError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+        where = f"{within}: expected a mapping" if within else "expected a mapping at the top level"
+        raise BitsmithError(f"{prefix}{where}, got {type(data).__name__}")
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise BitsmithError(f"{source}: {_first_error(err)}") from None
-    except BitsmithError as err:  # a stage of a recipe, named by its place in the list
-        raise BitsmithError(f"{source}: {err}") from None
+        raise BitsmithError(f"{prefix}{_first_error(err, within)}") from None
+    except BitsmithError as err:  # raised for a part of a recipe (a stage): named here by the file
+        if not prefix:
+            raise
+        raise BitsmithError(f"{prefix}{err}") from None
 
 
 def _yaml_loader():

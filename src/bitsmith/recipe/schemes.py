@@ -12,9 +12,11 @@ Every config class is strict (``extra="forbid"``): a misspelt key is an error, n
 from __future__ import annotations
 
 import functools
+import json
 import re
 from typing import Literal, Union
 
+import yaml
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 __all__ = ["Strict", "WeightSpec", "ActivationSpec", "Scheme", "Rule", "check_targets", "target_matches"]
@@ -25,6 +27,15 @@ WeightDtype = Literal["fp16", "bf16", "int8", "int7", "int6", "int5", "int4", "i
 class Strict(BaseModel):
     # strict: a YAML `true` or "128" is not a group size, a count is never a boolean
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
 
 
 class WeightSpec(Strict):

@@ -92,7 +92,7 @@ def test_not_a_checkpoint(tmp_path):
 
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     model = torch.nn.Sequential(torch.nn.Linear(8, 8))
-    import bitsmith.api.serialization as ser
+    import bitsmith.io.serialization as ser
 
     def boom(*args, **kwargs):
         raise OSError("disk full")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bitsmith import BitsmithError
-from bitsmith.api.calibration_data import read_calibration
+from bitsmith.evaluation.calibration_data import read_calibration
 
 
 def test_text_and_jsonl(tmp_path):

@@ -8,8 +8,8 @@ from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
 import bitsmith
 from bitsmith import BitsmithError
-from bitsmith.api.config import config_from_dict
-from bitsmith.api.families import families, family_for, resolve_block
+from bitsmith.recipe import Recipe, SmoothConfig, config_from_dict
+from bitsmith.pipeline.families import families, family_for, resolve_block
 from bitsmith.nn import IntxWeightOnlyLinear, StaticInt8Linear
 
 
@@ -30,11 +30,15 @@ def _batches(n=4, seed=1):
     return [{"input_ids": torch.randint(0, 256, (4, 32), generator=g)} for _ in range(n)]
 
 
-def _config(weights, activations=None, **extra):
+def _config(weights, activations=None, smoothquant=None, **extra):
+    """A quantize config; with ``smoothquant`` options, a recipe of a smooth stage and that quantize stage."""
     scheme = {"weights": weights}
     if activations:
         scheme["activations"] = activations
-    return config_from_dict({"rules": [{"targets": ["Linear"], "scheme": scheme}], "ignore": ["lm_head"], **extra})
+    quantize = {"rules": [{"targets": ["Linear"], "scheme": scheme}], "ignore": ["lm_head"], **extra}
+    if smoothquant is None:
+        return config_from_dict(quantize)
+    return config_from_dict({"name": "test", "stages": [{"smooth": smoothquant}, {"quantize": quantize}]}, Recipe)
 
 
 def _error(model, reference, batch):
@@ -102,11 +106,11 @@ def test_smoothquant_folds_exactly_and_halves_static_w8a8_error():
     weights = {"dtype": "int8", "granularity": "channel", "symmetric": True}
     static = {"dtype": "int8", "granularity": "tensor", "dynamic": False, "observer": "minmax"}
 
-    from bitsmith.api.smoothing import smoothquant_
+    from bitsmith.stages.smooth import smoothquant_
 
     smoothed_float = copy.deepcopy(model)
     targets = {n: None for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
-    done = smoothquant_(smoothed_float, targets, _config(weights, static, smoothquant={"alpha": 0.5}), batches)
+    done = smoothquant_(smoothed_float, targets, SmoothConfig(alpha=0.5), batches)
     assert done["family"] == "llama" and len(done["smoothed"]) == 2 * 4  # qkv, o (no GQA), gate/up, down
     assert _error(smoothed_float, reference, held_out) < 1e-4  # function-preserving on the float model
 
@@ -148,7 +152,7 @@ def test_custom_mappings_from_a_recipe():
 
 def test_awq_and_smoothquant_on_docs_lm(docs_lm_model):
     """The real model: AWQ W4 g128 loses less than round-to-nearest; SmoothQuant halves static W8A8's loss."""
-    from bitsmith.api.tasks import LanguageModelTask
+    from bitsmith.evaluation.tasks import LanguageModelTask
     from bitsmith.zoo.docs_lm import heldout_text, perplexity
 
     model, tokenizer = docs_lm_model

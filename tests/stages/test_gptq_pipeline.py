@@ -8,7 +8,7 @@ from torch import nn
 
 import bitsmith
 from bitsmith import BitsmithError
-from bitsmith.api.sequential import find_blocks
+from bitsmith.pipeline.blocks import find_blocks
 from bitsmith.nn import IntxWeightOnlyLinear
 from bitsmith.zoo.minilm import encode_batch, sentence_embeddings
 from bitsmith.zoo.text import doc_sentences

@@ -2,8 +2,8 @@ import pytest
 import yaml
 
 from bitsmith import BitsmithError, QuantizeConfig, Recipe, load_recipe
-from bitsmith.api.config import config_from_dict, config_from_yaml
-from bitsmith.api.recipes import builtin_recipes
+from bitsmith.recipe import config_from_dict, config_from_yaml
+from bitsmith.recipe import builtin_recipes
 
 
 @pytest.mark.parametrize(
@@ -12,9 +12,9 @@ from bitsmith.api.recipes import builtin_recipes
 )
 def test_builtin_recipes_round_trip_yaml_and_json(name, tmp_path):
     recipe = load_recipe(name)
-    assert recipe.name == name and recipe.version == 1
+    assert recipe.name == name and recipe.version == 2
     path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+    path.write_text(recipe.to_yaml())
     assert config_from_yaml(path) == recipe
     assert Recipe.model_validate_json(recipe.model_dump_json()) == recipe
 

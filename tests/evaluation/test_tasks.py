@@ -2,7 +2,7 @@
 
 import pytest
 
-from bitsmith.api.tasks import TextEmbeddingTask
+from bitsmith.evaluation.tasks import TextEmbeddingTask
 
 
 def test_every_line_of_a_users_text_is_evaluated(minilm, tmp_path):

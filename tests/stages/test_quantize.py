@@ -99,8 +99,8 @@ def test_a_batch_the_model_rejects_mid_way_leaves_it_as_it_was(recipe):
     model = _Blocks()
     config = bitsmith.load_recipe(recipe).model_copy(deep=True)
     if recipe == "awq-w4a16":
-        config = bitsmith.Recipe.model_validate({**config.model_dump(), "quantize": {
-            **config.quantize.model_dump(), "mappings": [{"prev": "0", "layers": ["2"]}]}})
+        quantize = config.stages_of(bitsmith.QuantizeConfig)[0]
+        config = quantize.model_copy(update={"mappings": [bitsmith.recipe.MappingSpec(prev="0", layers=["2"])]})
     good = [torch.randn(4, 32) for _ in range(2)]
     before = _state(model)
     with pytest.raises(BitsmithError, match="a calibration batch does not fit the model"):
@@ -113,7 +113,7 @@ def test_a_batch_the_model_rejects_mid_way_leaves_it_as_it_was(recipe):
 def test_smoothquant_failure_restores_folded_norms(monkeypatch):
     """A failure after SmoothQuant folded its scales (into LayerNorms and weights) and hooked the layers it
     could not fold into: every norm, weight and hook is back as it was."""
-    import bitsmith.api.quantize as quantize_module
+    import bitsmith.stages.quantize as quantize_module
     from bitsmith.zoo.minilm import load_minilm
 
     model, tokenizer = load_minilm()
@@ -152,7 +152,7 @@ def test_rule_naming_a_layer_it_cannot_quantize_is_an_error():
 ])
 def test_schemes_that_cannot_run_as_written_are_refused(scheme, message):
     with pytest.raises(BitsmithError, match=message):
-        bitsmith.api.config.config_from_dict({"rules": [{"targets": ["Linear"], "scheme": scheme}]})
+        bitsmith.recipe.config_from_dict({"rules": [{"targets": ["Linear"], "scheme": scheme}]})
 
 
 @pytest.mark.parametrize("bits", [5, 6, 7])

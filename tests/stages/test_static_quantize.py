@@ -8,7 +8,7 @@ from torch import nn
 
 import bitsmith
 from bitsmith import BitsmithError, QuantizeConfig
-from bitsmith.api.tasks import ImageClassificationTask
+from bitsmith.evaluation.tasks import ImageClassificationTask
 from bitsmith.nn import StaticInt8Conv2d, StaticInt8Linear
 from bitsmith.zoo.minilm import encode_batch, sentence_embeddings
 from bitsmith.zoo.text import doc_sentences
@@ -16,7 +16,7 @@ from bitsmith.zoo.text import doc_sentences
 
 @pytest.fixture(scope="module")
 def digits():
-    from bitsmith.api.models import load_model
+    from bitsmith.io.models import load_model
 
     return load_model("digits-cnn").model, ImageClassificationTask()
 
