@@ -51,8 +51,8 @@ def w8a8(static: bool, smoothquant: float | None) -> dict:
     config = {"rules": [{"targets": ["Linear"], "scheme": {
         "weights": {"dtype": "int8", "granularity": "channel", "symmetric": True}, "activations": acts}}],
         "ignore": ["lm_head"]}
-    if smoothquant is not None:
-        config["smoothquant"] = {"alpha": smoothquant}
+    if smoothquant is not None:  # a recipe of two stages: smooth, then quantize
+        return {"name": "smoothquant", "stages": [{"smooth": {"alpha": smoothquant}}, {"quantize": config}]}
     return config
 
 
@@ -79,7 +79,7 @@ def _peak_rss() -> int:
 def worker(args) -> int:
     """In a process of its own: load the float model, quantize it by one method, save it, report."""
     import bitsmith
-    from bitsmith.recipe import config_from_dict
+    from bitsmith.recipe import QuantizeConfig, Recipe, config_from_dict
     from bitsmith.io.models import load_model
 
     torch.set_num_threads(args.threads)
@@ -87,7 +87,9 @@ def worker(args) -> int:
     windows = torch.load(args.calib)
     calibration = [{"input_ids": chunk} for chunk in windows.split(8)]
     start = time.perf_counter()
-    report = bitsmith.quantize_(model, config_from_dict(METHODS[args.worker]), calibration=calibration)
+    spec = METHODS[args.worker]
+    config = config_from_dict(spec, Recipe if "stages" in spec else QuantizeConfig)
+    report = bitsmith.quantize_(model, config, calibration=calibration)
     seconds = time.perf_counter() - start
     model.bitsmith_source = {"kind": "zoo", "name": args.model}
     bitsmith.save(model, args.out)

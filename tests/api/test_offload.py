@@ -65,10 +65,11 @@ def test_offloaded_bad_inputs_leave_nothing(checkpoint, tmp_path):
         quantize_offloaded(broken, _config("gptq"), tmp_path / "out", _calibration())
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
     static = bitsmith.load_recipe("w8a8-static")  # fold_batchnorm, then static quantize
-    with pytest.raises(BitsmithError, match=r"\(--offload\) cannot run stage 'fold_batchnorm'"):
-        quantize_offloaded(path, static, tmp_path / "out2", _calibration())
     with pytest.raises(BitsmithError, match="weights .* and dynamic W8A8 only"):
-        quantize_offloaded(path, static.stages[-1], tmp_path / "out2", _calibration())
+        quantize_offloaded(path, static, tmp_path / "out2", _calibration())
+    folding = bitsmith.Recipe(name="fold", stages=[bitsmith.FoldBatchNormConfig(), _config("rtn")])
+    with pytest.raises(BitsmithError, match=r"\(--offload\) cannot run stage 'fold_batchnorm'"):
+        quantize_offloaded(path, folding, tmp_path / "out2", _calibration())
     assert not (tmp_path / "out2").exists()
     with pytest.raises(BitsmithError, match="no such model directory"):
         quantize_offloaded(tmp_path / "missing", _config("rtn"), tmp_path / "out3", _calibration())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bitsmith.algorithms._modules import assign_
+from bitsmith.algorithms._modules import assign_, replace_module
 
 __all__ = ["fold_bn_weights", "fold_batchnorm_", "sequential_pairs"]
 
@@ -53,6 +53,6 @@ def fold_batchnorm_(model: nn.Module) -> list[str]:
             )
             assign_(conv, "weight", weight)
             assign_(conv, "bias", bias.to(weight.dtype))
-        parent[index + 1] = nn.Identity()
+        replace_module(parent, list(parent._modules)[index + 1], nn.Identity())
         folded.append(name)
     return folded

@@ -72,13 +72,13 @@ def check_stages(model: nn.Module, recipe: Recipe, calibration: Iterable | None 
         raise BitsmithError("this recipe calibrates (static activations, gptq, awq or smoothquant): give calibration"
                             " data (--calib)")
     handlers = [handler_for(stage) for stage in recipe.stages]
-    if source.offloaded:
-        _check_offload(recipe, handlers)
     steps = [(stage, handler, Context(recipe.stages, index, calibration, source, progress))
              for index, (stage, handler) in enumerate(zip(recipe.stages, handlers))]
-    for stage, handler, context in steps:
+    for stage, handler, context in steps:  # first: what each stage says of this model (the closer reason)
         if handler.check is not None:
             handler.check(model, stage, context)
+    if source.offloaded:
+        _check_offload(recipe, handlers)
     return steps
 
 

@@ -224,7 +224,7 @@ def quantize_stage(model: nn.Module, config: QuantizeConfig, context: Context, r
                 new = build_static(module, stats[name], scheme, fusable.get(name) is not None, config.bias_correction)
                 if name in fusable:  # the ReLU now runs inside the int8 kernel
                     parent, index = fusable[name]
-                    parent[index] = nn.Identity()
+                    replace_module(parent, list(parent._modules)[index], nn.Identity())
             elif isinstance(module, nn.Linear):
                 new = quantize_linear(module, scheme)
                 if scheme.weights.algorithm != "rtn":
