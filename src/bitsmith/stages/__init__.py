@@ -1,7 +1,9 @@
 """Stage handlers, one module per technique: the plumbing between a stage's config (bitsmith.recipe), its math
 (bitsmith.algorithms) and the pipeline (bitsmith.pipeline). Importing this package registers them all."""
 
-from bitsmith.stages import awq, fold, gptq, quantize, smooth  # noqa: F401 - each registers its handler
+# each registers its handler (and gptq / awq their block method, in this order: the order they run in a block)
+from bitsmith.stages import gptq  # noqa: F401, I001
+from bitsmith.stages import awq, fold, quantize, smooth  # noqa: F401
 from bitsmith.stages.quantize import plan, quantize_
 
 __all__ = ["plan", "quantize_"]

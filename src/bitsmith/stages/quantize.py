@@ -167,8 +167,11 @@ def _quantize_blocks(model: nn.Module, config: QuantizeConfig, targets: dict[str
     """The block runner over the targets inside the repeated blocks; returns the names it quantized."""
     prefix, blocks = _blocks_for(model, targets, context)
     inside = {n: s for n, s in targets.items() if n.startswith(prefix + ".")}
-    # calibrated methods first: they measure each block before round-to-nearest changes it
-    order = sorted({s.weights.algorithm for s in inside.values()}, key=lambda m: (not METHODS[m].calibrated, m))
+    # calibrated methods first (they measure each block before round-to-nearest changes it), then in the
+    # order they are registered (stages/__init__.py: gptq before awq)
+    registered = list(METHODS)
+    order = sorted({s.weights.algorithm for s in inside.values()},
+                   key=lambda m: (not METHODS[m].calibrated, registered.index(m)))
     states = {m: METHODS[m].start(model, blocks[0], config) for m in order if METHODS[m].start is not None}
     batches = context.calibration if _calibrated(inside) else None
 
