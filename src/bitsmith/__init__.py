@@ -15,6 +15,7 @@ from bitsmith.recipe import (
     ActivationSpec,
     EqualizeConfig,
     FoldBatchNormConfig,
+    PruneConfig,
     QuantizeConfig,
     Recipe,
     Rule,
@@ -24,7 +25,7 @@ from bitsmith.recipe import (
     builtin_recipes,
     load_recipe,
 )
-from bitsmith.stages import quantize_
+from bitsmith.stages import prune_, quantize_
 
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "BitsmithError",
     "EqualizeConfig",
     "FoldBatchNormConfig",
+    "PruneConfig",
     "QuantizeConfig",
     "Recipe",
     "Rule",
@@ -44,6 +46,7 @@ __all__ = [
     "evaluate",
     "load",
     "load_recipe",
+    "prune_",
     "quantize_",
     "read_metadata",
     "run_stages",

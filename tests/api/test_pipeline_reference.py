@@ -52,8 +52,11 @@ def test_saved_tensors_match_the_reference(case, tmp_path, short_text):
             assert math.isclose(got[name][3], total, rel_tol=1e-3, abs_tol=1e-3 * max(1.0, abs(total))), name
 
 
-def test_the_reference_covers_every_builtin_recipe():
+def test_the_reference_covers_every_builtin_quantization_recipe():
+    """Every built-in recipe made of the stages the old chain had (the pruning recipes came after it)."""
     import bitsmith
 
-    for recipe in bitsmith.builtin_recipes():
-        assert f"docs-lm/{recipe}" in REFERENCE["cases"] and f"minilm/{recipe}" in REFERENCE["cases"]
+    old_stages = {"quantize", "smooth", "fold_batchnorm", "equalize"}
+    for name in bitsmith.builtin_recipes():
+        if {stage.stage for stage in bitsmith.load_recipe(name).stages} <= old_stages:
+            assert f"docs-lm/{name}" in REFERENCE["cases"] and f"minilm/{name}" in REFERENCE["cases"], name

@@ -312,8 +312,13 @@ RECIPE_CASES = {
         _recipe("  rules:\n    - targets: [embeddings.LayerNorm]\n      scheme: {weights: {dtype: int8}}\n"), None,
         "layer 'embeddings.LayerNorm' (LayerNorm), named by rule 1"),
     # version 2: recipes as ordered stages
-    "unknown stage": ("version: 2\nname: r\nstages:\n  - prune: {sparsity: 0.5}\n", None,
-                      "stages[0]: unknown stage 'prune'"),
+    "unknown stage": ("version: 2\nname: r\nstages:\n  - distill: {teacher: x}\n", None,
+                      "stages[0]: unknown stage 'distill'"),
+    "sparsity outside [0, 1)": ("version: 2\nname: r\nstages:\n  - prune: {rules: [{targets: [Linear], sparsity: 1.5}]}\n",
+                                None, "sparsity must be in [0, 1), got 1.5"),
+    "prune after quantize": ("version: 2\nname: r\nstages:\n  - quantize: {rules: []}\n"
+                             "  - prune: {rules: [{targets: [Linear], sparsity: 0.5}]}\n", None,
+                             "stages[1] (prune) comes after quantize"),
     "a stage with an unknown key": ("version: 2\nname: r\nstages:\n  - smooth: {alfa: 0.5}\n  - quantize: {rules: []}\n",
                                     None, "unknown key 'stages[0].smooth.alfa'"),
     "quantize before smooth": ("version: 2\nname: r\nstages:\n  - quantize: {rules: []}\n  - smooth: {alpha: 0.5}\n",

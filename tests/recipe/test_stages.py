@@ -72,7 +72,7 @@ def test_version_2_round_trips_and_bare_stage_names(tmp_path):
 
 
 @pytest.mark.parametrize("stages, message", [
-    ("  - prune: {sparsity: 0.5}\n", r"stages\[0\]: unknown stage 'prune'; stages: quantize, smooth, fold_batchnorm, equalize"),
+    ("  - distill: {teacher: x}\n", r"stages\[0\]: unknown stage 'distill'; stages: quantize, smooth, fold_batchnorm, equalize, prune"),
     ("  - smooth: {alfa: 0.5}\n  - quantize: {rules: []}\n", r"unknown key 'stages\[0\].smooth.alfa'"),
     ("  - quantize: {rulez: []}\n", r"unknown key 'stages\[0\].quantize.rulez'"),
     ("  - quantize: {rules: []}\n  - smooth: {alpha: 0.5}\n",

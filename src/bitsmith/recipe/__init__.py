@@ -10,6 +10,8 @@ from bitsmith.recipe.stages import (
     FoldBatchNormConfig,
     GPTQOptions,
     MappingSpec,
+    PruneConfig,
+    PruneRule,
     QuantizeConfig,
     SmoothConfig,
     StageConfig,
@@ -17,6 +19,6 @@ from bitsmith.recipe.stages import (
 
 __all__ = [
     "ActivationSpec", "AWQOptions", "EqualizeConfig", "FoldBatchNormConfig", "GPTQOptions", "MappingSpec",
-    "QuantizeConfig", "Recipe", "Rule", "STAGE_CONFIGS", "Scheme", "SmoothConfig", "StageConfig", "WeightSpec",
+    "PruneConfig", "PruneRule", "QuantizeConfig", "Recipe", "Rule", "STAGE_CONFIGS", "Scheme", "SmoothConfig", "StageConfig", "WeightSpec",
     "builtin_recipes", "config_from_dict", "config_from_yaml", "load_recipe", "target_matches",
 ]

@@ -1,6 +1,7 @@
 """The stages a recipe is made of: one typed config per technique, each naming itself in a recipe.
 
     stage           | what it does                                              | phase
+    prune           | weights set to zero: magnitude, Wanda or SparseGPT        | rewrite
     fold_batchnorm  | Conv2d -> BatchNorm2d pairs become one Conv2d             | rewrite (float, function-preserving)
     equalize        | cross-layer equalization of consecutive convolutions      | rewrite
     smooth          | SmoothQuant: activation outliers moved into the weights   | rewrite
@@ -14,7 +15,7 @@ with ``register_stage_config``), one handler in ``bitsmith.stages`` and its math
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import field_validator, model_validator
 
@@ -23,7 +24,7 @@ from bitsmith.recipe.schemes import Rule, Strict, check_targets
 __all__ = [
     "StageConfig", "STAGE_CONFIGS", "register_stage_config", "REWRITE", "QUANTIZE",
     "GPTQOptions", "AWQOptions", "MappingSpec", "QuantizeConfig", "SmoothConfig", "FoldBatchNormConfig",
-    "EqualizeConfig",
+    "EqualizeConfig", "PruneRule", "SparseGPTOptions", "PruneConfig",
 ]
 
 MAX_RULES = 10_000  # a recipe is written by hand or a search; more rules than this is a mistake
@@ -199,3 +200,100 @@ class EqualizeConfig(StageConfig):
     ranges match, which keeps more precision in per-tensor int8 (Nagel et al., 2019)."""
 
     stage: ClassVar[str] = "equalize"
+
+
+def _pattern(text: str) -> tuple[int, int] | None:
+    if text == "unstructured":
+        return None
+    n, _, m = text.partition(":")
+    if not (n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
+        raise ValueError(f"pattern must be 'unstructured' or N:M with 0 < N < M (e.g. 2:4), got {text!r}")
+    return int(n), int(m)
+
+
+class PruneRule(Strict):
+    targets: list[str]
+    sparsity: float | None = None  # fraction of weights set to zero, in [0, 1); None keeps the layers dense
+    pattern: str = "unstructured"  # or N:M: N of every M consecutive inputs kept (2:4, 4:8)
+
+    @field_validator("targets")
+    @classmethod
+    def _valid_targets(cls, targets: list[str]) -> list[str]:
+        if not targets:
+            raise ValueError("a rule needs at least one target")
+        return check_targets(targets)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PruneRule":
+        nm = _pattern(self.pattern)
+        if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if nm is not None and self.sparsity is not None and abs(self.sparsity - (1 - nm[0] / nm[1])) > 1e-9:
+            raise ValueError(f"an {self.pattern} pattern is {1 - nm[0] / nm[1]:g} sparse; leave 'sparsity' out")
+        if nm is None and self.sparsity is None and self.pattern != "unstructured":
+            raise ValueError("give a sparsity or an N:M pattern")
+        return self
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return _pattern(self.pattern)
+
+    @property
+    def fraction(self) -> float | None:
+        """The fraction of weights this rule sets to zero (None: the layers stay dense)."""
+        nm = self.nm
+        return 1 - nm[0] / nm[1] if nm is not None else self.sparsity
+
+
+class SparseGPTOptions(Strict):
+    block_size: int = 128  # columns whose mask is chosen together (adaptive mask selection)
+    damp_percent: float = 0.01  # of mean(diag H), escalated automatically when H is not positive definite
+    true_sequential: bool = True  # inside a block, prune layer groups in execution order
+
+    @field_validator("damp_percent")
+    @classmethod
+    def _damp(cls, value: float) -> float:
+        if not 0.0 <= value < 1.0 or value != value:
+            raise ValueError(f"must be in [0, 1), got {value}")
+        return value
+
+    @field_validator("block_size")
+    @classmethod
+    def _block(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"must be at least 1, got {value}")
+        return value
+
+
+@register_stage_config
+class PruneConfig(StageConfig):
+    """Unstructured or N:M sparsity for Linear layers, by ordered rules (first match wins; ``ignore``).
+
+        method     | scores                        | calibration
+        magnitude  | |W| (per layer, or global)    | none
+        wanda      | |W| * ||x_j||, per output row | one pass per block
+        sparsegpt  | OBS update on the Hessian     | one pass per layer group, block by block
+    """
+
+    stage: ClassVar[str] = "prune"
+
+    method: Literal["magnitude", "wanda", "sparsegpt"] = "magnitude"
+    scope: Literal["layer", "global"] = "layer"  # magnitude: one threshold per layer or across all targets
+    rules: list[PruneRule]
+    ignore: list[str] = []
+    sparsegpt: SparseGPTOptions = SparseGPTOptions()
+
+    @field_validator("ignore")
+    @classmethod
+    def _valid_ignore(cls, targets: list[str]) -> list[str]:
+        return check_targets(targets)
+
+    @model_validator(mode="after")
+    def _scope(self) -> "PruneConfig":
+        if self.scope == "global" and (self.method != "magnitude" or any(r.nm for r in self.rules)):
+            raise ValueError("a global threshold applies to unstructured magnitude pruning only")
+        return self
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method != "magnitude"
