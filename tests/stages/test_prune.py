@@ -114,3 +114,24 @@ def test_bad_prune_targets_leave_the_model_as_it_was():
     bitsmith.quantize_(quantized, config_from_dict({"rules": [{"targets": ["2"], "scheme": {"weights": {"dtype": "int8"}}}]}))
     with pytest.raises(BitsmithError, match="layer '2' is already quantized .* prune before quantizing"):
         bitsmith.prune_(quantized, config_from_dict({"rules": [{"targets": ["2"], "sparsity": 0.5}]}, PruneConfig))
+
+
+def test_sparsegpt_then_gptq_keeps_the_mask():
+    """The pruned weights stay exactly 0 through GPTQ (the joint form), and the errors do not pile up."""
+    model, batches, held_out = _tiny_llama(), _batches(), _batches(1, seed=9)[0]
+    with torch.inference_mode():
+        reference = model(**held_out).logits
+    quantize = {"rules": [{"targets": ["Linear"], "scheme": {"weights": {
+        "dtype": "int4", "granularity": 32, "symmetric": False, "algorithm": "gptq"}}}], "ignore": ["lm_head"]}
+    pruned, quantized, both = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
+    bitsmith.prune_(pruned, _prune("sparsegpt"), calibration=batches)
+    bitsmith.quantize_(quantized, config_from_dict(quantize), calibration=batches)
+    recipe = config_from_dict({"name": "j", "stages": [{"prune": _prune("sparsegpt").to_dict()}, {"quantize": quantize}]},
+                              Recipe)
+    report = bitsmith.quantize_(both, recipe, calibration=batches)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        mask = pruned.get_submodule(name).weight == 0
+        assert (both.get_submodule(name).dequantize()[mask] == 0).all()
+        assert "zeros kept" in report.notes[name]
+    errors = [_error(m, reference, held_out) for m in (pruned, quantized, both)]
+    assert errors[2] < errors[0] + errors[1], errors  # measured 0.177 (pruned), 0.100 (gptq), 0.219 (both)

@@ -65,6 +65,7 @@ def gptq_quantize(
     damp_percent: float = 0.01,  # added to diag(H), as a fraction of mean(diag(H))
     block_size: int = 128,  # columns per lazy batch update; speed only, not the result
     clip: str = "minmax",  # range of the up-front (static) groups: "minmax" or "mse" (see choose_qparams_affine)
+    keep: torch.Tensor | None = None,  # (N, K) bool: False where a weight is pruned and must stay exactly 0
 ) -> tuple[QuantizedWeight, dict]:
     """Quantize ``weight`` (N, K) against ``hessian`` (K, K) from ``accumulate_hessian``.
 
@@ -86,6 +87,10 @@ def gptq_quantize(
     column c is in group c // group_size), "fallback" (None, "rtn" when H is all zero: the layer saw
     no calibration rows, so it is rounded rather than zeroed; "diagonal" when even the largest
     damping failed, which quantizes with no error feedback).
+
+    ``keep`` is SparseGPT's joint sparsify-then-quantize form for an already pruned weight: a pruned weight
+    gets the zero point's code (exactly 0 after dequantization) and its whole value becomes error, spread
+    over the later columns like a rounding error, so the kept weights compensate and the mask survives.
     """
     fmt = weight_format(bits, symmetric)
     group = _check_inputs(weight, hessian, group_size, damp_percent, block_size)
@@ -118,8 +123,11 @@ def gptq_quantize(
     # a group must not straddle two lazy blocks, so its columns are up to date when its scale is chosen
     step = block_size if fixed_groups else group * max(1, block_size // group)
     upper = upper.to(torch.float32)  # the float64 factor is dropped before the column loop
+    if keep is not None and tuple(keep.shape) != tuple(w.shape):
+        raise BitsmithError(f"keep mask of shape {list(keep.shape)} does not match the weight {list(w.shape)}")
     codes, loss = _quantize_columns(
-        w[:, order], upper, scale, zero, group_of, fmt, symmetric, group, not fixed_groups, step
+        w[:, order], upper, scale, zero, group_of, fmt, symmetric, group, not fixed_groups, step,
+        None if keep is None else keep.to(w.device)[:, order],
     )
     original = torch.empty_like(codes)
     original[:, order] = codes  # back to the original column order
@@ -211,6 +219,7 @@ def _quantize_columns(
     group: int,
     choose_groups: bool,
     step: int,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float]:
     """GPTQ's column loop on ``w`` (N, K) float32, columns already in processing order.
 
@@ -223,6 +232,7 @@ def _quantize_columns(
     # work on W^T (K, N): a column of W is a contiguous row, and the rank-1 update is an in-place
     # addr_ (12x faster on CPU than the strided update of W's columns with a temporary)
     rows = w.T.contiguous()  # (K, N)
+    keep_rows = None if keep is None else keep.T.contiguous()  # (K, N), as rows
     codes = torch.empty_like(rows)
     loss = 0.0
     width = rows.shape[0]
@@ -240,6 +250,8 @@ def _quantize_columns(
                 scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
             column, s, z = block[i], scale[:, g], zero[:, g]
             q = (torch.round(column / s) + z).clamp(fmt.qmin, fmt.qmax)  # as quantize_affine
+            if keep_rows is not None:
+                q = torch.where(keep_rows[j], q, z.to(q.dtype))  # a pruned weight: the code of exactly 0
             codes[j] = q
             errors[i] = (column - (q - z) * s) / u_block[i, i]  # (N,)
             block[i:].addr_(u_block[i, i:], errors[i], alpha=-1.0)  # (B - i, N)

@@ -17,7 +17,7 @@ by block; the one block runner (``pipeline/blocks.py``) is the same in both case
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -42,10 +42,17 @@ class Context:
     calibration: list | None  # checked batches, shared by every stage
     blocks: BlockSource  # where the block runner gets blocks from
     progress: Callable[[str], None] | None = None
+    earlier: list[StageReport] = field(default_factory=list)  # what the stages before this one did
 
     @property
     def offloaded(self) -> bool:
         return self.blocks.offloaded
+
+    def sparse_layers(self) -> set[str]:
+        """Layers an earlier stage made sparse (its summary's "sparsity": layer -> fraction of zeros): a later
+        stage keeps their zeros."""
+        return {name for report in self.earlier for name, fraction in report.summary.get("sparsity", {}).items()
+                if fraction > 0}
 
     def following(self, kind: type[StageConfig]) -> StageConfig | None:
         """The first stage of type ``kind`` after this one."""
@@ -87,6 +94,8 @@ def run_stages(model: nn.Module, recipe: Recipe, calibration: Iterable | None = 
     """Run every stage of ``recipe`` on ``model`` in place (see the module docstring)."""
     steps = check_stages(model, recipe, calibration, blocks=blocks, progress=progress)
     report = Report()
+    for _, _, context in steps:
+        context.earlier = report.stages  # grows as the stages run: stage i sees stages 0 .. i-1
     with all_or_nothing(model):
         for stage, handler, context in steps:
             stage_report = StageReport(stage.stage, quantizes=stage.phase == QUANTIZE)

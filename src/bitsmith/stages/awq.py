@@ -69,7 +69,7 @@ def _family(model: nn.Module, first_block: nn.Module, config):
 
 
 def awq_block_(block: nn.Module, names: dict[str, str], schemes: dict[str, Scheme], inputs: list, config,
-               pending: list, report, progress=None, state=None) -> None:
+               pending: list, report, context, state=None) -> None:
     """AWQ on one block's targets (local -> full names); quantized layers are left in ``pending``. ``state`` is
     the model family. What AWQ found per layer goes to the report's summary under "awq"."""
     plan = resolve_block(block, state, set(names))
@@ -87,9 +87,9 @@ def awq_block_(block: nn.Module, names: dict[str, str], schemes: dict[str, Schem
             report.summary.setdefault("awq", {})[full] = info
     for full, text in notes.items():
         report.note(full, text)
-    if progress is not None:
+    if context.progress is not None:
         for full in names.values():
-            progress(full)
+            context.progress(full)
 
 
 register_method("awq", BlockMethod(calibrated=True, quantize_block=awq_block_, start=_family))

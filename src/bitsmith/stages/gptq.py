@@ -32,23 +32,27 @@ def gptq_note(info: dict, options: GPTQOptions) -> tuple[str, str | None]:
     return "gptq", "; ".join(parts) or None
 
 
-def _quantize_layer(local: str, linear: nn.Linear, scheme: Scheme, hessian, options: GPTQOptions, pending: list):
+def _quantize_layer(local: str, linear: nn.Linear, scheme: Scheme, hessian, options: GPTQOptions, pending: list,
+                    sparse: bool):
     w = scheme.weights
+    keep = linear.weight.detach() != 0 if sparse else None  # pruned earlier in the recipe: the zeros stay
     if hessian is None:  # the layer never ran on calibration data: zero Hessian -> RTN inside gptq_quantize
         hessian = torch.zeros(linear.in_features, linear.in_features)
     qweight, info = gptq_quantize(
         linear.weight.detach(), hessian, w.bits, group_size(linear, scheme), w.symmetric, act_order=options.act_order,
-        static_groups=True, damp_percent=options.damp_percent, block_size=options.block_size, clip=w.clip,
+        static_groups=True, damp_percent=options.damp_percent, block_size=options.block_size, clip=w.clip, keep=keep,
     )
     fake_quantize_(linear, qweight, pending, local, scheme)
     return info
 
 
 def gptq_block_(block: nn.Module, names: dict[str, str], schemes: dict[str, Scheme], inputs: list, config,
-                pending: list, report, progress=None, state=None) -> None:
+                pending: list, report, context, state=None) -> None:
     """GPTQ on one block's targets (local -> full names), group by group in execution order; the quantized
-    layers stay fake-quantized (``pending``) until ``finish_block_``."""
+    layers stay fake-quantized (``pending``) until ``finish_block_``. Layers an earlier stage pruned keep
+    their zeros (SparseGPT's joint form: the kept weights absorb the error)."""
     options = config.gptq
+    sparse = context.sparse_layers()
     groups = execution_groups(block, names, inputs) if options.true_sequential else [list(names.values())]
     local_of = {full: local for local, full in names.items()}
     for group in groups:
@@ -56,13 +60,15 @@ def gptq_block_(block: nn.Module, names: dict[str, str], schemes: dict[str, Sche
         for full in group:
             local = local_of[full]
             info = _quantize_layer(local, block.get_submodule(local), schemes[full], statistics[full][0], options,
-                                   pending)
+                                   pending, full in sparse)
             done, note = gptq_note(info, options)
+            if full in sparse:
+                report.note(full, "pruned by an earlier stage: its zeros kept, the error moved to the kept weights")
             report.done(full, schemes[full].describe(done), asked=schemes[full].describe())
             if note:
                 report.note(full, note)
-            if progress is not None:
-                progress(full)
+            if context.progress is not None:
+                context.progress(full)
 
 
 register_method("gptq", BlockMethod(calibrated=True, quantize_block=gptq_block_))

@@ -18,7 +18,7 @@ __all__ = ["BlockMethod", "METHODS", "register_method"]
 @dataclass(frozen=True)
 class BlockMethod:
     calibrated: bool  # needs the block's calibration inputs
-    # (block, names: local -> full, schemes: full -> Scheme, inputs, config, pending, report, progress, state)
+    # (block, names: local -> full, schemes: full -> Scheme, inputs, config, pending, report, context, state)
     quantize_block: Callable
     # (model, first block, config) -> state shared by every block (e.g. AWQ's model family); also the check
     start: Callable | None = None

@@ -181,7 +181,7 @@ def _quantize_blocks(model: nn.Module, config: QuantizeConfig, targets: dict[str
         for method in order:
             mine = {local: full for local, full in names.items() if inside[full].weights.algorithm == method}
             if mine:
-                METHODS[method].quantize_block(block, mine, inside, inputs, config, pending, report, context.progress,
+                METHODS[method].quantize_block(block, mine, inside, inputs, config, pending, report, context,
                                                states.get(method))
         return lambda: finish_block_(block, pending)
 
@@ -190,13 +190,13 @@ def _quantize_blocks(model: nn.Module, config: QuantizeConfig, targets: dict[str
 
 
 def _rtn_block(block: nn.Module, names: dict[str, str], schemes: dict[str, Scheme], inputs, config, pending: list,
-               report: StageReport, progress=None, state=None) -> None:
+               report: StageReport, context: Context, state=None) -> None:
     with torch.no_grad():
         for local, full in names.items():
             replace_module(block, local, quantize_linear(block.get_submodule(local), schemes[full]))
             report.done(full, schemes[full].describe("rtn"), asked=schemes[full].describe())
-            if progress is not None:
-                progress(full)
+            if context.progress is not None:
+                context.progress(full)
 
 
 register_method("rtn", BlockMethod(calibrated=False, quantize_block=_rtn_block))
