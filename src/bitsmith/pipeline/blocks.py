@@ -24,7 +24,7 @@ from bitsmith.errors import BitsmithError
 from bitsmith.pipeline.calibration import call_on_calibration
 
 __all__ = [
-    "BlockSource", "InMemoryBlocks", "run_blocks", "find_blocks", "block_targets", "capture_inputs", "run_block",
+    "BlockSource", "run_blocks", "find_blocks", "block_targets", "capture_inputs", "run_block",
     "execution_groups", "input_statistics",
 ]
 
@@ -48,7 +48,6 @@ class BlockSource:
         """After the last block: what lies outside the blocks is ready to be worked on."""
 
 
-InMemoryBlocks = BlockSource
 
 Work = Callable[[int, nn.Module, list | None], Callable[[], None] | None]
 

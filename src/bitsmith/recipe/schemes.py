@@ -19,7 +19,7 @@ from typing import Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-__all__ = ["Strict", "WeightSpec", "ActivationSpec", "Scheme", "Rule", "check_targets", "target_matches"]
+__all__ = ["Strict", "WeightSpec", "ActivationSpec", "Scheme", "Rule", "Targeted", "check_targets", "target_matches"]
 
 WeightDtype = Literal["fp16", "bf16", "int8", "int7", "int6", "int5", "int4", "int3", "int2"]
 
@@ -141,9 +141,10 @@ def check_targets(targets: list[str]) -> list[str]:
     return targets
 
 
-class Rule(Strict):
+class Targeted(Strict):
+    """A rule's targets: type names, exact module names or ``re:`` regexes (at least one)."""
+
     targets: list[str]
-    scheme: Scheme | None  # None keeps the matched modules in float
 
     @field_validator("targets")
     @classmethod
@@ -151,6 +152,10 @@ class Rule(Strict):
         if not targets:
             raise ValueError("a rule needs at least one target")
         return check_targets(targets)
+
+
+class Rule(Targeted):
+    scheme: Scheme | None  # None keeps the matched modules in float
 
 
 @functools.lru_cache(maxsize=None)

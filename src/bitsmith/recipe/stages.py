@@ -19,7 +19,7 @@ from typing import ClassVar, Literal
 
 from pydantic import field_validator, model_validator
 
-from bitsmith.recipe.schemes import Rule, Strict, check_targets
+from bitsmith.recipe.schemes import Rule, Strict, Targeted, check_targets
 
 __all__ = [
     "StageConfig", "STAGE_CONFIGS", "register_stage_config", "REWRITE", "QUANTIZE",
@@ -51,11 +51,12 @@ def register_stage_config(cls: type[StageConfig]) -> type[StageConfig]:
     return cls
 
 
-class GPTQOptions(Strict):
-    act_order: bool = True  # columns by decreasing Hessian diagonal (with static groups: same layout)
-    damp_percent: float = 0.01  # escalated automatically when the Cholesky factorization fails
-    block_size: int = 128  # columns per lazy update (speed only)
-    true_sequential: bool = True  # inside a block, quantize layer groups in execution order
+class _HessianOptions(Strict):
+    """What GPTQ and SparseGPT share: a damped inverse Hessian, columns in blocks, layer groups in order."""
+
+    damp_percent: float = 0.01  # of mean(diag H), escalated automatically when the Cholesky factorization fails
+    block_size: int = 128  # columns per lazy update (GPTQ: speed only; SparseGPT: columns whose mask is chosen together)
+    true_sequential: bool = True  # inside a block, treat layer groups in execution order
 
     @field_validator("damp_percent")
     @classmethod
@@ -70,6 +71,10 @@ class GPTQOptions(Strict):
         if value < 1:
             raise ValueError(f"must be at least 1, got {value}")
         return value
+
+
+class GPTQOptions(_HessianOptions):
+    act_order: bool = True  # columns by decreasing Hessian diagonal (with static groups: same layout)
 
 
 class AWQOptions(Strict):
@@ -211,17 +216,9 @@ def _pattern(text: str) -> tuple[int, int] | None:
     return int(n), int(m)
 
 
-class PruneRule(Strict):
-    targets: list[str]
+class PruneRule(Targeted):
     sparsity: float | None = None  # fraction of weights set to zero, in [0, 1); None keeps the layers dense
     pattern: str = "unstructured"  # or N:M: N of every M consecutive inputs kept (2:4, 4:8)
-
-    @field_validator("targets")
-    @classmethod
-    def _valid_targets(cls, targets: list[str]) -> list[str]:
-        if not targets:
-            raise ValueError("a rule needs at least one target")
-        return check_targets(targets)
 
     @model_validator(mode="after")
     def _consistent(self) -> "PruneRule":
@@ -245,24 +242,8 @@ class PruneRule(Strict):
         return 1 - nm[0] / nm[1] if nm is not None else self.sparsity
 
 
-class SparseGPTOptions(Strict):
-    block_size: int = 128  # columns whose mask is chosen together (adaptive mask selection)
-    damp_percent: float = 0.01  # of mean(diag H), escalated automatically when H is not positive definite
-    true_sequential: bool = True  # inside a block, prune layer groups in execution order
-
-    @field_validator("damp_percent")
-    @classmethod
-    def _damp(cls, value: float) -> float:
-        if not 0.0 <= value < 1.0 or value != value:
-            raise ValueError(f"must be in [0, 1), got {value}")
-        return value
-
-    @field_validator("block_size")
-    @classmethod
-    def _block(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError(f"must be at least 1, got {value}")
-        return value
+class SparseGPTOptions(_HessianOptions):
+    pass
 
 
 @register_stage_config

@@ -72,7 +72,7 @@ def _set(model_or_block: nn.Module, local: str, weight: torch.Tensor) -> None:
     assign_(model_or_block.get_submodule(local), "weight", weight)  # a new tensor: undo restores the old one
 
 
-def _magnitude(model: nn.Module, chosen: dict[str, PruneRule], scope: str, report: StageReport, asked: str) -> None:
+def _magnitude(model: nn.Module, chosen: dict[str, PruneRule], scope: str, report: StageReport) -> None:
     with torch.no_grad():
         threshold = None
         if scope == "global":  # one threshold over every target: the same kth-smallest |w| for all
@@ -86,7 +86,7 @@ def _magnitude(model: nn.Module, chosen: dict[str, PruneRule], scope: str, repor
             else:
                 keep = keep_mask(weight.abs(), rule.sparsity or 0.0, rule.nm)
             _set(model, name, weight * keep)
-            report.done(name, _label(rule, "magnitude" + (" global" if threshold is not None else "")), asked=asked)
+            report.done(name, _label(rule, "magnitude" + (" global" if threshold is not None else "")))
             report.summary.setdefault("sparsity", {})[name] = round(sparsity_of(weight * keep), 4)
 
 
@@ -115,7 +115,7 @@ def _calibrated_block(config: PruneConfig, chosen: dict[str, PruneRule], report:
                 elif info["fallback"] == "diagonal":
                     report.note(full, "Hessian not positive definite at any damping: pruned with no weight update")
             _set(block, local, pruned.to(weight.dtype))
-            report.done(full, _label(rule, config.method), asked=_label(rule, config.method))
+            report.done(full, _label(rule, config.method))
             report.summary.setdefault("sparsity", {})[full] = round(sparsity_of(pruned), 4)
             if progress is not None:
                 progress(full)
@@ -153,7 +153,7 @@ def _check(model: nn.Module, config: PruneConfig, context: Context) -> None:
 def prune_stage(model: nn.Module, config: PruneConfig, context: Context, report: StageReport) -> None:
     chosen = prune_plan(model, config)
     if config.method == "magnitude":
-        _magnitude(model, chosen, config.scope, report, asked=None)
+        _magnitude(model, chosen, config.scope, report)
     elif chosen:
         prefix, blocks = find_blocks(model, chosen, config.method)
         inside = {n: r for n, r in chosen.items() if n.startswith(prefix + ".")}
@@ -161,7 +161,7 @@ def prune_stage(model: nn.Module, config: PruneConfig, context: Context, report:
         run_blocks(model, blocks, context.blocks, context.calibration, work, run_batch)
         outside = {n: r for n, r in chosen.items() if n not in inside}
         if outside:
-            _magnitude(model, outside, "layer", report, asked=None)
+            _magnitude(model, outside, "layer", report)
             for name in outside:
                 report.note(name, f"outside the repeated blocks: magnitude pruning instead of {config.method}")
     sizes = [model.get_submodule(n).weight.numel() for n in chosen]
