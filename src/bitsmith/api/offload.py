@@ -177,7 +177,7 @@ def quantize_offloaded(
     source = Path(source)
     if not source.is_dir():
         raise BitsmithError(f"no such model directory: {source}")
-    recipe = config if isinstance(config, Recipe) else Recipe(name="quantize_", stages=[config])
+    recipe = Recipe.of(config, "quantize_")
     out = prepare_output_dir(out)
     files = checkpoint_files(source)
     hf_config = read_model_config(source)

@@ -128,6 +128,11 @@ class Recipe(Strict):
     def _dump_stages(self, stages: list) -> list[dict]:
         return [{stage.stage: stage.model_dump(mode="json")} for stage in stages]
 
+    @classmethod
+    def of(cls, config: "Recipe | StageConfig", name: str) -> "Recipe":
+        """``config`` itself, or a one-stage recipe called ``name`` around it (``quantize_(model, QuantizeConfig)``)."""
+        return config if isinstance(config, Recipe) else cls(name=name, stages=[config])
+
     @property
     def needs_calibration(self) -> bool:
         return any(stage.needs_calibration for stage in self.stages)

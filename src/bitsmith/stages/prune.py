@@ -174,5 +174,5 @@ def prune_(model: nn.Module, config: PruneConfig | Recipe, calibration: Iterable
            progress=None) -> Report:
     """Prune ``model`` in place, all or nothing (see the module docstring); Wanda and SparseGPT need
     ``calibration`` (model inputs, as for ``quantize_``). A ``Recipe`` runs all its stages."""
-    recipe = config if isinstance(config, Recipe) else Recipe(name="prune_", stages=[config])
+    recipe = Recipe.of(config, "prune_")
     return run_stages(model, recipe, calibration, progress=progress)

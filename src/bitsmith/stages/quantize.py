@@ -249,5 +249,5 @@ def quantize_(model: nn.Module, config: QuantizeConfig | Recipe, calibration: It
 
     Schemes with static activations, GPTQ, AWQ and SmoothQuant need ``calibration``: an iterable of model
     inputs (tensors, tuples of tensors, or keyword dicts), run through the model to observe its layers."""
-    recipe = config if isinstance(config, Recipe) else Recipe(name="quantize_", stages=[config])
+    recipe = Recipe.of(config, "quantize_")
     return run_stages(model, recipe, calibration, progress=progress)
