@@ -1,9 +1,10 @@
 """``save`` / ``load``: safetensors with packed low-bit tensors plus ``bitsmith.json``; never pickle.
 
 A saved directory holds
-    model.safetensors   every tensor of the model, quantized ones in their packed storage form (a model
-                        quantized block by block from disk has one file per block instead, all listed
-                        in bitsmith.json's "files")
+    model.safetensors   every tensor of the model, quantized ones in their packed storage form, sparse layers
+                        as a bitmask and their kept values where that is smaller (``bitsmith.io.sparse_storage``,
+                        recorded in bitsmith.json's "sparse_storage"); a model quantized block by block from
+                        disk has one file per block instead, all listed in bitsmith.json's "files", stored dense
     bitsmith.json       format version, source model, recipe, per-layer modules, what each layer got
                         ("quantized") and where that differs from the recipe ("notes"), the kernels that ran
                         when it was measured, library versions, metrics, and each file's size and sha256
@@ -15,8 +16,9 @@ save leaves nothing half-written. The bytes of model.safetensors depend only on 
 Loading checks before it builds: bitsmith.json's structure and types, file names that stay inside the
 directory, sizes and checksums; then the model is built with its parameters on the ``meta`` device (no
 float copy of a large model is ever made), each layer description is checked against the checkpoint's
-tensor shapes from the safetensors headers, and only then are tensors read and bound. Loaded scales must be
-finite and positive, every float tensor finite.
+tensor shapes from the safetensors headers (a sparse layer's bitmask and values against its record), and only
+then are tensors read, sparse ones rebuilt, and bound. Loaded scales must be finite and positive, every float
+tensor finite.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from bitsmith.algorithms._modules import replace_module
 from bitsmith.io.compressed_tensors import is_compressed_tensors_dir, load_compressed_tensors
 from bitsmith.io.outputs import SAFETENSORS_METADATA, prepare_output_dir, publish, staging_dir
 from bitsmith.io.skeleton import float_skeleton, read_model_config
+from bitsmith.io.sparse_storage import STORAGE_KEY, compact, disk_layout, expand
 from bitsmith.nn import QUANTIZED_MODULES, InfoError, module_from_info
 from bitsmith.pipeline.transaction import all_or_nothing
 
@@ -110,7 +113,10 @@ def save(
     out = prepare_output_dir(out)
     tmp = staging_dir(out)
     try:
-        save_file(tensors_for_disk(model.state_dict()), tmp / WEIGHTS_FILE, metadata=SAFETENSORS_METADATA)
+        tensors, storage = compact(model, tensors_for_disk(model.state_dict()))
+        save_file(tensors, tmp / WEIGHTS_FILE, metadata=SAFETENSORS_METADATA)
+        if storage:
+            extra = {**(extra or {}), STORAGE_KEY: storage}
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "save_pretrained"):
             config.save_pretrained(tmp)
@@ -306,7 +312,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     with all_or_nothing(target):
         for name, new in replacements.items():
             replace_module(target, name, new)
-        _load_tensors(target, path, weight_files(meta))
+        _load_tensors(target, path, weight_files(meta), meta.get(STORAGE_KEY, {}))
         target.bitsmith_recipe = meta.get("recipe")
         target.bitsmith_stages = meta.get("stages", [])
         target.bitsmith_source = meta.get("source")
@@ -319,9 +325,10 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     return target.eval()
 
 
-def _load_tensors(model: nn.Module, path: Path, files: list[str]) -> None:
-    """Check every tensor's shape and dtype against the headers, then read and bind them (``assign``)."""
-    expected = model.state_dict(keep_vars=True)
+def _load_tensors(model: nn.Module, path: Path, files: list[str], storage: dict) -> None:
+    """Check every tensor's shape and dtype against the headers, then read, rebuild sparse ones and bind them
+    (``assign``)."""
+    expected = disk_layout(model, storage, model.state_dict(keep_vars=True))
     headers = _headers(path, files)
     _check_against_headers(expected, headers, path)
     tensors = {}
@@ -334,6 +341,7 @@ def _load_tensors(model: nn.Module, path: Path, files: list[str]) -> None:
                 if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                     raise BitsmithError(f"corrupt checkpoint: tensor '{key}' holds NaN or infinite values")
                 tensors[key] = tensor
+    tensors = expand(model, storage, tensors)
     model.load_state_dict(tensors, strict=False, assign=True)
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # a tied head is stored once; the skeleton's meta copy is bound to the loaded one
