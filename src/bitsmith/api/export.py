@@ -12,6 +12,7 @@ from pathlib import Path
 
 from bitsmith.errors import BitsmithError
 from bitsmith.evaluation.tasks import task_for
+from bitsmith.export.ct_sparse import check_choice
 from bitsmith.io.models import LoadedModel, load_model
 from bitsmith.io.outputs import prepare_output_dir, prepare_output_file
 
@@ -50,29 +51,33 @@ def _transformers_dir(writer_name: str):
         if loaded.tokenizer is None:
             raise BitsmithError(f"the checkpoint has no tokenizer files; a {writer_name} export is a complete"
                                 " transformers directory")
-        writer = llm_formats.export_compressed_tensors if writer_name == "compressed-tensors" else llm_formats.export_gptq
-        return writer(loaded.model, loaded.tokenizer, out)
+        if writer_name == "compressed-tensors":
+            return llm_formats.export_compressed_tensors(loaded.model, loaded.tokenizer, out, **options)
+        return llm_formats.export_gptq(loaded.model, loaded.tokenizer, out)
 
     return write
 
 
 register_export_format(ExportFormat("onnx", ".onnx", _onnx, ("dynamic_activations", "activation_type")))
-register_export_format(ExportFormat("compressed-tensors", None, _transformers_dir("compressed-tensors")))
+register_export_format(ExportFormat("compressed-tensors", None, _transformers_dir("compressed-tensors"), ("sparse",)))
 register_export_format(ExportFormat("gptq", None, _transformers_dir("gptq")))
 FORMATS = tuple(EXPORT_FORMATS)
 
 
 def export_checkpoint(
-    path: str | Path, fmt: str, out: str | Path, dynamic_activations: str = "token", activation_type: str = "u8"
+    path: str | Path, fmt: str, out: str | Path, dynamic_activations: str = "token", activation_type: str = "u8",
+    sparse: str = "dense",
 ) -> dict:
     if fmt not in EXPORT_FORMATS:
         raise BitsmithError(f"unknown export format '{fmt}'; available: {', '.join(EXPORT_FORMATS)}")
     export_format = EXPORT_FORMATS[fmt]
+    if "sparse" in export_format.options:
+        check_choice(sparse)
     out = prepare_output_file(out, export_format.suffix) if export_format.suffix else prepare_output_dir(out)
     loaded = load_model(path)
     if not loaded.compressed:
         raise BitsmithError(f"{path} is not a bitsmith checkpoint; compress the model first")
-    given = {"dynamic_activations": dynamic_activations, "activation_type": activation_type}
+    given = {"dynamic_activations": dynamic_activations, "activation_type": activation_type, "sparse": sparse}
     options = {name: given[name] for name in export_format.options}
     result = export_format.write(loaded, out, options)
     result["source"] = loaded.source

@@ -291,13 +291,15 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="File to write (e.g. model.onnx)."),
     dynamic: str = typer.Option("token", "--dynamic", help="W8A8-dynamic pattern in ONNX: token, tensor or block."),
     activations: str = typer.Option("u8", "--activations", help="Static int8 QDQ activations: u8 (U8S8) or s8 (S8S8)."),
+    sparse: str = typer.Option("dense", "--sparse", help="compressed-tensors: pruned float layers dense, or as"
+                               " sparse-bitmask (read by compressed-tensors <= 0.14 and bitsmith only)."),
     as_json: bool = JSON_OPTION,
 ):
     """Export a compressed model for another runtime: ONNX (QDQ, MatMulNBits) for ONNX Runtime;
     compressed-tensors or GPTQ transformers directories for transformers and vLLM."""
     from bitsmith.api.export import export_checkpoint
 
-    result = export_checkpoint(path, fmt, out, dynamic_activations=dynamic, activation_type=activations)
+    result = export_checkpoint(path, fmt, out, dynamic_activations=dynamic, activation_type=activations, sparse=sparse)
     if as_json:
         _emit_json(result)
         return
@@ -306,6 +308,8 @@ def export(
         out_console.print(f"wrote {result['path']} ({_mb(result['bytes'])}, opset {result['opset']}): {layers}")
     else:
         out_console.print(f"wrote {result['path']} ({_mb(result['bytes'])}), a {fmt} transformers model directory")
+    for note in result.get("notes", []):
+        out_console.print(f"note: {note}")
 
 
 zoo_app = typer.Typer(help="The bundled models.", no_args_is_help=True)

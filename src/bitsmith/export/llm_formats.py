@@ -26,6 +26,10 @@ module's ``weight_zero_point`` at the unpacked shape (N, G) before loading and r
 it needs from the start of the tensor. So a padded tensor loads in plain ``AutoModelForCausalLM.from_pretrained``
 and decompresses to the same weights; bitsmith reads both forms.
 
+Pruned float Linears can be written as compressed-tensors ``sparse-bitmask`` (``sparse="bitmask"``; see
+``bitsmith.export.ct_sparse`` for its layout and why it is not the default); pruned quantized ones stay
+pack-quantized.
+
 Everything else (norms, float Linears such as ``lm_head``, embeddings, which bitsmith dequantizes to float
 here) is written as plain float tensors under the transformers names, with config.json, generation_config.json
 and the tokenizer files, so the directory is a complete model. ``bitsmith.io.compressed_tensors.load_compressed_tensors`` reads a
@@ -45,6 +49,13 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from bitsmith.export.ct_sparse import (
+    check_choice,
+    float_sparse_note,
+    quantized_sparse_note,
+    sparse_float_layers,
+    write_sparse,
+)
 from bitsmith.io.compressed_tensors import CT_BITS, prefixes
 from bitsmith.io.outputs import SAFETENSORS_METADATA, prepare_output_dir, publish, staging_dir
 from bitsmith.errors import BitsmithError
@@ -113,7 +124,8 @@ def _as_int_linear(name: str, module: nn.Module, allowed_bits=_BITS) -> _IntLine
     )
 
 
-def _collect(model: nn.Module, allowed_bits=_BITS) -> tuple[dict[str, _IntLinear], list[str], set[str]]:
+def _collect(model: nn.Module, allowed_bits=_BITS, require_quantized: bool = True
+             ) -> tuple[dict[str, _IntLinear], list[str], set[str]]:
     """(quantized Linears by name, names of float Linears, names of every bitsmith module)."""
     quantized, float_linears, special = {}, [], set()
     for name, module in model.named_modules():
@@ -127,7 +139,7 @@ def _collect(model: nn.Module, allowed_bits=_BITS) -> tuple[dict[str, _IntLinear
                 quantized[name] = view
         elif type(module) is nn.Linear:
             float_linears.append(name)
-    if not quantized:
+    if not quantized and require_quantized:
         raise BitsmithError("the model has no integer weight-only Linear layers: quantize it first (e.g. w4a16)")
     return quantized, float_linears, special
 
@@ -316,26 +328,42 @@ def _ct_tensors(name: str, layer: _IntLinear, scheme: _Scheme, dtype: torch.dtyp
 
 
 def export_compressed_tensors(
-    model: nn.Module, tokenizer, out_dir: str | Path, *, dtype: torch.dtype | None = None
+    model: nn.Module, tokenizer, out_dir: str | Path, *, dtype: torch.dtype | None = None, sparse: str = "dense"
 ) -> dict:
-    """Write ``model`` (quantized by bitsmith with int4/int8 weight-only schemes) as a compressed-tensors
-    ``pack-quantized`` model directory in the new directory ``out_dir``.
+    """Write ``model`` (quantized by bitsmith with int4/int8 weight-only schemes, and/or pruned) as a
+    compressed-tensors model directory in the new directory ``out_dir``: quantized Linears ``pack-quantized``;
+    with ``sparse="bitmask"`` and no quantized layer, float Linears that pruning made sparse as
+    ``sparse-bitmask`` (or ``sparse-24-bitmask`` when all of them are 2:4), which only older readers decompress
+    (``export.ct_sparse``).
 
     ``dtype`` (default: the dtype of the model's float parameters) is what scales and float tensors are
-    written in; bitsmith's fp16 scales are exact in fp16 and fp32. Returns a summary of what was written.
+    written in; bitsmith's fp16 scales are exact in fp16 and fp32. Returns a summary of what was written,
+    with "notes": lines about what was not written as asked or who can read it.
     """
-    quantized, float_linears, special = _collect(model, CT_BITS)
+    check_choice(sparse)
+    quantized, float_linears, special = _collect(model, CT_BITS, require_quantized=False)
     schemes = _schemes(quantized, model)
     dtype = dtype or _float_dtype(model)
     tensors = _plain_tensors(model, special, dtype)
     for name, layer in quantized.items():
         tensors.update(_ct_tensors(name, layer, schemes[name], dtype))
     untie = _untie_if_needed(model, tensors, quantized)
-    config = _ct_quantization_config(schemes, float_linears)
+    sparse_layers = sparse_float_layers(tensors, float_linears)
+    if not quantized and not (sparse == "bitmask" and sparse_layers):
+        hint = "; or write its sparse layers as sparse-bitmask (--sparse bitmask)" if sparse_layers else ""
+        raise BitsmithError("the model has no integer weight-only Linear layers: quantize it first (e.g. w4a16)" + hint)
+    bitmask = sparse == "bitmask" and bool(sparse_layers) and not quantized  # see ct_sparse: 0.14 reads no mix
+    written = write_sparse(model, tensors, sparse_layers) if bitmask else None
+    config = _ct_quantization_config(schemes, float_linears) if quantized else {"quant_method": "compressed-tensors"}
+    if written is not None:
+        config["sparsity_config"] = written
+    notes = [note for note in (float_sparse_note(sparse_layers, written, sparse, bool(quantized)),
+                               quantized_sparse_note(model, quantized)) if note]
     with _staging_dir(out_dir) as tmp:
         _write_model_dir(tmp, model, tokenizer, tensors, config, dtype, untie)
     out = Path(out_dir)
-    return {"path": str(out), "bytes": (out / WEIGHTS_FILE).stat().st_size, "quantization_config": config}
+    return {"path": str(out), "bytes": (out / WEIGHTS_FILE).stat().st_size, "quantization_config": config,
+            "notes": notes}
 
 
 # ----------------------------------------------------------------------------------------------------------- GPTQ

@@ -1,6 +1,7 @@
 """Reading compressed-tensors ``pack-quantized`` directories (bitsmith's own exports or llm-compressor's) into
 a transformers model whose quantized Linears are bitsmith runtime modules. The layout is described in
-``bitsmith.export.llm_formats``, which writes it."""
+``bitsmith.export.llm_formats``, which writes it. Float layers stored ``sparse-bitmask`` or ``sparse-24-bitmask``
+(``bitsmith.export.ct_sparse``) are decompressed to dense float weights."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from bitsmith.algorithms.rtn import QuantizedWeight
 from bitsmith.errors import BitsmithError
 from bitsmith.formats.affine import IntFormat
 from bitsmith.formats.packing import unpack_int32_dense
+from bitsmith.formats.sparse import densify, row_offsets
 from bitsmith.io.checkpoint_files import shard_names
 from bitsmith.io.skeleton import float_skeleton, is_causal_lm_dir, read_model_config
 from bitsmith.nn import Int8WeightOnlyLinear, IntxWeightOnlyLinear
@@ -26,6 +28,7 @@ from bitsmith.nn import Int8WeightOnlyLinear, IntxWeightOnlyLinear
 __all__ = ["load_compressed_tensors", "is_compressed_tensors_dir", "read_config", "prefixes", "CT_BITS"]
 
 CT_BITS = (2, 3, 4, 5, 6, 7, 8)  # compressed-tensors packs any width densely
+SPARSE_FORMATS = ("sparse-bitmask", "sparse-24-bitmask")
 
 
 def prefixes(key: str) -> list[str]:
@@ -72,8 +75,9 @@ def _check_ct_config(qc: dict, path: Path) -> list[dict]:
     """The config groups, each checked to be a weight-only int pack-quantized scheme bitsmith runs."""
     top_format = qc.get("format")
     sparsity = (qc.get("sparsity_config") or {}).get("format", "dense")
-    if sparsity != "dense":
-        raise BitsmithError(f"{path}: sparse compressed-tensors checkpoints ({sparsity}) are not supported")
+    if sparsity not in ("dense", *SPARSE_FORMATS):
+        raise BitsmithError(f"{path}: sparse compressed-tensors checkpoints in {sparsity!r} are not supported;"
+                            f" bitsmith reads {' and '.join(SPARSE_FORMATS)}")
     if qc.get("quantization_status", "compressed") != "compressed":
         status = qc["quantization_status"]
         raise BitsmithError(f"{path}: quantization_status is {status!r}; bitsmith reads 'compressed' checkpoints")
@@ -90,9 +94,31 @@ def _check_ct_config(qc: dict, path: Path) -> list[dict]:
         if weights.get("strategy") not in ("group", "channel", "tensor"):
             raise BitsmithError(f"{what} has strategy {weights.get('strategy')!r}; use group, channel or tensor")
         groups.append({"targets": list(group.get("targets") or []), "weights": weights})
-    if not groups:
+    if not groups and sparsity == "dense":
         raise BitsmithError(f"{path}: the quantization_config has no config_groups")
     return groups
+
+
+def _decompress_sparse(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Replace each sparse layer's ``shape`` / ``compressed`` / ``bitmask`` (/ ``row_offsets``) tensors by its
+    dense ``weight``, in place."""
+    for key in [k for k in tensors if k.endswith(".bitmask")]:
+        prefix = key.removesuffix(".bitmask")
+        parts = {part: tensors.pop(f"{prefix}.{part}", None)
+                 for part in ("shape", "compressed", "bitmask", "row_offsets")}
+        if parts["shape"] is None or parts["compressed"] is None:
+            raise BitsmithError(f"layer '{prefix}' in {path} has a bitmask but no shape or compressed values")
+        shape = parts["shape"].flatten().tolist()
+        if len(shape) != 2 or min(shape) < 1:
+            raise BitsmithError(f"layer '{prefix}' in {path}: its shape {shape} is not that of a 2-D weight")
+        try:
+            weight = densify(parts["bitmask"], parts["compressed"].flatten(), shape)
+        except BitsmithError as err:
+            raise BitsmithError(f"layer '{prefix}' in {path}: {err}") from None
+        offsets = parts["row_offsets"]
+        if offsets is not None and not torch.equal(offsets.long().flatten(), row_offsets(parts["bitmask"])):
+            raise BitsmithError(f"layer '{prefix}' in {path}: its row_offsets do not match its bitmask")
+        tensors[f"{prefix}.weight"] = weight
 
 
 def _matches(name: str, module: nn.Module, target: str) -> bool:
@@ -177,6 +203,8 @@ def load_compressed_tensors(path: str | Path) -> nn.Module:
         raise BitsmithError(f"{path} is not a compressed-tensors checkpoint (no quant_method 'compressed-tensors')")
     groups, ignore = _check_ct_config(qc, path), list(qc.get("ignore") or [])
     tensors = _read_tensors(path)
+    if (qc.get("sparsity_config") or {}).get("format") in SPARSE_FORMATS:
+        _decompress_sparse(tensors, path)
     # a causal LM by its config, or (a config written without architectures) by its output head
     model = _skeleton(path, is_causal_lm_dir(path) or "lm_head.weight" in tensors)
     replaced = set()
