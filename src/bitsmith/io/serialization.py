@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from bitsmith.errors import BitsmithError
-from bitsmith.algorithms._modules import replace_module
+from bitsmith.algorithms._modules import replace_module, resize_
 from bitsmith.io.compressed_tensors import is_compressed_tensors_dir, load_compressed_tensors
 from bitsmith.io.outputs import SAFETENSORS_METADATA, prepare_output_dir, publish, staging_dir
 from bitsmith.io.skeleton import float_skeleton, read_model_config
@@ -142,6 +142,7 @@ def write_metadata(directory: Path, model: nn.Module, weight_files: list[str], m
         "recipe": getattr(model, "bitsmith_recipe", None),
         "stages": getattr(model, "bitsmith_stages", []),
         "layers": layers,
+        "shapes": getattr(model, "bitsmith_shapes", {}),
         "quantized": getattr(model, "bitsmith_quantized", {}),
         "skipped": getattr(model, "bitsmith_skipped", {}),
         "notes": getattr(model, "bitsmith_notes", {}),
@@ -167,7 +168,8 @@ def _check_structure(meta, meta_path: Path) -> dict:
     what = f"corrupt checkpoint: {meta_path}"
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION or "layers" not in meta:
         raise BitsmithError(f"corrupt or unsupported checkpoint: {meta_path} lacks format_version {FORMAT_VERSION}")
-    for key in ("source", "layers", "files", "skipped", "notes", "quantized", "metrics", "kernels", "kernel_decisions"):
+    for key in ("source", "layers", "shapes", "files", "skipped", "notes", "quantized", "metrics", "kernels",
+                "kernel_decisions"):
         if key in meta and not isinstance(meta[key], dict):
             raise BitsmithError(f"{what}: '{key}' must be a mapping, not {type(meta[key]).__name__}")
     if "stages" in meta and not (isinstance(meta["stages"], list) and all(isinstance(s, dict) for s in meta["stages"])):
@@ -178,7 +180,7 @@ def _check_structure(meta, meta_path: Path) -> dict:
         for name, text in meta.get(key, {}).items():
             if not isinstance(text, str):
                 raise BitsmithError(f"{what}: '{key}.{name}' must be a string")
-    for name in meta["layers"]:
+    for name in [*meta["layers"], *meta.get("shapes", {})]:
         if not _MODULE_NAME.match(name):
             raise BitsmithError(f"{what}: layer name {name!r} is not a module path")
     files = meta.get("files", {})
@@ -285,6 +287,19 @@ def _replacements(model: nn.Module, meta: dict) -> dict[str, nn.Module]:
     return replacements
 
 
+def _resize(model: nn.Module, shapes: dict) -> None:
+    """Give the modules structured pruning shrank their saved shapes (empty tensors, bound by the checkpoint)."""
+    for name, record in shapes.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise BitsmithError(f"corrupt checkpoint: resized module '{name}' in {META_FILE} is not in the model") from None
+        try:
+            resize_(module, record)
+        except ValueError as err:
+            raise BitsmithError(f"corrupt checkpoint: resized module '{name}' in {META_FILE}: {err}") from None
+
+
 def _check_against_headers(expected: dict[str, torch.Tensor], headers: dict, path: Path) -> None:
     unexpected = sorted(set(headers) - set(expected))
     if unexpected:
@@ -308,8 +323,9 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
             return load_compressed_tensors(path).eval()
     meta = read_metadata(path)
     target = model if model is not None else _skeleton(path, meta)
-    replacements = _replacements(target, meta)
     with all_or_nothing(target):
+        _resize(target, meta.get("shapes", {}))  # structured pruning's smaller layers, before the quantized ones
+        replacements = _replacements(target, meta)
         for name, new in replacements.items():
             replace_module(target, name, new)
         _load_tensors(target, path, weight_files(meta), meta.get(STORAGE_KEY, {}))
@@ -319,6 +335,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         target.bitsmith_skipped = meta.get("skipped", {})
         target.bitsmith_notes = meta.get("notes", {})
         target.bitsmith_quantized = meta.get("quantized", {})
+        target.bitsmith_shapes = meta.get("shapes", {})
     from bitsmith.nn import dispatch
 
     dispatch.seed(meta.get("kernel_decisions"))  # the kernels it was measured with, if this is that machine

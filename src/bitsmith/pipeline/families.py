@@ -18,7 +18,21 @@ from torch import nn
 from bitsmith.algorithms.smooth import output_width
 from bitsmith.errors import BitsmithError
 
-__all__ = ["Family", "Mapping", "families", "family_for", "family_of", "custom_family", "resolve_block"]
+__all__ = ["Family", "Structure", "Mapping", "families", "family_for", "family_of", "custom_family", "resolve_block"]
+
+
+@dataclass(frozen=True)
+class Structure:
+    """Layers whose channels structured pruning removes together inside one block (families.yaml explains)."""
+
+    kind: str  # ffn | heads
+    producers: tuple[str, ...]  # regexes: output rows removed
+    consumers: tuple[str, ...]  # regexes: input columns removed
+    module: str | None = None  # regex of the module whose attributes describe the group (attention)
+    unit: str | None = None  # attribute of ``module``: channels per unit of ``count`` (None: 1)
+    count: str | None = None  # the layer whose width / unit is the number of units (default: first producer)
+    attributes: tuple[tuple[str, str], ...] = ()  # (attribute of module, width expression)
+    config: tuple[tuple[str, str], ...] | None = None  # (model config key, width expression); None: not expressible
 
 
 @dataclass(frozen=True)
@@ -27,6 +41,7 @@ class Family:
     model_types: tuple[str, ...]
     mappings: tuple[tuple[str, tuple[str, ...]], ...]  # (prev regex, layer regexes)
     unfoldable: tuple[tuple[str, ...], ...] = ()
+    structures: tuple[Structure, ...] = ()
 
 
 @dataclass
@@ -45,6 +60,13 @@ class BlockPlan:
     skipped: list[tuple[list[str], str]] = field(default_factory=list)  # (local layer names, why not mapped)
 
 
+def _structure(kind: str, entry: dict) -> Structure:
+    config = entry.get("config")
+    return Structure(kind, tuple(entry["producers"]), tuple(entry["consumers"]), entry.get("module"), entry.get("unit"),
+                     entry.get("count"), tuple((entry.get("attributes") or {}).items()),
+                     tuple(config.items()) if config is not None else None)
+
+
 @lru_cache(maxsize=1)
 def families() -> dict[str, Family]:
     data = yaml.safe_load(resources.files("bitsmith.algorithms").joinpath("families.yaml").read_text())
@@ -54,6 +76,7 @@ def families() -> dict[str, Family]:
             tuple(entry.get("model_types", [])),
             tuple((m["prev"], tuple(m["layers"])) for m in entry.get("mappings", [])),
             tuple(tuple(group) for group in entry.get("unfoldable", [])),
+            tuple(_structure(kind, spec) for kind, spec in (entry.get("structures") or {}).items()),
         )
         for name, entry in data.items()
     }

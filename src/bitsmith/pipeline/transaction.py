@@ -2,8 +2,9 @@
 
 ``quantize_`` (and ``load(path, model=...)``) replace submodules, bind new parameters and buffers, and add
 hooks; none of them writes into a tensor the model already holds (``algorithms._modules.assign_``). So the
-model as it was is fully described by every module's child, parameter, buffer and hook dicts, copied
-shallowly up front (references only, no tensor is copied), and putting those dicts back undoes everything.
+model as it was is fully described by every module's child, parameter, buffer and hook dicts and its plain
+attributes (a head count, the config object, bitsmith's records), copied shallowly up front (references only,
+no tensor is copied), and putting them back undoes everything.
 
     with all_or_nothing(model):
         ...  # any exception inside restores the model exactly, then propagates
@@ -21,8 +22,6 @@ __all__ = ["all_or_nothing", "ModelState"]
 _DICTS = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set", "_forward_pre_hooks",
           "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
           "_forward_hooks_always_called", "_state_dict_hooks", "_load_state_dict_pre_hooks")
-_ATTRIBUTES = ("bitsmith_recipe", "bitsmith_stages", "bitsmith_skipped", "bitsmith_source", "bitsmith_notes", "bitsmith_quantized",
-               "training")
 
 
 class ModelState:
@@ -32,8 +31,7 @@ class ModelState:
         self._records = []
         for module in model.modules():
             dicts = {name: getattr(module, name).copy() for name in _DICTS if hasattr(module, name)}
-            attributes = {name: getattr(module, name) for name in _ATTRIBUTES if name in vars(module)}
-            self._records.append((module, dicts, attributes))
+            self._records.append((module, dicts, dict(vars(module))))
 
     def restore(self) -> None:
         for module, dicts, attributes in self._records:
@@ -41,11 +39,10 @@ class ModelState:
                 current = getattr(module, name)
                 current.clear()
                 current.update(saved)
-            for name in _ATTRIBUTES:
-                if name in attributes:
-                    object.__setattr__(module, name, attributes[name])
-                elif name in vars(module) and name != "training":
-                    delattr(module, name)
+            current = vars(module)
+            for name in [n for n in current if n not in attributes]:
+                del current[name]
+            current.update(attributes)
 
 
 @contextlib.contextmanager

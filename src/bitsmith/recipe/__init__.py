@@ -15,10 +15,13 @@ from bitsmith.recipe.stages import (
     QuantizeConfig,
     SmoothConfig,
     StageConfig,
+    StructuredPruneConfig,
+    StructuredRule,
 )
 
 __all__ = [
     "ActivationSpec", "AWQOptions", "EqualizeConfig", "FoldBatchNormConfig", "GPTQOptions", "MappingSpec",
-    "PruneConfig", "PruneRule", "QuantizeConfig", "Recipe", "Rule", "STAGE_CONFIGS", "Scheme", "SmoothConfig", "StageConfig", "WeightSpec",
+    "PruneConfig", "PruneRule", "QuantizeConfig", "Recipe", "Rule", "STAGE_CONFIGS", "Scheme", "SmoothConfig", "StageConfig",
+    "StructuredPruneConfig", "StructuredRule", "WeightSpec",
     "builtin_recipes", "config_from_dict", "config_from_yaml", "load_recipe", "target_matches",
 ]

@@ -2,6 +2,7 @@
 
     stage           | what it does                                              | phase
     prune           | weights set to zero: magnitude, Wanda or SparseGPT        | rewrite
+    prune_structured| whole FFN channels, heads, conv channels removed: smaller | rewrite
     fold_batchnorm  | Conv2d -> BatchNorm2d pairs become one Conv2d             | rewrite (float, function-preserving)
     equalize        | cross-layer equalization of consecutive convolutions      | rewrite
     smooth          | SmoothQuant: activation outliers moved into the weights   | rewrite
@@ -24,7 +25,7 @@ from bitsmith.recipe.schemes import Rule, Strict, Targeted, check_targets
 __all__ = [
     "StageConfig", "STAGE_CONFIGS", "register_stage_config", "REWRITE", "QUANTIZE",
     "GPTQOptions", "AWQOptions", "MappingSpec", "QuantizeConfig", "SmoothConfig", "FoldBatchNormConfig",
-    "EqualizeConfig", "PruneRule", "SparseGPTOptions", "PruneConfig",
+    "EqualizeConfig", "PruneRule", "SparseGPTOptions", "PruneConfig", "StructuredRule", "StructuredPruneConfig",
 ]
 
 MAX_RULES = 10_000  # a recipe is written by hand or a search; more rules than this is a mistake
@@ -278,3 +279,58 @@ class PruneConfig(StageConfig):
     @property
     def needs_calibration(self) -> bool:
         return self.method != "magnitude"
+
+
+class StructuredRule(Targeted):
+    """``fraction`` of the units (FFN channels, heads, convolution output channels) of every matched group
+    removed. Targets: the kinds ``ffn``, ``heads``, ``Conv2d``, or group names (``model.layers.3.ffn``,
+    ``encoder.layer.0.heads``, a convolution's own name) and ``re:`` regexes over them."""
+
+    fraction: float
+
+    @field_validator("fraction")
+    @classmethod
+    def _fraction(cls, value: float) -> float:
+        if not 0.0 <= value < 1.0 or value != value:
+            raise ValueError(f"fraction must be in [0, 1), got {value}")
+        return value
+
+
+@register_stage_config
+class StructuredPruneConfig(StageConfig):
+    """Structured pruning: channels removed from layer groups, so the saved model has smaller shapes.
+
+        importance   | a unit's score                                              | calibration
+        activations  | sum over its channels of ||x_c||^2 * ||W_consumer[:, c]||^2  | one pass per block
+        weights      | sum over its channels of ||W_producer[c]||^2 * ||W_consumer[:, c]||^2 | none
+
+    Which layers move together is data: the model family's ``structures`` (families.yaml) for FFNs and
+    attention heads, and the traced graph for convolutions (BatchNorm and the next layer's inputs follow).
+    """
+
+    stage: ClassVar[str] = "prune_structured"
+
+    importance: Literal["activations", "weights"] = "activations"
+    rules: list[StructuredRule]
+    ignore: list[str] = []
+    family: str | None = None  # by config.model_type when not given
+    multiple_of: int = 1  # kept units rounded up to a multiple of this (e.g. 8 channels for kernels)
+    # what the consumers get with activations: refit (Linear: kept columns and bias by least squares on the
+    # calibration inputs; Conv2d: mean), mean (the removed channels' mean contribution into the bias), none
+    update: Literal["refit", "mean", "none"] = "refit"
+
+    @field_validator("ignore")
+    @classmethod
+    def _valid_ignore(cls, targets: list[str]) -> list[str]:
+        return check_targets(targets)
+
+    @field_validator("multiple_of")
+    @classmethod
+    def _multiple(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"must be at least 1, got {value}")
+        return value
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.importance == "activations"
