@@ -6,7 +6,9 @@
 A handler changes ``model`` in place as its config says and records, in its ``StageReport``, what it did
 per layer. ``check`` (optional) runs before any stage changes the model, on the model as it was given,
 so that a recipe that cannot work fails before the slow work; ``offload`` says the handler can run on
-blocks loaded from disk one at a time (``bitsmith compress --offload``).
+blocks loaded from disk one at a time (``bitsmith compress --offload``); ``joins`` (optional) says, just
+before the handler runs, the blocks (their ModuleList's name) of the calibrated block pass it will run, so
+that an earlier stage's offered work can share it (pipeline/run.py).
 """
 
 from __future__ import annotations
@@ -26,15 +28,16 @@ class Handler:
     check: Callable | None = None
     offload: bool = False
     why_not_offload: str = ""  # said when --offload is asked of a stage that cannot run block by block from disk
+    joins: Callable | None = None  # (model, config, context) -> prefix of its calibrated block pass, or None
 
 
 STAGES: dict[type[StageConfig], Handler] = {}
 
 
 def register_stage(config_type: type[StageConfig], *, check: Callable | None = None, offload: bool = False,
-                   why_not_offload: str = ""):
+                   why_not_offload: str = "", joins: Callable | None = None):
     def register(run: Callable) -> Callable:
-        STAGES[config_type] = Handler(run, check, offload, why_not_offload)
+        STAGES[config_type] = Handler(run, check, offload, why_not_offload, joins)
         return run
 
     return register

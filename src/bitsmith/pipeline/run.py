@@ -12,6 +12,11 @@
 
 With ``blocks`` given (a ``BlockSource`` reading blocks from disk), every stage must be able to run block
 by block; the one block runner (``pipeline/blocks.py``) is the same in both cases.
+
+Stages share block passes where they can: a stage may ``offer`` its per-block work to the stage after it
+(prune offers Wanda or SparseGPT to the quantize stage after it); if that stage's handler ``joins`` a pass
+over the same blocks with calibration, both run in that one pass (block i: pruned, then quantized on the
+same inputs, before block i+1 sees its outputs); otherwise the offered work runs on its own first.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from bitsmith.errors import BitsmithError
-from bitsmith.pipeline.blocks import BlockSource
-from bitsmith.pipeline.calibration import calibration_batches
+from bitsmith.pipeline.blocks import BlockSource, Work, run_blocks
+from bitsmith.pipeline.calibration import calibration_batches, run_batch
 from bitsmith.pipeline.registry import handler_for
 from bitsmith.pipeline.report import Report, StageReport
 from bitsmith.pipeline.transaction import all_or_nothing
@@ -31,6 +36,24 @@ from bitsmith.recipe.recipe import Recipe
 from bitsmith.recipe.stages import QUANTIZE, StageConfig
 
 __all__ = ["Context", "check_stages", "run_stages"]
+
+
+@dataclass
+class _Offer:
+    """Block work a stage left for the next stage's pass (see the module docstring)."""
+
+    prefix: str
+    blocks: nn.ModuleList
+    work: Work
+    finish: Callable[[bool], None]  # after its pass: True when that pass was shared with the next stage
+
+
+def _both(first: Work, second: Work) -> Work:
+    def work(index: int, block: nn.Module, inputs):
+        follow_ups = [f for f in (first(index, block, inputs), second(index, block, inputs)) if f is not None]
+        return (lambda: [f() for f in follow_ups]) if follow_ups else None
+
+    return work
 
 
 @dataclass
@@ -43,6 +66,25 @@ class Context:
     blocks: BlockSource  # where the block runner gets blocks from
     progress: Callable[[str], None] | None = None
     earlier: list[StageReport] = field(default_factory=list)  # what the stages before this one did
+    shared: dict = field(default_factory=dict)  # one dict for every stage of a run: the pending offer
+
+    def offer(self, prefix: str, blocks: nn.ModuleList, work: Work, finish: Callable[[bool], None]) -> bool:
+        """Leave this stage's calibrated block work to the next stage's pass; False: run it yourself."""
+        if self.offloaded or self.index + 1 >= len(self.stages):
+            return False
+        self.shared["offer"] = _Offer(prefix, blocks, work, finish)
+        return True
+
+    def run_blocks(self, model: nn.Module, prefix: str, blocks: nn.ModuleList, batches: list | None, work: Work) -> None:
+        """The block runner for this stage, with an offered earlier stage's work in the same pass where the
+        blocks are the same and calibration runs."""
+        offer = self.shared.pop("offer", None)
+        if offer is not None and (offer.prefix != prefix or batches is None):
+            _run_offer(model, offer, self)
+            offer = None
+        run_blocks(model, blocks, self.blocks, batches, _both(offer.work, work) if offer else work, run_batch)
+        if offer is not None:
+            offer.finish(True)
 
     @property
     def offloaded(self) -> bool:
@@ -57,6 +99,22 @@ class Context:
     def following(self, kind: type[StageConfig]) -> StageConfig | None:
         """The first stage of type ``kind`` after this one."""
         return next((s for s in self.stages[self.index + 1:] if isinstance(s, kind)), None)
+
+
+def _run_offer(model: nn.Module, offer: _Offer, context: Context) -> None:
+    run_blocks(model, offer.blocks, context.blocks, context.calibration, offer.work, run_batch)
+    offer.finish(False)
+
+
+def _settle_offer(model: nn.Module, stage: StageConfig, handler, context: Context) -> None:
+    """Before a stage runs: an offered block pass it will not join runs now, on its own."""
+    offer = context.shared.get("offer")
+    if offer is None:
+        return
+    joins = handler.joins(model, stage, context) if handler.joins is not None else None
+    if joins != offer.prefix:
+        del context.shared["offer"]
+        _run_offer(model, offer, context)
 
 
 def _check_offload(recipe: Recipe, handlers: list) -> None:
@@ -79,7 +137,8 @@ def check_stages(model: nn.Module, recipe: Recipe, calibration: Iterable | None 
         raise BitsmithError("this recipe calibrates (static activations, gptq, awq or smoothquant): give calibration"
                             " data (--calib)")
     handlers = [handler_for(stage) for stage in recipe.stages]
-    steps = [(stage, handler, Context(recipe.stages, index, calibration, source, progress))
+    shared: dict = {}
+    steps = [(stage, handler, Context(recipe.stages, index, calibration, source, progress, shared=shared))
              for index, (stage, handler) in enumerate(zip(recipe.stages, handlers))]
     for stage, handler, context in steps:  # first: what each stage says of this model (the closer reason)
         if handler.check is not None:
@@ -98,9 +157,12 @@ def run_stages(model: nn.Module, recipe: Recipe, calibration: Iterable | None = 
         context.earlier = report.stages  # grows as the stages run: stage i sees stages 0 .. i-1
     with all_or_nothing(model):
         for stage, handler, context in steps:
+            _settle_offer(model, stage, handler, context)
             stage_report = StageReport(stage.stage, quantizes=stage.phase == QUANTIZE)
             handler.run(model, stage, context, stage_report)
             report.stages.append(stage_report)
+        if steps and "offer" in steps[0][2].shared:  # offered by the last stage that could (none joined)
+            _run_offer(model, steps[0][2].shared.pop("offer"), steps[0][2])
         _record(model, recipe, report)
     return report
 

@@ -152,22 +152,35 @@ def _check(model: nn.Module, config: PruneConfig, context: Context) -> None:
 @register_stage(PruneConfig, check=_check, why_not_offload="pruned float blocks are not written from disk yet")
 def prune_stage(model: nn.Module, config: PruneConfig, context: Context, report: StageReport) -> None:
     chosen = prune_plan(model, config)
-    if config.method == "magnitude":
+    sizes = [model.get_submodule(n).weight.numel() for n in chosen]
+
+    def summarize() -> None:
+        zeros = sum(report.summary.get("sparsity", {}).get(n, 0.0) * size for n, size in zip(chosen, sizes))
+        report.summary["pruned_layers"] = len(chosen)
+        report.summary["overall_sparsity"] = round(zeros / max(sum(sizes), 1), 4)
+
+    if config.method == "magnitude" or not chosen:
         _magnitude(model, chosen, config.scope, report)
-    elif chosen:
-        prefix, blocks = find_blocks(model, chosen, config.method)
-        inside = {n: r for n, r in chosen.items() if n.startswith(prefix + ".")}
-        work = _calibrated_block(config, inside, report, context.progress)(prefix)
-        run_blocks(model, blocks, context.blocks, context.calibration, work, run_batch)
-        outside = {n: r for n, r in chosen.items() if n not in inside}
+        summarize()
+        return
+    prefix, blocks = find_blocks(model, chosen, config.method)
+    inside = {n: r for n, r in chosen.items() if n.startswith(prefix + ".")}
+    outside = {n: r for n, r in chosen.items() if n not in inside}
+    work = _calibrated_block(config, inside, report, context.progress)(prefix)
+
+    def finish(shared: bool) -> None:  # after the block pass: the layers outside the blocks, then the summary
+        if shared:
+            report.summary["pass"] = "one block pass with the next stage"
         if outside:
             _magnitude(model, outside, "layer", report)
             for name in outside:
                 report.note(name, f"outside the repeated blocks: magnitude pruning instead of {config.method}")
-    sizes = [model.get_submodule(n).weight.numel() for n in chosen]
-    zeros = sum(report.summary.get("sparsity", {}).get(n, 0.0) * size for n, size in zip(chosen, sizes))
-    report.summary["pruned_layers"] = len(chosen)
-    report.summary["overall_sparsity"] = round(zeros / max(sum(sizes), 1), 4)
+        summarize()
+
+    if context.offer(prefix, blocks, work, finish):  # e.g. GPTQ after: one pass, each block pruned then quantized
+        return
+    run_blocks(model, blocks, context.blocks, context.calibration, work, run_batch)
+    finish(False)
 
 
 def prune_(model: nn.Module, config: PruneConfig | Recipe, calibration: Iterable | None = None,

@@ -27,8 +27,7 @@ from torch import nn
 from bitsmith.algorithms._modules import replace_module
 from bitsmith.errors import BitsmithError
 from bitsmith.nn import QUANTIZED_MODULES
-from bitsmith.pipeline.blocks import block_targets, find_blocks, run_blocks
-from bitsmith.pipeline.calibration import run_batch
+from bitsmith.pipeline.blocks import block_targets, find_blocks
 from bitsmith.pipeline.registry import register_stage
 from bitsmith.pipeline.report import Report, StageReport
 from bitsmith.pipeline.run import Context, run_stages
@@ -185,8 +184,20 @@ def _quantize_blocks(model: nn.Module, config: QuantizeConfig, targets: dict[str
                                                states.get(method))
         return lambda: finish_block_(block, pending)
 
-    run_blocks(model, blocks, context.blocks, batches, work, run_batch)
+    context.run_blocks(model, prefix, blocks, batches, work)
     return set(inside)
+
+
+def _joins(model: nn.Module, config: QuantizeConfig, context: Context) -> str | None:
+    """The blocks of the calibrated pass this stage will run (GPTQ, AWQ), so that an earlier stage's offered
+    block work (pruning) runs in it; None with static activations (observed on the model as it comes)."""
+    if context.offloaded or config.is_static:
+        return None
+    chosen, _ = plan(model, config)
+    targets = _block_linears(model, chosen)
+    if not _calibrated(targets) or context.calibration is None:
+        return None
+    return _blocks_for(model, targets, context)[0]
 
 
 def _rtn_block(block: nn.Module, names: dict[str, str], schemes: dict[str, Scheme], inputs, config, pending: list,
@@ -202,7 +213,7 @@ def _rtn_block(block: nn.Module, names: dict[str, str], schemes: dict[str, Schem
 register_method("rtn", BlockMethod(calibrated=False, quantize_block=_rtn_block))
 
 
-@register_stage(QuantizeConfig, check=_check, offload=True)
+@register_stage(QuantizeConfig, check=_check, offload=True, joins=_joins)
 def quantize_stage(model: nn.Module, config: QuantizeConfig, context: Context, report: StageReport) -> None:
     chosen, skipped = plan(model, config)
     for name, why in skipped.items():
