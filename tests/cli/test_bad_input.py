@@ -319,6 +319,19 @@ RECIPE_CASES = {
     "prune after quantize": ("version: 2\nname: r\nstages:\n  - quantize: {rules: []}\n"
                              "  - prune: {rules: [{targets: [Linear], sparsity: 0.5}]}\n", None,
                              "stages[1] (prune) comes after quantize"),
+    "an N:M pattern that does not divide a layer": (
+        "version: 2\nname: r\nstages:\n  - prune: {rules: [{targets: [Linear], pattern: '1:3'}]}\n", None,
+        "the 1:3 pattern of prune rule 1 needs whole groups of 3"),
+    "structured fraction of 1": (
+        "version: 2\nname: r\nstages:\n  - prune_structured: {rules: [{targets: [ffn], fraction: 1.0}]}\n", None,
+        "fraction must be in [0, 1), got 1.0"),
+    "structured pruning after quantize": (
+        "version: 2\nname: r\nstages:\n  - quantize: {rules: []}\n"
+        "  - prune_structured: {rules: [{targets: [ffn], fraction: 0.5}]}\n", None,
+        "stages[1] (prune_structured) comes after quantize"),
+    "structured pruning of a group that is not there": (
+        "version: 2\nname: r\nstages:\n  - prune_structured: {rules: [{targets: [encoder.layer.9.ffn], fraction: 0.5}]}\n",
+        None, "names 'encoder.layer.9.ffn', which is no layer group of this model"),
     "a stage with an unknown key": ("version: 2\nname: r\nstages:\n  - smooth: {alfa: 0.5}\n  - quantize: {rules: []}\n",
                                     None, "unknown key 'stages[0].smooth.alfa'"),
     "quantize before smooth": ("version: 2\nname: r\nstages:\n  - quantize: {rules: []}\n  - smooth: {alpha: 0.5}\n",
@@ -401,6 +414,14 @@ def test_bad_options_for_the_digits_model(capsys, tiny_bert, tmp_path, args, fra
     code, _, err = cli(capsys, "compress", "digits-cnn", "--out", tmp_path / "o", *args)
     assert_clean_error(code, err, fragment)
     assert not (tmp_path / "o").exists() and listing(tmp_path) == []
+
+
+def test_structured_pruning_of_a_model_with_no_family_map(capsys, tmp_path):
+    recipe = tmp_path / "ffn.yaml"
+    recipe.write_text("version: 2\nname: r\nstages:\n  - prune_structured: {rules: [{targets: [ffn], fraction: 0.25}]}\n")
+    code, _, err = cli(capsys, "compress", "digits-cnn", "--out", tmp_path / "o", "--recipe", recipe)
+    assert_clean_error(code, err, "structured pruning of FFN channels and heads needs a known model family")
+    assert not (tmp_path / "o").exists()
 
 
 # ---------------------------------------------------------------------------------------------- outputs

@@ -148,6 +148,28 @@ def test_compress_digits_static_and_analyze_observers(tmp_path):
     assert all(r["accuracy"] > 0.95 for r in rows)
 
 
+def test_structured_pruning_of_the_digits_convolutions_then_static_int8(tmp_path):
+    """Structured pruning, then static int8 in one recipe: smaller shapes, a parameters column, the table's
+    accuracy, and a directory that loads with the smaller shapes."""
+    recipe = tmp_path / "shrink-int8.yaml"
+    recipe.write_text("version: 2\nname: shrink-int8\nstages:\n"
+                      "  - prune_structured: {rules: [{targets: [Conv2d], fraction: 0.25}]}\n"
+                      "  - fold_batchnorm\n"
+                      "  - quantize:\n      rules:\n        - targets: [Conv2d, Linear]\n"
+                      "          scheme: {weights: {dtype: int8, granularity: channel, symmetric: true},"
+                      " activations: {dtype: int8, granularity: tensor, dynamic: false}}\n")
+    code, stdout, stderr = run("compress", "digits-cnn", "--recipe", str(recipe), "--out", str(tmp_path / "d"),
+                               "--repeats", "1")
+    assert code == 0, stderr
+    assert "parameters" in stdout and "(-43.6%)" in stdout, stdout  # 5 convolutions at 3/4 of their channels
+    metrics = json.loads((tmp_path / "d" / "bitsmith.json").read_text())["metrics"]
+    assert metrics["accuracy"] >= 0.97 and metrics["parameters_removed"] == pytest.approx(0.436, abs=1e-3)
+    code, stdout, stderr = run("inspect", str(tmp_path / "d"), "--json")
+    assert code == 0, stderr
+    rows = {row["name"]: row for row in json.loads(stdout)["layers"]}
+    assert rows["features.3"]["module"] == "StaticInt8Conv2d"
+
+
 def test_empty_calibration_file(tmp_path):
     (tmp_path / "empty.txt").write_text("\n")
     code, _, stderr = run("compress", "--recipe", "w8a8-static", "--calib", str(tmp_path / "empty.txt"),

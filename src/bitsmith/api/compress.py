@@ -15,6 +15,7 @@ from bitsmith.evaluation.measure import interleaved_latency, read_text
 from bitsmith.evaluation.tasks import LanguageModelTask, task_for
 from bitsmith.io.models import load_float_source, load_model, load_tokenizer, state_bytes
 from bitsmith.io.serialization import prepare_output_dir, save
+from bitsmith.io.sparse_storage import zero_mask
 from bitsmith.nn import cpu, dispatch, native
 from bitsmith.pipeline import run_stages
 from bitsmith.recipe import Recipe, load_recipe
@@ -46,6 +47,25 @@ def _kernels_ran(model: nn.Module) -> dict[str, dict]:
         if last is not None:
             ran[name] = {"kernel": last[0], "rows": last[1]}
     return ran
+
+
+def pruning_figures(model: nn.Module, report) -> dict:
+    """What pruning stages left, measured on the final model: the fraction of zero weights over the layers a
+    prune stage made sparse (after quantization too: codes at their zero point), and the parameters that
+    structured pruning removed. Empty without a pruning stage."""
+    figures = {}
+    sparse = {name for stage in report.stages for name in stage.summary.get("sparsity", {})}
+    masks = [zero_mask(model.get_submodule(name)) for name in sorted(sparse)]
+    masks = [m for m in masks if m is not None]
+    if masks:
+        figures["sparsity"] = round(sum(m.sum().item() for m in masks) / sum(m.numel() for m in masks), 4)
+        figures["sparse_layers"] = len(masks)
+    for stage in report.stages:
+        if "parameters_removed" in stage.summary:
+            figures["parameters_removed"] = stage.summary["parameters_removed"]
+            figures["original_parameters"] = stage.summary["parameters_before"]
+            figures["parameters"] = stage.summary["parameters_after"]
+    return figures
 
 
 def _measure(task, float_model, quant_model, repeats: int) -> dict:
@@ -111,6 +131,7 @@ def compress(
         "machine": machine_summary(),
     }
     metrics["size_ratio"] = round(metrics["bytes"] / metrics["original_bytes"], 4)
+    metrics.update(pruning_figures(quant_model, report))
     if calibration is not None:
         metrics["calibration"] = {"source": str(calib) if calib else "default", "batches": len(calibration)}
     metrics.update(_measure(task, float_model, quant_model, repeats))

@@ -48,6 +48,43 @@ def _fidelity_columns(m: dict) -> dict[str, tuple[str, str]]:
     return {}
 
 
+def _pruning_column(m: dict) -> dict[str, tuple[str, str]]:
+    """The sparsity column (zero weights of the pruned layers) and the parameters column (structured pruning),
+    when a pruning stage ran."""
+    columns = {}
+    if "sparsity" in m:
+        columns["sparsity"] = ("0%", f"{100 * m['sparsity']:.1f}%")
+    if "parameters" in m:
+        columns["parameters"] = (f"{m['original_parameters'] / 1e6:.2f} M",
+                                 f"{m['parameters'] / 1e6:.2f} M (-{100 * m['parameters_removed']:.1f}%)")
+    return columns
+
+
+class _StageBars:
+    """One progress bar per recipe stage: the pipeline calls ``stage(i, n, name)`` before each stage and the
+    progress itself per layer or block."""
+
+    def __init__(self, progress: Progress):
+        self.progress, self.task = progress, None
+
+    def _close(self) -> None:
+        if self.task is not None:
+            done = self.progress.tasks[-1].completed
+            self.progress.update(self.task, total=max(done, 1), completed=max(done, 1))
+
+    def stage(self, index: int, count: int, name: str) -> None:
+        self._close()
+        self.task = self.progress.add_task(f"{index + 1}/{count} {name}", total=None, step="")
+
+    def __call__(self, message: str) -> None:
+        if self.task is None:
+            self.task = self.progress.add_task("", total=None, step="")
+        self.progress.update(self.task, advance=1, step=message)
+
+    def finish(self) -> None:
+        self._close()
+
+
 def _emit_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
@@ -96,17 +133,14 @@ def compress(
             _print_outcomes(result)
         return
     with Progress(
-        TextColumn("[bold]quantizing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[step]}"),
         TimeElapsedColumn(), console=err_console, disable=as_json, transient=True,
     ) as progress:
-        task = progress.add_task("", total=None)
-
-        def step(name: str) -> None:
-            progress.update(task, advance=1, description=name)
-
+        bars = _StageBars(progress)
         result = run_compress(
-            model, recipe, out, text=text, calib=calib, calib_samples=calib_samples, repeats=repeats, progress=step
+            model, recipe, out, text=text, calib=calib, calib_samples=calib_samples, repeats=repeats, progress=bars
         )
+        bars.finish()
     result.pop("model")
     if as_json:
         _emit_json(result)
@@ -114,12 +148,13 @@ def compress(
     m = result["metrics"]
     table = Table(title=f"{model} -> {recipe_name}  ({m['machine']['cpu']}, {m['machine']['threads']} threads)")
     fidelity = _fidelity_columns(m)
-    for column in ("model", "size", "latency", "vs float", *fidelity):
+    pruned = _pruning_column(m)
+    for column in ("model", "size", *pruned, "latency", "vs float", *fidelity):
         table.add_column(column, justify="right" if column != "model" else "left")
-    table.add_row("float (original)", _mb(m["original_bytes"]), f"{m['original_latency_s'] * 1e3:.0f} ms", "1.00x",
-                  *(v[0] for v in fidelity.values()))
-    table.add_row(recipe_name, _mb(m["bytes"]), f"{m['latency_s'] * 1e3:.0f} ms", f"{m['latency_ratio']:.2f}x",
-                  *(v[1] for v in fidelity.values()))
+    table.add_row("float (original)", _mb(m["original_bytes"]), *(v[0] for v in pruned.values()),
+                  f"{m['original_latency_s'] * 1e3:.0f} ms", "1.00x", *(v[0] for v in fidelity.values()))
+    table.add_row(recipe_name, _mb(m["bytes"]), *(v[1] for v in pruned.values()), f"{m['latency_s'] * 1e3:.0f} ms",
+                  f"{m['latency_ratio']:.2f}x", *(v[1] for v in fidelity.values()))
     out_console.print(table)
     shape = m.get("batch_shape")
     out_console.print(

@@ -64,7 +64,8 @@ class Context:
     index: int  # this stage's place in it
     calibration: list | None  # checked batches, shared by every stage
     blocks: BlockSource  # where the block runner gets blocks from
-    progress: Callable[[str], None] | None = None
+    progress: Callable[[str], None] | None = None  # called per layer or block; its ``stage(i, n, name)``, if it
+    #                                               has one, before each stage
     earlier: list[StageReport] = field(default_factory=list)  # what the stages before this one did
     shared: dict = field(default_factory=dict)  # one dict for every stage of a run: the pending offer
 
@@ -155,8 +156,11 @@ def run_stages(model: nn.Module, recipe: Recipe, calibration: Iterable | None = 
     report = Report()
     for _, _, context in steps:
         context.earlier = report.stages  # grows as the stages run: stage i sees stages 0 .. i-1
+    announce = getattr(progress, "stage", None)  # a progress that shows one bar per stage (the CLI's)
     with all_or_nothing(model):
         for stage, handler, context in steps:
+            if announce is not None:
+                announce(context.index, len(steps), stage.stage)
             _settle_offer(model, stage, handler, context)
             stage_report = StageReport(stage.stage, quantizes=stage.phase == QUANTIZE)
             handler.run(model, stage, context, stage_report)
