@@ -11,6 +11,7 @@ from bitsmith.formats.sparse import (
     densify,
     nm_holds,
     nm_keep_mask,
+    nm_pattern,
     pack_bitmask,
     popcount,
     row_offsets,
@@ -72,6 +73,16 @@ def test_nm_masks():
     assert values.numel() == 16 * 32 and torch.equal(densify(bitmask, values, pruned.shape), pruned)
     with pytest.raises(BitsmithError, match="not 2:4 sparse"):
         nm_keep_mask(weight, 2, 4)
+
+
+def test_nm_pattern():
+    weight = _sparse(8, 16, 0.0)
+    assert nm_pattern(weight) is None
+    two_four = weight * torch.tensor([1.0, 0.0, 0.0, 1.0]).repeat(4)
+    assert nm_pattern(two_four) == (2, 4)
+    assert nm_pattern(two_four * torch.tensor([1.0, 1.0, 1.0, 0.0]).repeat(4)) == (1, 4)
+    four_eight = weight * torch.tensor([1.0] * 4 + [0.0] * 4).repeat(2)
+    assert nm_pattern(four_eight) == (4, 8)
 
 
 def test_zero_fraction():

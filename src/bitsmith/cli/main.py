@@ -244,7 +244,7 @@ def inspect(
     path: Path = typer.Argument(..., help="A bitsmith model directory."),
     as_json: bool = JSON_OPTION,
 ):
-    """List each layer's scheme, bits, bytes and the kernel it runs on."""
+    """List each layer's scheme, bits, bytes, sparsity and the kernel it runs on."""
     from bitsmith.api.inspect import inspect_checkpoint
 
     info = inspect_checkpoint(path)
@@ -252,16 +252,17 @@ def inspect(
         _emit_json(info)
         return
     table = Table(title=f"{path}  (source: {info['source'].get('name') or info['source'].get('class')})")
-    for column in ("layer", "module", "scheme", "bits", "bytes", "kernel"):
-        table.add_column(column, justify="right" if column in ("bits", "bytes") else "left")
+    for column in ("layer", "module", "scheme", "bits", "bytes", "sparsity", "kernel"):
+        table.add_column(column, justify="right" if column in ("bits", "bytes", "sparsity") else "left")
     quantized = info.get("quantized", {})
     for row in info["layers"]:
         kernel = row["kernel"]
         if "ran_at_compress" in row:
             ran = row["ran_at_compress"]
             kernel = f"{' | '.join(row.get('kernels_here', []))}; at compress: {ran['kernel']} ({ran['rows']} rows)"
+        sparsity = f"{row['sparsity']:.0%} {row['pattern']}" if row.get("sparse_kernel") else ""
         table.add_row(row["name"], row["module"], quantized.get(row["name"], row["scheme"]), str(row["bits"]),
-                      f"{row['bytes']:,}", kernel)
+                      f"{row['bytes']:,}", sparsity, kernel)
     out_console.print(table)
     _print_machine_inspect(info["machine"])
     reasons: dict[tuple[str, str], int] = {}
@@ -270,6 +271,11 @@ def inspect(
             reasons[(row["module"], row["why"])] = reasons.get((row["module"], row["why"]), 0) + 1
     for (module, why), count in reasons.items():
         out_console.print(f"why ({module}, {count} layers): {why}")
+    sparse = [row for row in info["layers"] if row.get("sparse_kernel")]
+    if sparse:
+        stored = sum(row["storage"].startswith("bitmask") for row in sparse)
+        out_console.print(f"sparse layers: {len(sparse)}, {stored} stored as a bitmask; sparse kernel:"
+                          f" {sparse[0]['sparse_kernel']}")
     out_console.print(
         f"quantized layers {_mb(info['quantized_bytes'])}, float tensors {_mb(info['float_bytes'])}, "
         f"file {_mb(info['file_bytes'])}"

@@ -24,7 +24,7 @@ from bitsmith.errors import BitsmithError
 
 __all__ = [
     "bitmask_shape", "pack_bitmask", "unpack_bitmask", "popcount", "row_offsets", "sparsify", "densify",
-    "nm_holds", "nm_keep_mask", "zero_fraction",
+    "nm_holds", "nm_keep_mask", "nm_pattern", "zero_fraction",
 ]
 
 _BITS = torch.arange(8, dtype=torch.int32)  # bit j of a byte holds column 8b + j
@@ -119,6 +119,16 @@ def nm_keep_mask(tensor: torch.Tensor, n: int, m: int) -> torch.Tensor:
     order = (~nonzero).to(torch.int64) * m + torch.arange(m)  # (R, G, m), distinct per group
     ranks = order.argsort(dim=-1).argsort(dim=-1)
     return (ranks < n).reshape(rows, cols)
+
+
+def nm_pattern(tensor: torch.Tensor, widths: tuple[int, ...] = (4, 8)) -> tuple[int, int] | None:
+    """The strongest N:M pattern a 2-D tensor follows (the smallest M of ``widths``, then the smallest N < M),
+    or None: (2, 4) for a 2:4-pruned weight, (4, 8) for 4:8."""
+    for m in widths:
+        for n in range(1, m):
+            if nm_holds(tensor, n, m):
+                return n, m
+    return None
 
 
 def zero_fraction(tensor: torch.Tensor) -> float:

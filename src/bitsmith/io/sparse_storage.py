@@ -32,7 +32,7 @@ from bitsmith.formats.sparse import bitmask_shape, densify, popcount, sparsify
 from bitsmith.nn import HalfLinear, Int8DynamicLinear, Int8WeightOnlyLinear, IntxWeightOnlyLinear
 from bitsmith.nn.static import StaticInt8Linear
 
-__all__ = ["MAX_RATIO", "STORAGE_KEY", "compact", "disk_layout", "expand", "stored_tensor"]
+__all__ = ["MAX_RATIO", "STORAGE_KEY", "compact", "disk_layout", "expand", "stored_tensor", "zero_mask"]
 
 STORAGE_KEY = "sparse_storage"
 MAX_RATIO = 0.9  # sparse storage only where it takes at most 90% of the dense bytes
@@ -62,6 +62,16 @@ def _matrix_and_fill(module: nn.Module, tensor: torch.Tensor, zero: torch.Tensor
         codes = unpack_codes(tensor, module.bits, (module.out_features, module.in_features))
         return codes, _zero_points(module, zero)
     return tensor, 0
+
+
+def zero_mask(module: nn.Module) -> torch.Tensor | None:
+    """Boolean (N, K): where the module's weight is exactly 0 (for quantized codes: at their zero point), or
+    None for a module kind with no sparse form."""
+    part = stored_tensor(module)
+    if part is None:
+        return None
+    matrix, fill = _matrix_and_fill(module, getattr(module, part), getattr(module, "weight_zero_point", None))
+    return matrix.detach() == fill
 
 
 def _values_on_disk(module: nn.Module, values: torch.Tensor) -> torch.Tensor:
