@@ -130,3 +130,32 @@ def test_corrupt_sparse_checkpoints_are_refused(saved, tmp_path, case):
     with pytest.raises(BitsmithError, match=message) as caught:
         bitsmith.load(broken)
     assert "\n" not in str(caught.value)
+
+
+def test_half_int8_and_dynamic_layers_round_trip(tmp_path):
+    """The other kinds with a sparse form: bf16 weights, int8 codes (weight-only and W8A8 dynamic)."""
+    from torch import nn
+
+    from bitsmith.nn import HalfLinear, Int8DynamicLinear, Int8WeightOnlyLinear
+
+    torch.manual_seed(0)
+    float_model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 96), nn.ReLU(), nn.Linear(96, 32)).eval()
+    model = copy.deepcopy(float_model)
+    with torch.no_grad():
+        for layer in (model[0], model[2], model[4]):
+            layer.weight.mul_(layer.weight.abs() > layer.weight.abs().median())  # half of each layer to 0
+    schemes = {"0": {"dtype": "bf16"}, "2": {"dtype": "int8", "granularity": "channel", "symmetric": True},
+               "4": {"dtype": "int8", "granularity": "channel", "symmetric": True}}
+    rules = [{"targets": [name], "scheme": {"weights": weights}} for name, weights in schemes.items()]
+    rules[2]["scheme"]["activations"] = {"dtype": "int8", "dynamic": True}
+    bitsmith.quantize_(model, bitsmith.QuantizeConfig.model_validate({"rules": rules}))
+    assert [type(model[i]) for i in (0, 2, 4)] == [HalfLinear, Int8WeightOnlyLinear, Int8DynamicLinear]
+    meta = bitsmith.save(model, tmp_path / "m")
+    assert {n: r["tensor"] for n, r in meta["sparse_storage"].items()} == {"0": "weight", "2": "weight_codes",
+                                                                            "4": "weight_codes"}
+    loaded = bitsmith.load(tmp_path / "m", model=copy.deepcopy(float_model))
+    x = torch.randn(8, 64)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), model(x))
+    for i, part in ((0, "weight"), (2, "weight_codes"), (4, "weight_codes")):
+        assert torch.equal(getattr(loaded[i], part), getattr(model[i], part))
