@@ -57,15 +57,20 @@ def prune_recipe(method: str, shape: str) -> dict:
 
 
 # row -> how it is made: a recipe dict or a built-in recipe's name (bitsmith), or ("llm-compressor", method, shape)
+# (in the order they run: the rows the targets need first, llm-compressor's 30% and 70% last)
 ROWS: dict[str, dict | str | tuple] = {}
 for _shape in SHAPES:
     for _method in ("magnitude", "wanda", "sparsegpt"):
         ROWS[f"{_method}-{_shape}"] = prune_recipe(_method, _shape)
-    for _method in ("sparsegpt", "wanda"):
-        ROWS[f"llm-compressor-{_method}-{_shape}"] = ("llm-compressor", _method, _shape)
+    if _shape in ("50", "2of4"):
+        for _method in ("sparsegpt", "wanda"):
+            ROWS[f"llm-compressor-{_method}-{_shape}"] = ("llm-compressor", _method, _shape)
     if _shape == "2of4":  # prune then quantize, beside each alone (their quantize stages are the same)
         ROWS["gptq-w4a16"] = "gptq-w4a16"
         ROWS["sparsegpt-50-w4a16"] = "sparsegpt-50-w4a16"
+for _shape in ("30", "70"):
+    for _method in ("sparsegpt", "wanda"):
+        ROWS[f"llm-compressor-{_method}-{_shape}"] = ("llm-compressor", _method, _shape)
 
 
 def _peak_rss() -> int:
@@ -149,11 +154,13 @@ def llm_part(args) -> tuple[dict, list[tuple[str, bool]]]:
     tokenizer, text = loaded.tokenizer, heldout_text()
     calibration = LanguageModelTask(tokenizer).calibration(None, args.windows)
     windows = torch.cat([batch["input_ids"] for batch in calibration])  # (windows, 256)
-    fp32 = perplexity(loaded.model, tokenizer, text)
-    del loaded
-    results = {"fp32": {"perplexity": fp32["perplexity"], "sparsity": 0.0}}
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-prune-"))
     work.mkdir(parents=True, exist_ok=True)
+    fp32_file = work / "fp32.json"  # the float model's score, kept too (it does not depend on the windows)
+    fp32 = json.loads(fp32_file.read_text()) if fp32_file.exists() else perplexity(loaded.model, tokenizer, text)
+    fp32_file.write_text(json.dumps(fp32))
+    del loaded
+    results = {"fp32": {"perplexity": fp32["perplexity"], "sparsity": 0.0}}
     calib_file = work / "calib.pt"
     if calib_file.exists() and not torch.equal(torch.load(calib_file), windows):
         raise SystemExit(f"{work} holds results of other calibration windows; give another --work")
@@ -178,6 +185,8 @@ def llm_part(args) -> tuple[dict, list[tuple[str, bool]]]:
         row["increase_pct"] = 100 * (row["perplexity"] / fp32["perplexity"] - 1)
         results[name] = row
         saved.write_text(json.dumps(row))
+        print(f"{name}: {row['perplexity']:.3f} ({row['increase_pct']:+.2f}%), {row['prune_seconds']:.1f} s",
+              flush=True, file=sys.stderr)
         del model
         if not args.keep:
             shutil.rmtree(out)
