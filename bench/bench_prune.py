@@ -12,6 +12,8 @@ documentation) with bitsmith's perplexity, and measures the zeros it really hold
                                       | sparsegpt: block size 128, dampening 0.01, true-sequential)
       llm-compressor-sparsegpt / -wanda | llm-compressor's SparseGPTModifier / WandaPruningModifier at the same
                                       | settings, from its own venv (bench/.venv-llmcompressor, llmcompressor_prune.py)
+      sparsegpt-50 / -2of4-one-pass   | bitsmith's SparseGPT not true-sequential: every Linear of a block pruned on
+                                      | the block's unpruned inputs in one pass, as llm-compressor's pipeline does
       gptq-w4a16                      | bitsmith's built-in recipe: int4 g128 GPTQ alone
       sparsegpt-50-w4a16              | the built-in recipe: SparseGPT 50%, then GPTQ W4 g128 with the zeros kept
 
@@ -71,6 +73,9 @@ for _shape in SHAPES:
 for _shape in ("30", "70"):
     for _method in ("sparsegpt", "wanda"):
         ROWS[f"llm-compressor-{_method}-{_shape}"] = ("llm-compressor", _method, _shape)
+for _shape in ("50", "2of4"):  # SparseGPT in llm-compressor's order: every Linear of a block on the block's inputs
+    ROWS[f"sparsegpt-{_shape}-one-pass"] = prune_recipe("sparsegpt", _shape)
+    ROWS[f"sparsegpt-{_shape}-one-pass"]["stages"][0]["prune"]["sparsegpt"] = {"true_sequential": False}
 
 
 def _peak_rss() -> int:
@@ -180,6 +185,7 @@ def llm_part(args) -> tuple[dict, list[tuple[str, bool]]]:
             print(f"{name} failed: {err}", file=sys.stderr)
             continue
         model = _load(out)
+        row["threads"] = args.threads
         row["sparsity"] = measured_sparsity(model)
         row["perplexity"] = perplexity(model, tokenizer, text)["perplexity"]
         row["increase_pct"] = 100 * (row["perplexity"] / fp32["perplexity"] - 1)
@@ -193,12 +199,13 @@ def llm_part(args) -> tuple[dict, list[tuple[str, bool]]]:
 
     print(f"{args.model}: held-out perplexity over {fp32['windows']} windows of 256 tokens ({fp32['tokens']} scored);"
           f" {len(windows)} calibration windows of 256 tokens, the same for every method\n")
-    print("| method | sparsity | perplexity | increase | prune s | peak memory MB |\n|---|---|---|---|---|---|")
-    print(f"| fp32 | 0.0% | {fp32['perplexity']:.3f} | | | |")
+    print("| method | sparsity | perplexity | increase | prune s | threads | peak memory MB |\n"
+          "|---|---|---|---|---|---|---|")
+    print(f"| fp32 | 0.0% | {fp32['perplexity']:.3f} | | | | |")
     for name, row in results.items():
         if name != "fp32":
             print(f"| {name} | {row['sparsity']:.1%} | {row['perplexity']:.3f} | {row['increase_pct']:+.2f}% |"
-                  f" {row['prune_seconds']:.1f} | {row.get('peak_rss_bytes', 0) / 1e6:.0f} |")
+                  f" {row['prune_seconds']:.1f} | {row['threads']} | {row.get('peak_rss_bytes', 0) / 1e6:.0f} |")
     print()
     return results, llm_targets(results, args.skip_llmcompressor)
 
