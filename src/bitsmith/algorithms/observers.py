@@ -68,6 +68,7 @@ class _Histogram:
 
     def __init__(self):
         self.counts = torch.zeros(_BINS, dtype=torch.float64)
+        self.zeros = 0.0  # how many of bin 0's values are exactly 0 (a ReLU's output: represented exactly)
         self.edge = 0.0
         self.minmax = MinMax()
 
@@ -79,6 +80,7 @@ class _Histogram:
         if top >= self.edge:
             self._grow(max(top * 1.0001, 1e-8))
         self.counts += torch.histc(magnitude, bins=_BINS, min=0.0, max=self.edge).double()
+        self.zeros += float((magnitude == 0).sum())
 
     def _grow(self, edge: float) -> None:
         if self.edge > 0 and self.counts.sum() > 0:  # re-bin old counts into the wider range
@@ -107,12 +109,15 @@ class Percentile(_Histogram):
 
 
 class Entropy(_Histogram):
-    """KL-divergence calibration over candidate thresholds of 128..2048 bins (128 levels per sign)."""
+    """KL-divergence calibration over candidate thresholds of 128..2048 bins (128 levels per sign). Exact zeros
+    are left out: every range represents them exactly, and after a ReLU their spike in the first bin would
+    otherwise dominate the divergence and pull the threshold far down (digits-cnn: 0.86 of a 8.4 range)."""
 
     levels = 128
 
     def range(self) -> tuple[float, float]:
         counts = self.counts.clone()
+        counts[0] -= min(self.zeros, float(counts[0]))
         best, best_bins = math.inf, _BINS
         for bins in range(self.levels, _BINS + 1, 16):
             reference = counts[:bins].clone()
