@@ -244,7 +244,10 @@ class PruneRule(Targeted):
 
 
 class SparseGPTOptions(_HessianOptions):
-    pass
+    # every layer of a block pruned on the block's inputs as they come, as SparseGPT's reference code and
+    # llm-compressor do: on smollm2 at 50% +41.5% perplexity against +42.4% true-sequential (2:4: +104.4% vs
+    # +104.0%), and one Hessian pass per block instead of one per layer group
+    true_sequential: bool = False
 
 
 @register_stage_config

@@ -3,11 +3,12 @@
     method     | how (algorithms/prune.py)
     magnitude  | the smallest |W| of each layer (or of all targets together, ``scope: global``)
     wanda      | the smallest |W| * ||x_j|| of each output row, on the inputs each block really sees
-    sparsegpt  | SparseGPT's mask selection and OBS update, layer group by layer group (true-sequential)
+    sparsegpt  | SparseGPT's mask selection and OBS update, every layer of a block on the block's inputs (or layer group by
+               | layer group with ``sparsegpt: {true_sequential: true}``)
 
 Wanda and SparseGPT run in the one block runner (pipeline/blocks.py): each block is pruned on the outputs of
 the blocks already pruned, as in both papers. Layers outside the repeated blocks get magnitude pruning, and
-their report says so. The pruned layers stay ``nn.Linear`` (dense storage, zeros included): a later quantize
+their report says so. The pruned layers stay ``nn.Linear`` (saved as a bitmask and the kept values): a later quantize
 stage quantizes them like any float layer.
 """
 
