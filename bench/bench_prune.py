@@ -20,8 +20,9 @@ documentation) with bitsmith's perplexity, and measures the zeros it really hold
 Targets (the exit status is 1 if one fails), at 50% and at 2:4 each: SparseGPT's perplexity increase at most
 0.6x magnitude's, and no worse than llm-compressor's SparseGPT; Wanda's below magnitude's.
 
-Part ``structured`` (structured pruning on MiniLM and digits-cnn: latency, size, quality at 25% and 50%) is
-not built yet: see ``structured_part``.
+Part ``structured``: structured pruning on MiniLM (FFN channels) and digits-cnn (convolution channels) at 25%
+and 50%: latency, size, FLOPs and quality beside the float model (bench/_prune_structured.py says how, and
+its targets).
 
     python bench/bench_prune.py --model smollm2 [--part llm|structured|all] [--windows 128] [--methods ...]
         [--skip-llmcompressor] [--work DIR] [--plot out.png] [--json out.json]
@@ -284,16 +285,10 @@ def plot(results: dict, fp32: float, title: str, path: Path) -> None:
 
 
 def structured_part(args) -> tuple[dict, list[tuple[str, bool]]]:
-    """NOT BUILT YET: structured pruning (whole heads, channels, MLP rows) on MiniLM and digits-cnn.
+    """Structured pruning on MiniLM and digits-cnn at 25% and 50% (bench/_prune_structured.py)."""
+    from _prune_structured import structured_part as run
 
-    To be filled in: per model, rows at 25% and 50% structured sparsity beside the unpruned fp32 model, each
-    with its latency (as bench_minilm.py / bench_digits.py time it: interleaved rounds, median, as a ratio to
-    fp32), its size on disk, and its quality (MiniLM: cosine of sentence embeddings to fp32; digits-cnn: test
-    accuracy). Return (results for --json, [(target, passed), ...]) as ``llm_part`` does; ``main`` prints
-    the targets and writes the JSON for every part.
-    """
-    print("part 'structured' (structured pruning on MiniLM and digits-cnn): not built yet\n")
-    return {"built": False}, []
+    return run(args)
 
 
 PARTS = {"llm": llm_part, "structured": structured_part}
