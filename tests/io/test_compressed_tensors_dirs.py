@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -48,5 +49,7 @@ def test_load_and_inspect_a_compressed_tensors_dir(tmp_path):
         assert proc.returncode == 0, proc.stderr
         runs[bool(extra)] = json.loads(proc.stdout)
     assert runs[False]["baseline"] is None and "float_perplexity" not in runs[False]
-    assert runs[True]["perplexity"] == runs[False]["perplexity"]
+    # two processes, each choosing its kernels by timing: under load one may take another kernel (bf16 vs fp32
+    # activations: 315.3761 vs 315.3768 seen here), so the same model's perplexity agrees closely, not bit for bit
+    assert runs[True]["perplexity"] == pytest.approx(runs[False]["perplexity"], rel=1e-4)
     assert runs[True]["float_perplexity"] != runs[True]["perplexity"]  # the float model, not itself

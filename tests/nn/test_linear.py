@@ -148,10 +148,16 @@ def test_per_token_codes_round_to_nearest():
     assert torch.allclose(scale[:, 0], torch.tensor([1.0, 3.0]) / 127)
 
 
-@pytest.mark.parametrize("dtype,threshold", [("bf16", 49.0), ("fp16", 72.0)])  # measured 51.1, 74.8
-def test_half_linear(linear, dtype, threshold, monkeypatch):
+# measured: bf16 51.1; fp16 weights upcast to fp32 74.8; the native fp16 GEMM (AVX512-FP16: fp16 activations
+# too, an Intel Xeon with AMX) 69.3
+HALF_THRESHOLDS = {"bf16": 49.0, "upcast-fp32": 72.0, "fp16": 66.0}
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_linear(linear, dtype, monkeypatch):
     x = torch.randn(16, 256)
     for name, out in each_kernel(HalfLinear.from_float(linear, dtype), x, monkeypatch).items():
+        threshold = HALF_THRESHOLDS["bf16" if dtype == "bf16" else name]
         assert sqnr_db(linear(x), out) > threshold, name
 
 
