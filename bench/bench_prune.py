@@ -9,11 +9,12 @@ documentation) with bitsmith's perplexity, and measures the zeros it really hold
     rows                              | what
       magnitude / wanda / sparsegpt   | bitsmith's prune stage, every Linear but lm_head, at 30%, 50%, 70%
         -30, -50, -70, -2of4          | unstructured and 2:4 (magnitude: per layer; wanda: per output row;
-                                      | sparsegpt: block size 128, dampening 0.01, true-sequential)
+                                      | sparsegpt: block size 128, dampening 0.01, every Linear of a block on
+                                      | the block's inputs, as llm-compressor's pipeline does)
       llm-compressor-sparsegpt / -wanda | llm-compressor's SparseGPTModifier / WandaPruningModifier at the same
                                       | settings, from its own venv (bench/.venv-llmcompressor, llmcompressor_prune.py)
-      sparsegpt-50 / -2of4-one-pass   | bitsmith's SparseGPT not true-sequential: every Linear of a block pruned on
-                                      | the block's unpruned inputs in one pass, as llm-compressor's pipeline does
+      sparsegpt-50 / -2of4-true-sequential | bitsmith's SparseGPT true-sequential (its default until 2026-12-03):
+                                      | each layer group of a block on the outputs of the groups already pruned
       gptq-w4a16                      | bitsmith's built-in recipe: int4 g128 GPTQ alone
       sparsegpt-50-w4a16              | the built-in recipe: SparseGPT 50%, then GPTQ W4 g128 with the zeros kept
 
@@ -74,9 +75,9 @@ for _shape in SHAPES:
 for _shape in ("30", "70"):
     for _method in ("sparsegpt", "wanda"):
         ROWS[f"llm-compressor-{_method}-{_shape}"] = ("llm-compressor", _method, _shape)
-for _shape in ("50", "2of4"):  # SparseGPT in llm-compressor's order: every Linear of a block on the block's inputs
-    ROWS[f"sparsegpt-{_shape}-one-pass"] = prune_recipe("sparsegpt", _shape)
-    ROWS[f"sparsegpt-{_shape}-one-pass"]["stages"][0]["prune"]["sparsegpt"] = {"true_sequential": False}
+for _shape in ("50", "2of4"):  # SparseGPT layer group by layer group inside a block (the default until 2026-12-03)
+    ROWS[f"sparsegpt-{_shape}-true-sequential"] = prune_recipe("sparsegpt", _shape)
+    ROWS[f"sparsegpt-{_shape}-true-sequential"]["stages"][0]["prune"]["sparsegpt"] = {"true_sequential": True}
 
 
 def _peak_rss() -> int:

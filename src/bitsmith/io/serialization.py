@@ -342,6 +342,16 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     return target.eval()
 
 
+def _float_pair(model: nn.Module) -> bool:
+    """Whether the input embedding and the output head are both float modules, as tying needs (a quantized
+    table was untied from its float head when it was quantized, and each is stored on its own)."""
+    try:
+        pair = (model.get_input_embeddings(), model.get_output_embeddings())
+    except (AttributeError, NotImplementedError):
+        return False
+    return all(isinstance(getattr(m, "weight", None), nn.Parameter) for m in pair)
+
+
 def _load_tensors(model: nn.Module, path: Path, files: list[str], storage: dict) -> None:
     """Check every tensor's shape and dtype against the headers, then read, rebuild sparse ones and bind them
     (``assign``)."""
@@ -360,7 +370,7 @@ def _load_tensors(model: nn.Module, path: Path, files: list[str], storage: dict)
                 tensors[key] = tensor
     tensors = expand(model, storage, tensors)
     model.load_state_dict(tensors, strict=False, assign=True)
-    if hasattr(model, "tie_weights"):
+    if hasattr(model, "tie_weights") and _float_pair(model):
         model.tie_weights()  # a tied head is stored once; the skeleton's meta copy is bound to the loaded one
     state = model.state_dict(keep_vars=True)
     for name, tensor in state.items():
