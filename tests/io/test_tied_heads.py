@@ -1,4 +1,4 @@
-"""A tied embedding quantized on its own (the LLM recipes' int8 table beside a float lm_head) saves and loads."""
+"""Saved models that once failed to load: a tied embedding quantized on its own, an all-zero group."""
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -22,3 +22,23 @@ def test_a_quantized_table_untied_from_its_float_head_round_trips(tmp_path):
     ids = torch.randint(0, 256, (2, 16))
     with torch.inference_mode():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_a_group_pruning_left_all_zero_saves_and_loads(tmp_path):
+    """An all-zero group's range is 0: its scale must survive the 16-bit storage as a positive number (it
+    underflowed to 0 and load refused the checkpoint: smollm2 after sparsegpt-50-w4a16)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 8))
+    with torch.no_grad():
+        model[0].weight[:3, :32] = 0.0  # three rows' first group: every weight pruned
+    config = config_from_dict({"rules": [{"targets": ["Linear"], "scheme": {"weights": {
+        "dtype": "int4", "granularity": 32, "symmetric": False}}}]}, QuantizeConfig)
+    bitsmith.quantize_(model, config)
+    assert (model[0].weight_scale > 0).all()
+    bitsmith.save(model, tmp_path / "m")
+    fresh = torch.nn.Sequential(torch.nn.Linear(128, 8))
+    loaded = bitsmith.load(tmp_path / "m", model=fresh)
+    x = torch.randn(4, 128)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), model(x))
+    assert (loaded[0].dequantize()[:3, :32] == 0).all()

@@ -251,7 +251,10 @@ class IntxWeightOnlyLinear(_QuantLinearBase):
         offset = 2 ** (qweight.fmt.bits - 1) if qweight.fmt.signed else 0
         codes = (qweight.codes.to(torch.int16) + offset).to(torch.uint8)
         module.weight_packed.copy_(pack_codes(codes.flatten(), qweight.fmt.bits))
-        module.weight_scale.copy_(qweight.scale.expand_as(module.weight_scale))
+        # a group with nothing in its range (all pruned) has a scale below fp16's smallest positive value: kept
+        # positive there (its codes all sit at the zero point, so any scale gives 0), never rounded to 0
+        tiniest = torch.finfo(torch.float16).smallest_normal * 2.0 ** -10
+        module.weight_scale.copy_(qweight.scale.clamp(min=tiniest).expand_as(module.weight_scale))
         module.weight_zero_point.copy_((qweight.zero_point + offset).expand_as(module.weight_zero_point))
         if bias is not None:
             module.bias.copy_(bias.detach())
