@@ -16,10 +16,9 @@ The result is saved in compressed-tensors form
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import sys
-import time
+
+from _llmcompressor import calibration, peak_rss, quiet_logs, save, timed_oneshot
 
 
 def build_recipe(bits: int, group: int, symmetric: bool, actorder: str, damp: float):
@@ -50,11 +49,6 @@ def build_recipe(bits: int, group: int, symmetric: bool, actorder: str, damp: fl
     )
 
 
-def _peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="LlamaForCausalLM directory")
@@ -72,60 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-
-    # llm-compressor logs to stdout by default (its loguru sink is added at
-    # import time and some messages are emitted during import); send its log to
-    # stderr so stdout holds only the result line.
-    with contextlib.redirect_stdout(sys.stderr):
-        import llmcompressor
-        from llmcompressor.logger import LoggerConfig, configure_logger, logger
-
-        configure_logger(LoggerConfig(console_log_level=None))
-    logger.add(sys.stderr, level="WARNING" if args.json else "INFO")
-
-    from datasets import Dataset
-    from llmcompressor import oneshot
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    ids = torch.load(args.calib)
-    if isinstance(ids, dict):
-        ids = ids["input_ids"]
-    if ids.dim() != 2:
-        raise SystemExit(f"--calib: expected a 2-D tensor, got shape {tuple(ids.shape)}")
-    n, seq_len = ids.shape
-    ids = ids.long()
-    ds = Dataset.from_dict(
-        {
-            "input_ids": ids.tolist(),
-            "attention_mask": torch.ones_like(ids).tolist(),
-        }
-    )
-
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model, dtype=torch.float32, device_map=None
-    )
-    model.to("cpu").eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-
-    recipe = build_recipe(
-        args.bits, args.group, args.symmetric, args.actorder, args.damp
-    )
-
-    t0, c0 = time.perf_counter(), time.process_time()
-    model = oneshot(
-        model=model,
-        tokenizer=tokenizer,
-        dataset=ds,
-        recipe=recipe,
-        num_calibration_samples=n,
-        max_seq_length=seq_len,
-        shuffle_calibration_samples=False,
-    )
-    seconds = time.perf_counter() - t0
-    cpu_seconds = time.process_time() - c0  # all threads; inflates too on a busy machine
-
-    model.save_pretrained(args.out, save_compressed=True)
-    tokenizer.save_pretrained(args.out)
+    llmcompressor = quiet_logs(args.json)
+    data, n, seq_len = calibration(args.calib)
+    recipe = build_recipe(args.bits, args.group, args.symmetric, args.actorder, args.damp)
+    model, tokenizer, seconds, cpu_seconds = timed_oneshot(args.model, recipe, data, n, seq_len)
+    save(model, tokenizer, args.out)
 
     result = {
         "llmcompressor": llmcompressor.__version__,
@@ -139,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         "quantize_cpu_seconds": round(cpu_seconds, 3),
         "threads": args.threads,
         "out": args.out,
-        "peak_rss_bytes": _peak_rss(),
+        "peak_rss_bytes": peak_rss(),
     }
     if args.json:
         print(json.dumps(result), flush=True)

@@ -24,7 +24,7 @@ llm-compressor's arguments, as its 0.14 source has them (modifiers/pruning/):
 
 Its sequential pipeline runs one decoder layer at a time on the pruned outputs of the earlier layers, but
 every Linear inside a layer is calibrated on that layer's unpruned inputs (q/k/v, o, gate/up and down
-all at once); bitsmith's SparseGPT is true-sequential inside a block too.
+all at once), as bitsmith's SparseGPT does by default (``true_sequential: true`` is the other order).
 
 The result is saved as llmcompressor_gptq.py saves its own (model.save_pretrained(..., save_compressed=True)),
 with the tokenizer. compressed-tensors 0.19 has dropped its sparse formats (sparse-bitmask, sparse-24-bitmask:
@@ -38,10 +38,9 @@ transformers directory, and bench_prune.py loads it so.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import sys
-import time
+
+from _llmcompressor import calibration, peak_rss, quiet_logs, save, timed_oneshot
 
 
 def build_recipe(method: str, sparsity: float, pattern: str, block_size: int, damp: float):
@@ -52,11 +51,6 @@ def build_recipe(method: str, sparsity: float, pattern: str, block_size: int, da
     if method == "sparsegpt":
         return SparseGPTModifier(**common, block_size=block_size, dampening_frac=damp)
     return WandaPruningModifier(**common)
-
-
-def _peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def _zeros(model) -> dict:
@@ -93,54 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-
-    # llm-compressor logs to stdout by default (its loguru sink is added at
-    # import time and some messages are emitted during import); send its log to
-    # stderr so stdout holds only the result line.
-    with contextlib.redirect_stdout(sys.stderr):
-        import llmcompressor
-        from llmcompressor.logger import LoggerConfig, configure_logger, logger
-
-        configure_logger(LoggerConfig(console_log_level=None))
-    logger.add(sys.stderr, level="WARNING" if args.json else "INFO")
-
-    from datasets import Dataset
-    from llmcompressor import oneshot
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    ids = torch.load(args.calib)
-    if isinstance(ids, dict):
-        ids = ids["input_ids"]
-    if ids.dim() != 2:
-        raise SystemExit(f"--calib: expected a 2-D tensor, got shape {tuple(ids.shape)}")
-    n, seq_len = ids.shape
-    ids = ids.long()
-    ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
-
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, device_map=None)
-    model.to("cpu").eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    llmcompressor = quiet_logs(args.json)
+    data, n, seq_len = calibration(args.calib)
     recipe = build_recipe(args.method, args.sparsity, args.pattern, args.block_size, args.damp)
-
-    t0, c0 = time.perf_counter(), time.process_time()
-    with contextlib.redirect_stdout(sys.stderr):  # its progress bars and notices
-        model = oneshot(
-            model=model,
-            tokenizer=tokenizer,
-            dataset=ds,
-            recipe=recipe,
-            num_calibration_samples=n,
-            max_seq_length=seq_len,
-            shuffle_calibration_samples=False,
-            sequential_targets=["LlamaDecoderLayer"],
-        )
-    seconds = time.perf_counter() - t0
-    cpu_seconds = time.process_time() - c0  # all threads; inflates too on a busy machine
-
+    model, tokenizer, seconds, cpu_seconds = timed_oneshot(args.model, recipe, data, n, seq_len,
+                                                           sequential_targets=["LlamaDecoderLayer"])
     zeros = _zeros(model)
-    with contextlib.redirect_stdout(sys.stderr):
-        model.save_pretrained(args.out, save_compressed=True)
-    tokenizer.save_pretrained(args.out)
+    save(model, tokenizer, args.out)
 
     result = {
         "llmcompressor": llmcompressor.__version__,
@@ -155,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         "prune_cpu_seconds": round(cpu_seconds, 3),
         "threads": args.threads,
         "out": args.out,
-        "peak_rss_bytes": _peak_rss(),
+        "peak_rss_bytes": peak_rss(),
         **zeros,
     }
     if args.json:
