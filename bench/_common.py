@@ -54,3 +54,40 @@ def finish(checks: list[tuple[str, bool]]) -> int:
     failed = sum(not passed for _, passed in checks)
     print(f"\n{len(checks) - failed} of {len(checks)} targets met" + (f"; {failed} FAILED" if failed else ""))
     return 1 if failed else 0
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory (VmHWM), in bytes."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def run_child(command: list[str]) -> dict:
+    """Run a worker process; its last stdout line is its JSON result (a failure: RuntimeError, its last line)."""
+    import json
+    import subprocess
+
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{Path(command[1]).name} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def zoo_worker(args, run) -> dict:
+    """A worker's common part: the zoo model ``args.model`` and the calibration windows ``args.calib`` (batches
+    of 8), ``run(model, calibration)`` timed (it returns its report), the result saved to ``args.out``; returns
+    the seconds, this process's peak memory and the report's note count."""
+    import time
+
+    import bitsmith
+    from bitsmith.io.models import load_model
+
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model).model
+    calibration = [{"input_ids": chunk} for chunk in torch.load(args.calib).split(8)]
+    start = time.perf_counter()
+    report = run(model, calibration)
+    seconds = time.perf_counter() - start
+    model.bitsmith_source = {"kind": "zoo", "name": args.model}
+    bitsmith.save(model, args.out)
+    return {"seconds": round(seconds, 2), "peak_rss_bytes": peak_rss(), "notes": len(report.notes)}

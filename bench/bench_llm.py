@@ -24,16 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from _common import finish, machine_line
+from _common import finish, machine_line, run_child, zoo_worker
 
 LLMC_PYTHON = Path(__file__).parent / ".venv-llmcompressor" / "bin" / "python"
 LLMC_SCRIPT = Path(__file__).parent / "llmcompressor_gptq.py"
@@ -71,38 +68,16 @@ METHODS = {
 }
 
 
-def _peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
-
 def worker(args) -> int:
     """In a process of its own: load the float model, quantize it by one method, save it, report."""
     import bitsmith
     from bitsmith.recipe import QuantizeConfig, Recipe, config_from_dict
-    from bitsmith.io.models import load_model
 
-    torch.set_num_threads(args.threads)
-    model = load_model(args.model).model
-    windows = torch.load(args.calib)
-    calibration = [{"input_ids": chunk} for chunk in windows.split(8)]
-    start = time.perf_counter()
     spec = METHODS[args.worker]
     config = config_from_dict(spec, Recipe if "stages" in spec else QuantizeConfig)
-    report = bitsmith.quantize_(model, config, calibration=calibration)
-    seconds = time.perf_counter() - start
-    model.bitsmith_source = {"kind": "zoo", "name": args.model}
-    bitsmith.save(model, args.out)
-    print(json.dumps({"quantize_seconds": round(seconds, 2), "peak_rss_bytes": _peak_rss(),
-                      "notes": len(report.notes)}), flush=True)
+    result = zoo_worker(args, lambda model, calibration: bitsmith.quantize_(model, config, calibration=calibration))
+    print(json.dumps({"quantize_seconds": result.pop("seconds"), **result}), flush=True)
     return 0
-
-
-def run_child(command: list[str]) -> dict:
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{Path(command[1]).name} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:

@@ -34,16 +34,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from _common import finish, machine_line
+from _common import finish, machine_line, run_child, zoo_worker
 
 HERE = Path(__file__).parent
 LLMC_PYTHON = HERE / ".venv-llmcompressor" / "bin" / "python"
@@ -80,38 +78,16 @@ for _shape in ("50", "2of4"):  # SparseGPT layer group by layer group inside a b
     ROWS[f"sparsegpt-{_shape}-true-sequential"]["stages"][0]["prune"]["sparsegpt"] = {"true_sequential": True}
 
 
-def _peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
-
 def worker(args) -> int:
     """In a process of its own: load the float model, prune it by one bitsmith row, save it, report."""
     import bitsmith
-    from bitsmith.io.models import load_model
     from bitsmith.recipe import Recipe, config_from_dict, load_recipe
 
-    torch.set_num_threads(args.threads)
-    model = load_model(args.model).model
-    windows = torch.load(args.calib)  # (windows, 256)
-    calibration = [{"input_ids": chunk} for chunk in windows.split(8)]
     spec = ROWS[args.worker]
     recipe = load_recipe(spec) if isinstance(spec, str) else config_from_dict(spec, Recipe)
-    start = time.perf_counter()
-    report = bitsmith.run_stages(model, recipe, calibration)
-    seconds = time.perf_counter() - start
-    model.bitsmith_source = {"kind": "zoo", "name": args.model}
-    bitsmith.save(model, args.out)
-    print(json.dumps({"prune_seconds": round(seconds, 2), "peak_rss_bytes": _peak_rss(),
-                      "notes": len(report.notes)}), flush=True)
+    result = zoo_worker(args, lambda model, calibration: bitsmith.run_stages(model, recipe, calibration))
+    print(json.dumps({"prune_seconds": result.pop("seconds"), **result}), flush=True)
     return 0
-
-
-def run_child(command: list[str]) -> dict:
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{Path(command[1]).name} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def measured_sparsity(model: nn.Module) -> float:
