@@ -14,6 +14,23 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     return (10 * torch.log10(reference.float().pow(2).mean() / noise)).item()
 
 
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """The bitsmith CLI in this process: (exit status, stdout, stderr)."""
+    import sys
+
+    from bitsmith.cli.main import main
+
+    argv, sys.argv, code = sys.argv, ["bitsmith", *map(str, args)], 0
+    try:
+        main()
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    finally:
+        sys.argv = argv
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.fixture(scope="session")
 def minilm():
     """(BertModel, tokenizer, batch of 16 real sentences, fp32 embeddings), loaded once."""

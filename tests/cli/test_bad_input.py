@@ -21,27 +21,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import bitsmith
+from conftest import run_cli as cli
 from bitsmith import BitsmithError
 
 TINY_BERT = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                  max_position_embeddings=128)
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    """Run the bitsmith CLI in this process: (exit status, stdout, stderr)."""
-    from bitsmith.cli.main import main
-
-    argv = sys.argv
-    sys.argv = ["bitsmith", *map(str, args)]
-    code = 0
-    try:
-        main()
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else 1
-    finally:
-        sys.argv = argv
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_clean_error(code, err, fragment=""):

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import bitsmith
+from conftest import run_cli as _cli
 from bitsmith import BitsmithError
 from bitsmith.export.llm_formats import export_compressed_tensors
 from bitsmith.io.compressed_tensors import load_compressed_tensors
@@ -176,21 +177,6 @@ def test_corrupt_sparse_exports_are_refused(exports, tmp_path, case):
     with pytest.raises(BitsmithError, match=message) as caught:
         load_compressed_tensors(broken)
     assert "\n" not in str(caught.value)
-
-
-def _cli(capsys, *args) -> tuple[int, str, str]:
-    """The bitsmith CLI in this process: (exit status, stdout, stderr)."""
-    from bitsmith.cli.main import main
-
-    argv, sys.argv, code = sys.argv, ["bitsmith", *map(str, args)], 0
-    try:
-        main()
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else 1
-    finally:
-        sys.argv = argv
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_export_sparse_option(docs_lm_model, tmp_path, capsys):
