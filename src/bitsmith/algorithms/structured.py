@@ -74,39 +74,41 @@ def _spread_index(index: torch.Tensor, spread: int) -> torch.Tensor:
     return unit_channels(index, spread) if spread > 1 else index
 
 
-def shrink_linear(linear: nn.Linear, rows: torch.Tensor | None = None, columns: torch.Tensor | None = None,
-                  spread: int = 1) -> nn.Linear:
-    """A Linear keeping output ``rows`` and input ``columns`` (channel indices; ``spread`` columns each)."""
-    weight = linear.weight.detach()
-    bias = linear.bias.detach() if linear.bias is not None else None
+def _selected(module: nn.Module, rows: torch.Tensor | None, columns: torch.Tensor | None):
+    """(weight, bias) of a Linear or Conv2d with only the given output rows and input columns (dim 1)."""
+    weight = module.weight.detach()
+    bias = module.bias.detach() if module.bias is not None else None
     if rows is not None:
         weight = weight.index_select(0, rows)
         bias = bias.index_select(0, rows) if bias is not None else None
     if columns is not None:
-        weight = weight.index_select(1, _spread_index(columns, spread))
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    new.weight = nn.Parameter(weight.clone(), requires_grad=linear.weight.requires_grad)
+        weight = weight.index_select(1, columns)
+    return weight, bias
+
+
+def _bound(new: nn.Module, old: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """``new`` (built on meta) holding copies of ``weight`` and ``bias``, trainable and in the mode ``old`` was."""
+    new.weight = nn.Parameter(weight.clone(), requires_grad=old.weight.requires_grad)
     if bias is not None:
-        new.bias = nn.Parameter(bias.clone(), requires_grad=linear.bias.requires_grad)
-    return new.train(linear.training)
+        new.bias = nn.Parameter(bias.clone(), requires_grad=old.bias.requires_grad)
+    return new.train(old.training)
+
+
+def shrink_linear(linear: nn.Linear, rows: torch.Tensor | None = None, columns: torch.Tensor | None = None,
+                  spread: int = 1) -> nn.Linear:
+    """A Linear keeping output ``rows`` and input ``columns`` (channel indices; ``spread`` columns each)."""
+    weight, bias = _selected(linear, rows, _spread_index(columns, spread) if columns is not None else None)
+    return _bound(nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta"), linear,
+                  weight, bias)
 
 
 def shrink_conv(conv: nn.Conv2d, out_channels: torch.Tensor | None = None,
                 in_channels: torch.Tensor | None = None) -> nn.Conv2d:
     """A Conv2d (groups=1) keeping the given output and input channels."""
-    weight = conv.weight.detach()
-    bias = conv.bias.detach() if conv.bias is not None else None
-    if out_channels is not None:
-        weight = weight.index_select(0, out_channels)
-        bias = bias.index_select(0, out_channels) if bias is not None else None
-    if in_channels is not None:
-        weight = weight.index_select(1, in_channels)
+    weight, bias = _selected(conv, out_channels, in_channels)
     new = nn.Conv2d(weight.shape[1], weight.shape[0], conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                     1, bias is not None, conv.padding_mode, device="meta")
-    new.weight = nn.Parameter(weight.clone(), requires_grad=conv.weight.requires_grad)
-    if bias is not None:
-        new.bias = nn.Parameter(bias.clone(), requires_grad=conv.bias.requires_grad)
-    return new.train(conv.training)
+    return _bound(new, conv, weight, bias)
 
 
 def shrink_batchnorm(norm: nn.BatchNorm2d | nn.BatchNorm1d, channels: torch.Tensor) -> nn.Module:
