@@ -69,7 +69,7 @@ class _StageBars:
 
     def _close(self) -> None:
         if self.task is not None:
-            done = self.progress.tasks[-1].completed
+            done = next(t.completed for t in self.progress.tasks if t.id == self.task)
             self.progress.update(self.task, total=max(done, 1), completed=max(done, 1))
 
     def stage(self, index: int, count: int, name: str) -> None:

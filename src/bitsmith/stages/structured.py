@@ -72,6 +72,7 @@ class Group:
     module: str | None = None  # the module whose attributes describe the group (attention)
     structure: Structure | None = None
     block: int | None = None  # index in the repeated blocks (None: outside them)
+    blocks: str | None = None  # the name of those blocks' ModuleList
     after_norm: dict[str, str] = field(default_factory=dict)  # consumer -> the BatchNorm right after it
 
 
@@ -116,7 +117,7 @@ def _block_groups(model: nn.Module, config: StructuredPruneConfig) -> list[Group
                 f"{base}.{structure.kind}", structure.kind, [f"{base}.{n}" for n in producers],
                 [(f"{base}.{n}", 1) for n in consumers], units,
                 {f"{base}.{n}": w // units for n, w in widths.items()},
-                module=f"{base}.{module}" if module else None, structure=structure, block=index))
+                module=f"{base}.{module}" if module else None, structure=structure, block=index, blocks=prefix))
     return groups
 
 
@@ -316,7 +317,7 @@ def _bn_scale(norm: nn.Module) -> torch.Tensor:
     return scale * norm.weight.detach().float() if norm.weight is not None else scale
 
 
-def _evaluate(expression: str, kept: dict[str, int], module: nn.Module | None, root: nn.Module, prefix: str) -> int:
+def _evaluate(expression: str, kept: dict[str, int], module: nn.Module | None, prefix: str) -> int:
     """A width expression of families.yaml: "LAYER" or "LAYER/ATTR" (ATTR of the group's module)."""
     layer, _, attribute = expression.partition("/")
     width = next((w for n, w in kept.items() if re.fullmatch(layer, n[len(prefix) + 1:])), None)
@@ -464,7 +465,7 @@ class _Run:
         module = root.get_submodule(_local(group.module, prefix))
         base = group.name.rsplit(".", 1)[0]
         for attribute, expression in group.structure.attributes:
-            object.__setattr__(module, attribute, _evaluate(expression, kept, module, root, base))
+            object.__setattr__(module, attribute, _evaluate(expression, kept, module, base))
 
     def finish(self) -> None:
         """Record every resized module's shapes, and update the config where the sizes are uniform."""
@@ -494,7 +495,7 @@ class _Run:
                 module = self.model.get_submodule(groups[0].module) if groups[0].module else None
                 base = groups[0].name.rsplit(".", 1)[0]
                 for key, expression in structure.config:
-                    values[key] = _evaluate(expression, self.kept[groups[0].name], module, self.model, base)
+                    values[key] = _evaluate(expression, self.kept[groups[0].name], module, base)
         if values:
             new = copy.deepcopy(config)
             for key, value in values.items():
@@ -565,9 +566,8 @@ def structured_stage(model: nn.Module, config: StructuredPruneConfig, context: C
     inside = [(g, r) for g, r in run.chosen if g.block is not None]
     outside = [(g, r) for g, r in run.chosen if g.block is None]
     if inside:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        prefix, blocks = find_blocks(model, linears, "structured pruning")
-        run_blocks(model, blocks, context.blocks, context.calibration if activations else None,
+        prefix = inside[0][0].blocks
+        run_blocks(model, model.get_submodule(prefix), context.blocks, context.calibration if activations else None,
                    _block_work(run, inside, prefix, context), run_batch)
     if outside:
         collect = None
