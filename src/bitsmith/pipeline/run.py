@@ -165,8 +165,8 @@ def run_stages(model: nn.Module, recipe: Recipe, calibration: Iterable | None = 
             stage_report = StageReport(stage.stage, quantizes=stage.phase == QUANTIZE)
             handler.run(model, stage, context, stage_report)
             report.stages.append(stage_report)
-        if steps and "offer" in steps[0][2].shared:  # offered by the last stage that could (none joined)
-            _run_offer(model, steps[0][2].shared.pop("offer"), steps[0][2])
+        if steps and "offer" in steps[0][2].shared:  # a handler said it joins a pass, then ran none: a bug, never run late
+            raise RuntimeError("a stage joined an earlier stage's block pass but ran no block pass")
         _record(model, recipe, report)
     return report
 
