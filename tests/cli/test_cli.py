@@ -166,8 +166,10 @@ def test_structured_pruning_of_the_digits_convolutions_then_static_int8(tmp_path
     assert metrics["accuracy"] >= 0.97 and metrics["parameters_removed"] == pytest.approx(0.436, abs=1e-3)
     code, stdout, stderr = run("inspect", str(tmp_path / "d"), "--json")
     assert code == 0, stderr
-    rows = {row["name"]: row for row in json.loads(stdout)["layers"]}
+    info = json.loads(stdout)
+    rows = {row["name"]: row for row in info["layers"]}
     assert rows["features.3"]["module"] == "StaticInt8Conv2d"
+    assert info["resized"]["features.3"]["weight"] == [48, 24, 3, 3]  # 64 -> 48 outputs, 32 -> 24 inputs
 
 
 def test_empty_calibration_file(tmp_path):

@@ -119,6 +119,8 @@ def inspect_checkpoint(path: str | Path) -> dict:
         "skipped": meta.get("skipped", {}),
         "notes": notes,
         "stages": meta.get("stages", []),
+        # modules structured pruning resized: their tensors' saved shapes
+        "resized": {name: record["tensors"] for name, record in meta.get("shapes", {}).items()},
         "metrics": meta.get("metrics", {}),
         "versions": meta.get("versions", {}),
     }

@@ -285,6 +285,11 @@ def inspect(
         if "latency_ratio" in m:
             fidelity = ", ".join(f"{k} {v[1]}" for k, v in _fidelity_columns(m).items())
             out_console.print(f"measured at compress time: {fidelity}, latency {m['latency_ratio']}x float")
+    resized = info.get("resized", {})
+    if resized:
+        name, tensors = next(iter(resized.items()))
+        out_console.print(f"resized by structured pruning: {len(resized)} modules (e.g. {name}: weight"
+                          f" {'x'.join(map(str, tensors.get('weight', [])))})")
     _print_stages(info.get("stages", []))
     _print_outcomes(info)
 
