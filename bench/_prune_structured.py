@@ -85,7 +85,7 @@ def structured_part(args, repeats: int = 11) -> tuple[dict, list[tuple[str, bool
         bitsmith.save(loaded.model, work / f"{name}-float", tokenizer=loaded.tokenizer)
         rows = {"float": {"bytes": (work / f"{name}-float" / "model.safetensors").stat().st_size,
                           "flops": _flops(task.runner(loaded.model))}}
-        models = {"float": loaded.model}
+        models = {"float": bitsmith.load(work / f"{name}-float")}  # every row timed as bitsmith.load returns it
         for fraction in FRACTIONS:
             label = f"{kind}-{round(fraction * 100)}%"
             pruned = copy.deepcopy(loaded.model)
