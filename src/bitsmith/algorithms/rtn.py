@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import torch
 
 from bitsmith.formats.affine import IntFormat, block_size_for, choose_qparams_affine, quantize_affine
+from bitsmith.formats.ternary import quantize_ternary
 
-__all__ = ["QuantizedWeight", "weight_format", "quantize_weight_rtn"]
+__all__ = ["QuantizedWeight", "weight_format", "quantize_weight_rtn", "quantize_weight_ternary"]
 
 
 @dataclass
@@ -41,3 +42,12 @@ def quantize_weight_rtn(
     scale, zero = choose_qparams_affine(weight, block_size, fmt, symmetric=symmetric, clip=clip)
     codes = quantize_affine(weight, block_size, scale, zero, fmt)
     return QuantizedWeight(codes, scale, zero, fmt, block_size[-1])
+
+
+def quantize_weight_ternary(weight: torch.Tensor, granularity: str | int) -> QuantizedWeight:
+    """Ternary weights (TWN: {-1, 0, +1} times a scale per block) as 2-bit codes with zero point 1, so that
+    the 2-bit storage and kernels run them unchanged: code ``t + 1`` means ``(q - 1) * scale = t * scale``."""
+    block_size = block_size_for(tuple(weight.shape), granularity)
+    codes, scale = quantize_ternary(weight, block_size)
+    return QuantizedWeight((codes + 1).to(torch.uint8), scale, torch.ones_like(scale, dtype=torch.int32),
+                           IntFormat(2, signed=False), block_size[-1])

@@ -269,7 +269,8 @@ def _headers(path: Path, names: list[str]) -> dict[str, tuple[tuple[int, ...], s
 
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8, "U8": torch.uint8,
-           "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool, "F64": torch.float64, "I16": torch.int16}
+           "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool, "F64": torch.float64, "I16": torch.int16,
+           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 def _replacements(model: nn.Module, meta: dict) -> dict[str, nn.Module]:
@@ -365,7 +366,9 @@ def _load_tensors(model: nn.Module, path: Path, files: list[str], storage: dict)
                 # a copy of our own: get_tensor may hand out a view of the memory-mapped file, 8-byte aligned
                 # only, and torch's packed kernels use aligned vector loads (a view crashed _weight_int8pack_mm)
                 tensor = f.get_tensor(key).clone()
-                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                # fp8 has no isfinite: checked as fp32 (e4m3fn holds NaN codes, e5m2 infinities too)
+                values = tensor.float() if tensor.element_size() == 1 and tensor.is_floating_point() else tensor
+                if values.is_floating_point() and not torch.isfinite(values).all():
                     raise BitsmithError(f"corrupt checkpoint: tensor '{key}' holds NaN or infinite values")
                 tensors[key] = tensor
     tensors = expand(model, storage, tensors)

@@ -7,9 +7,12 @@ from torch import nn
 from bitsmith.nn.embedding import HalfEmbedding, QuantizedEmbedding
 from bitsmith.nn.kinds import KINDS, Field, InfoError, module_from_info, register_kind
 from bitsmith.nn.linear import HalfLinear, Int8DynamicLinear, Int8WeightOnlyLinear, IntxWeightOnlyLinear
+from bitsmith.nn.lookup import Fp8WeightOnlyLinear, LookupWeightOnlyLinear
 from bitsmith.nn.static import StaticInt8Conv2d, StaticInt8Linear
 
 __all__ = [
+    "Fp8WeightOnlyLinear",
+    "LookupWeightOnlyLinear",
     "HalfEmbedding",
     "HalfLinear",
     "Int8DynamicLinear",
@@ -25,6 +28,8 @@ __all__ = [
 ]
 
 QUANTIZED_MODULES = (
+    Fp8WeightOnlyLinear,
+    LookupWeightOnlyLinear,
     HalfEmbedding,
     HalfLinear,
     Int8DynamicLinear,
@@ -47,6 +52,12 @@ def _linear_args(info: dict) -> tuple:
 
 def _intx(info: dict) -> nn.Module:
     return IntxWeightOnlyLinear(*_linear_args(info), bits=info["bits"], group_size=info["group_size"])
+
+
+def _grouped(info: dict, build) -> nn.Module:
+    if info["in_features"] % info["group_size"]:
+        raise InfoError(f"group_size {info['group_size']} does not divide in_features {info['in_features']}")
+    return build()
 
 
 def _conv(info: dict) -> nn.Module:
@@ -72,6 +83,10 @@ register_kind("Int8WeightOnlyLinear", _LINEAR, lambda i: Int8WeightOnlyLinear(*_
 register_kind("Int8DynamicLinear", _LINEAR, lambda i: Int8DynamicLinear(*_linear_args(i)))
 register_kind("IntxWeightOnlyLinear", {**_LINEAR, "bits": Field((2, 3, 4, 5, 6, 7, 8)), "group_size": _POSITIVE},
               _intx)
+register_kind("Fp8WeightOnlyLinear", {**_LINEAR, "group_size": _POSITIVE}, lambda i: _grouped(
+    i, lambda: Fp8WeightOnlyLinear(*_linear_args(i), group_size=i["group_size"])))
+register_kind("LookupWeightOnlyLinear", {**_LINEAR, "format": Field(("nf4", "mxfp4")), "group_size": _POSITIVE},
+              lambda i: _grouped(i, lambda: LookupWeightOnlyLinear(*_linear_args(i), i["format"], i["group_size"])))
 register_kind("StaticInt8Linear", {**_LINEAR, "fused_relu": _FLAG, "input_smooth": Field(bool, optional=True)},
               lambda i: StaticInt8Linear(*_linear_args(i), i["fused_relu"], bool(i.get("input_smooth"))))
 register_kind("StaticInt8Conv2d", {

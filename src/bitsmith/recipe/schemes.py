@@ -21,7 +21,15 @@ from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 __all__ = ["Strict", "WeightSpec", "ActivationSpec", "Scheme", "Rule", "Targeted", "check_targets", "target_matches"]
 
-WeightDtype = Literal["fp16", "bf16", "int8", "int7", "int6", "int5", "int4", "int3", "int2"]
+WeightDtype = Literal["fp16", "bf16", "int8", "int7", "int6", "int5", "int4", "int3", "int2",
+                      "fp8_e4m3", "mxfp4", "nf4", "ternary"]
+
+# weight-only formats that are not integer grids with a zero point: what each takes for granularity
+#   fp8_e4m3 | float8 e4m3 codes, fp32 scale per channel or group (amax / 448)        | "channel" or a group
+#   mxfp4    | e2m1 codes, a power-of-two (E8M0) scale per 32 inputs (OCP MX spec)       | 32
+#   nf4      | QLoRA's NormalFloat levels, fp32 absmax per group                          | a group (64: QLoRA's)
+#   ternary  | {-1, 0, +1} times a scale per channel or group (TWN), stored as 2-bit codes | "channel" or a group
+LOOKUP_DTYPES = ("fp8_e4m3", "mxfp4", "nf4", "ternary")
 
 
 class Strict(BaseModel):
@@ -48,7 +56,16 @@ class WeightSpec(Strict):
 
     @property
     def bits(self) -> int | None:
+        """Width of an integer grid (int2-int8); None for fp16/bf16 and the LOOKUP_DTYPES."""
         return int(self.dtype[3:]) if self.dtype.startswith("int") else None
+
+    @property
+    def is_lookup(self) -> bool:
+        return self.dtype in LOOKUP_DTYPES
+
+    @property
+    def is_half(self) -> bool:
+        return self.dtype in ("fp16", "bf16")
 
     @field_validator("granularity")
     @classmethod
@@ -92,7 +109,9 @@ class Scheme(Strict):
             if isinstance(w.granularity, int):
                 raise ValueError("int8 activations need per-channel or per-tensor weights, not groups (the W8A8"
                                  " kernels take one weight scale per output channel)")
-        if w.bits is None:  # fp16 / bf16: nothing to choose but the dtype
+        if w.is_lookup:
+            _check_lookup(self)
+        elif w.bits is None:  # fp16 / bf16: nothing to choose but the dtype
             defaults = {"granularity": "channel", "symmetric": True, "clip": "minmax", "algorithm": "rtn"}
             given = sorted(key for key, default in defaults.items() if getattr(w, key) != default)
             if given:
@@ -102,6 +121,8 @@ class Scheme(Strict):
     @model_validator(mode="after")
     def _gptq_weights(self) -> "Scheme":
         algorithm = self.weights.algorithm
+        if self.weights.is_lookup:
+            return self  # _check_lookup: round to nearest only
         if algorithm != "rtn" and (self.weights.bits is None or self.activations is not None):
             raise ValueError(f"{algorithm} applies to integer weight-only schemes (no activation quantization)")
         if algorithm != "rtn" and not isinstance(self.weights.granularity, int) and self.weights.granularity != "channel":
@@ -118,6 +139,9 @@ class Scheme(Strict):
     def describe(self, algorithm: str | None = None) -> str:
         """A short label, e.g. ``w4 g128 asym a16 gptq``; ``algorithm`` overrides the recipe's (what was done)."""
         w = self.weights
+        if w.is_lookup:
+            gran = f"g{w.granularity}" if isinstance(w.granularity, int) else f"per-{w.granularity}"
+            return f"{w.dtype.replace('_', ' ')} {gran} a16"
         if w.bits is None:
             return w.dtype
         gran = f"g{w.granularity}" if isinstance(w.granularity, int) else f"per-{w.granularity}"
@@ -127,6 +151,21 @@ class Scheme(Strict):
         done = w.algorithm if algorithm is None else algorithm
         clip = " mse" if w.clip == "mse" and done != "awq" else ""
         return f"w{w.bits} {gran} {'sym' if w.symmetric else 'asym'}{clip} {act}{'' if done == 'rtn' else ' ' + done}"
+
+
+def _check_lookup(scheme: "Scheme") -> None:
+    w = scheme.weights
+    if scheme.activations is not None:
+        raise ValueError(f"{w.dtype} is a weight-only scheme: it takes no activations")
+    if w.algorithm != "rtn" or w.clip != "minmax" or not w.symmetric:
+        raise ValueError(f"{w.dtype} weights are rounded to nearest with their format's own scale: they take no"
+                         " algorithm, clip or symmetric: false")
+    if w.dtype == "mxfp4" and w.granularity != 32:
+        raise ValueError("mxfp4 shares one power-of-two scale per 32 inputs (the OCP MX block): granularity: 32")
+    if w.dtype == "nf4" and not isinstance(w.granularity, int):
+        raise ValueError("nf4 keeps one absmax per group of inputs: give a group size (granularity: 64 is QLoRA's)")
+    if w.granularity == "tensor":
+        raise ValueError(f"{w.dtype} weights take a scale per channel or per group, not per tensor")
 
 
 def check_targets(targets: list[str]) -> list[str]:

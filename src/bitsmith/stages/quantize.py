@@ -51,6 +51,11 @@ def _cannot(module: nn.Module, scheme: Scheme) -> str | None:
             return "Conv2d is quantized only by static W8A8 schemes (int8 weights, calibrated activations)"
         if isinstance(module.padding, str) or module.padding_mode != "zeros":
             return "Conv2d with string padding or a non-zero padding mode has no int8 kernel"
+    elif w.is_lookup:
+        if isinstance(module, nn.Embedding):
+            return f"{w.dtype} weights apply to Linear layers; give embeddings an integer or fp16/bf16 scheme"
+        if isinstance(w.granularity, int) and module.in_features % w.granularity:
+            return f"{w.dtype} groups of {w.granularity} do not divide its {module.in_features} inputs"
     elif isinstance(module, nn.Embedding):
         if scheme.activations is not None:
             return "an Embedding is a lookup: activation quantization does not apply to it"

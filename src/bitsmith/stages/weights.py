@@ -12,9 +12,11 @@ from torch import nn
 
 from bitsmith.algorithms._modules import assign_, replace_module
 from bitsmith.algorithms.gptq import dequantize_weight
-from bitsmith.algorithms.rtn import QuantizedWeight, quantize_weight_rtn
+from bitsmith.algorithms.rtn import QuantizedWeight, quantize_weight_rtn, quantize_weight_ternary
 from bitsmith.errors import BitsmithError
 from bitsmith.nn import (
+    Fp8WeightOnlyLinear,
+    LookupWeightOnlyLinear,
     HalfEmbedding,
     HalfLinear,
     Int8DynamicLinear,
@@ -27,9 +29,25 @@ from bitsmith.recipe.schemes import Scheme
 __all__ = ["quantize_linear", "quantize_embedding", "fake_quantize_", "finish_block_", "group_size"]
 
 
+def _group(linear: nn.Linear, granularity: str | int) -> int:
+    return granularity if isinstance(granularity, int) else linear.in_features
+
+
+# the weight-only formats that are no integer grid (schemes.LOOKUP_DTYPES): dtype -> (linear, spec) -> module
+LOOKUP_BUILDERS = {
+    "fp8_e4m3": lambda linear, w: Fp8WeightOnlyLinear.from_float(linear, _group(linear, w.granularity)),
+    "nf4": lambda linear, w: LookupWeightOnlyLinear.from_float(linear, "nf4", w.granularity),
+    "mxfp4": lambda linear, w: LookupWeightOnlyLinear.from_float(linear, "mxfp4", w.granularity),
+    "ternary": lambda linear, w: IntxWeightOnlyLinear.from_quantized(
+        quantize_weight_ternary(linear.weight.detach(), w.granularity), linear.bias),
+}
+
+
 def quantize_linear(linear: nn.Linear, scheme: Scheme) -> nn.Module:
     """The runtime module for ``linear`` under a round-to-nearest ``scheme``."""
     w = scheme.weights
+    if w.is_lookup:
+        return LOOKUP_BUILDERS[w.dtype](linear, w)
     if w.bits is None:
         return HalfLinear.from_float(linear, w.dtype)
     qweight = quantize_weight_rtn(linear.weight.detach(), w.bits, w.granularity, w.symmetric, w.clip)
