@@ -303,20 +303,36 @@ def _print_machine_inspect(machine: dict) -> None:
 def analyze(
     model: str = typer.Argument("minilm", help="Zoo name or transformers directory (float)."),
     observers: bool = typer.Option(False, "--observers", help="Compare activation observers for a static recipe."),
-    recipe: str = typer.Option("w8a8-static", "--recipe", "-r", help="Static recipe to analyze."),
+    sensitivity: bool = typer.Option(False, "--sensitivity", help="Harm of each candidate on each layer alone,"
+                                     " beside proxies and how well they rank it."),
+    recipe: str = typer.Option("w8a8-static", "--recipe", "-r", help="--observers: the static recipe to analyze."),
+    schemes: str = typer.Option(",".join(("w8a16", "w4a16", "nf4")), "--schemes", help="--sensitivity: candidates,"
+                                " comma-separated one-stage recipes (names or YAML files; quantize or prune)."),
+    group: str = typer.Option("layer", "--group", help="--sensitivity: change one layer at a time, or each"
+                              " block's layers together (block)."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="--sensitivity: regex over Linear names to analyze."),
+    eval_windows: Optional[int] = typer.Option(None, "--eval-windows", help="--sensitivity, language models: judge"
+                                               " on the first N held-out windows (default all)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="--sensitivity: where rows are kept and reused"
+                                         " (default $BITSMITH_CACHE/sensitivity)."),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration set (default: the model's own)."),
-    calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration samples to use."),
+    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Calibration samples to use"
+                                                " (default 128; --sensitivity 32)."),
     as_json: bool = JSON_OPTION,
 ):
-    """Analyses of one model under a recipe (--observers: fidelity per activation observer)."""
+    """Analyses of one model: --observers (fidelity per activation observer under a static recipe) or
+    --sensitivity (per-layer harm of each candidate scheme or pruning ratio, and which proxy ranks it)."""
+    if observers == sensitivity:
+        raise BitsmithError("say what to analyze: --observers or --sensitivity (one of them)")
+    if sensitivity:
+        _analyze_sensitivity(model, schemes, group, layers, eval_windows, cache, calib, calib_samples or 32, as_json)
+        return
     from bitsmith.api.analyze import compare_observers
 
-    if not observers:
-        raise BitsmithError("say what to analyze: --observers")
     with Progress(TextColumn("[bold]observers"), BarColumn(), TextColumn("{task.description}"),
                   console=err_console, disable=as_json, transient=True) as progress:
         task = progress.add_task("", total=5)
-        rows = compare_observers(model, recipe, calib, calib_samples,
+        rows = compare_observers(model, recipe, calib, calib_samples or 128,
                                  progress=lambda name: progress.update(task, advance=1, description=name))
     if as_json:
         _emit_json(rows)
@@ -328,6 +344,48 @@ def analyze(
     for row in rows:
         table.add_row(*(str(row[c]) for c in columns))
     out_console.print(table)
+
+
+def _analyze_sensitivity(model, schemes, group, layers, eval_windows, cache, calib, calib_samples, as_json) -> None:
+    from bitsmith.api.sensitivity import analyze_sensitivity
+
+    names = [name.strip() for name in schemes.split(",") if name.strip()]
+    if not names:
+        raise BitsmithError("--schemes names no candidate")
+    if eval_windows is not None and eval_windows < 1:
+        raise BitsmithError(f"--eval-windows must be at least 1, got {eval_windows}")
+    with Progress(TextColumn("[bold]sensitivity"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                  TimeElapsedColumn(), console=err_console, disable=as_json, transient=True) as progress:
+        task = progress.add_task("", total=None)
+        result = analyze_sensitivity(model, names, calib, calib_samples, group, layers, eval_windows, cache=cache,
+                                     progress=lambda what, done: progress.update(task, completed=done,
+                                                                                 description=what))
+    if as_json:
+        _emit_json(result)
+        return
+    rows = result["rows"]
+    table = Table(title=f"{model}: {result['metric']} with one {result['group']} changed"
+                        f" (proxy: {result['chosen']})")
+    table.add_column("layer" if result["group"] == "layer" else "group")
+    for name in result["candidates"]:
+        table.add_column(name, justify="right")
+        if result["chosen"] != "measured":
+            table.add_column(f"{name} {result['chosen']}", justify="right")
+    by_group: dict[str, dict] = {}
+    for row in rows:
+        by_group.setdefault(row["group"], {})[row["candidate"]] = row
+    for label, cells in by_group.items():
+        values = [label]
+        for name in result["candidates"]:
+            values.append(f"{cells[name]['measured']:.4g}")
+            if result["chosen"] != "measured":
+                values.append(f"{cells[name][result['chosen']]:.4g}")
+        table.add_row(*values)
+    out_console.print(table)
+    shown = ", ".join(f"{proxy} {value:.3f}" if value is not None else f"{proxy} -"
+                      for proxy, value in result["spearman"].items())
+    out_console.print(f"Spearman against the measured harm: {shown}. {result['note']}.")
+    out_console.print(f"{result['measured_now']} measured now, {result['from_cache']} from the cache ({result['cache']})")
 
 
 @app.command()

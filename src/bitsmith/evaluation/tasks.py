@@ -72,6 +72,13 @@ class TextEmbeddingTask:
 
         return torch.cat([sentence_embeddings(model, batch) for batch in self.batches])
 
+    metric = "1 - mean cosine"
+
+    def judge(self, float_model: nn.Module, limit: int | None = None):
+        """model -> harm against ``float_model`` (1 - mean cosine of the embeddings), the float ones computed once."""
+        reference = self._embed_all(float_model)
+        return lambda model: 1.0 - cosine_fidelity(self._embed_all(model), reference)["mean_cosine"]
+
     def fidelity(self, float_model: nn.Module, quant_model: nn.Module) -> dict:
         result = cosine_fidelity(self._embed_all(quant_model), self._embed_all(float_model))
         return {"sentences": len(self.sentences), "batch_shape": list(self.batch["input_ids"].shape),
@@ -135,6 +142,21 @@ class ImageClassificationTask:
 
         return {"test_samples": len(self.y_test), "batch_shape": list(self.batch.shape),
                 "accuracy": round(accuracy(model, self.x_test, self.y_test), 5)}
+
+    metric = "accuracy drop (points)"
+
+    def judge(self, float_model: nn.Module, limit: int | None = None):
+        """model -> test accuracy points lost against ``float_model``."""
+        from bitsmith.zoo.digits import accuracy
+
+        with torch.inference_mode():
+            base = accuracy(float_model, self.x_test, self.y_test)
+
+        def harm(model):
+            with torch.inference_mode():
+                return 100 * (base - accuracy(model, self.x_test, self.y_test))
+
+        return harm
 
     def fidelity(self, float_model: nn.Module, quant_model: nn.Module) -> dict:
         from bitsmith.zoo.digits import accuracy
@@ -202,6 +224,17 @@ class LanguageModelTask:
         result = perplexity(model, self.tokenizer, self.text, window=self.window)
         return {"batch_shape": list(self.batch["input_ids"].shape), "tokens": result["tokens"],
                 "windows": result["windows"], "perplexity": round(result["perplexity"], 4)}
+
+    metric = "perplexity increase (%)"
+
+    def judge(self, float_model: nn.Module, limit: int | None = None):
+        """model -> % perplexity increase over ``float_model`` on the held-out text (its first ``limit`` windows)."""
+        from bitsmith.zoo.docs_lm import perplexity
+
+        score = lambda model: perplexity(model, self.tokenizer, self.text, window=self.window,  # noqa: E731
+                                         max_windows=limit)["perplexity"]
+        base = score(float_model)
+        return lambda model: 100 * (score(model) / base - 1)
 
     def fidelity(self, float_model: nn.Module, quant_model: nn.Module) -> dict:
         from bitsmith.zoo.docs_lm import perplexity

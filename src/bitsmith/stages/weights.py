@@ -26,7 +26,8 @@ from bitsmith.nn import (
 )
 from bitsmith.recipe.schemes import Scheme
 
-__all__ = ["quantize_linear", "quantize_embedding", "fake_quantize_", "finish_block_", "group_size"]
+__all__ = ["quantize_linear", "quantize_embedding", "fake_quantize_", "finish_block_", "group_size", "module_for",
+           "LOOKUP_BUILDERS"]
 
 
 def _group(linear: nn.Linear, granularity: str | int) -> int:
@@ -74,15 +75,18 @@ def fake_quantize_(linear: nn.Linear, qweight: QuantizedWeight, pending: list, l
     pending.append((local, qweight, linear.bias, scheme))
 
 
+def module_for(qweight: QuantizedWeight, bias, scheme: Scheme) -> nn.Module:
+    """The weight-only runtime module holding a calibrated method's codes (GPTQ, AWQ)."""
+    w = scheme.weights
+    if w.bits == 8 and w.symmetric and qweight.group_size == qweight.codes.shape[1]:
+        return Int8WeightOnlyLinear.from_quantized(qweight, bias)
+    return IntxWeightOnlyLinear.from_quantized(qweight, bias)
+
+
 def finish_block_(block: nn.Module, pending: list) -> None:
     """Replace the block's fake-quantized Linears by their runtime modules."""
     for local, qweight, bias, scheme in pending:
-        w = scheme.weights
-        if w.bits == 8 and w.symmetric and qweight.group_size == qweight.codes.shape[1]:
-            new = Int8WeightOnlyLinear.from_quantized(qweight, bias)
-        else:
-            new = IntxWeightOnlyLinear.from_quantized(qweight, bias)
-        replace_module(block, local, new)
+        replace_module(block, local, module_for(qweight, bias, scheme))
     pending.clear()
 
 

@@ -1,0 +1,355 @@
+"""Per-layer sensitivity: the task metric with only one layer (or one block's layers) changed, beside cheap proxies.
+
+For each Linear (or group) and each candidate (a one-stage built-in recipe or YAML: a weight scheme by
+round-to-nearest or GPTQ, or a pruning method and ratio), the layer is swapped for what the candidate makes
+of it, the model is judged by its task (MiniLM-like embeddings: 1 - mean cosine; language models: perplexity
+increase; classifiers: accuracy drop), and swapped back. Beside the measured harm, three proxies from one
+calibration pass (``algorithms.sensitivity``): the layer's output SQNR, its mean squared output change, and
+a random-probe Fisher estimate of the change at the model's output. Spearman's rank correlation of each
+proxy against the measured harm says which proxy ranks well enough (>= 0.8) to stand in for the metric; if
+none does, the result says to use the measured values.
+
+Rows are cached on disk (``$BITSMITH_CACHE/sensitivity``, or ``cache=``), keyed by the model's weights, the
+calibration and evaluation data and the candidate's stage, so a second analysis (or a search) measures only
+what is new.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bitsmith.algorithms._modules import replace_module
+from bitsmith.algorithms.gptq import accumulate_hessian, gptq_quantize
+from bitsmith.algorithms.prune import keep_mask, sparsegpt_prune, wanda_scores
+from bitsmith.algorithms.sensitivity import PROXIES, fisher_error, output_energy, output_error, spearman, sqnr_db
+from bitsmith.errors import BitsmithError
+from bitsmith.evaluation.tasks import task_for
+from bitsmith.io.models import load_model
+from bitsmith.pipeline.blocks import find_blocks
+from bitsmith.recipe import QuantizeConfig, load_recipe
+from bitsmith.recipe.stages import PruneConfig
+from bitsmith.stages.weights import group_size, module_for, quantize_linear
+
+__all__ = ["Candidate", "candidate", "analyze_sensitivity", "GOOD_RANKING", "DEFAULT_CANDIDATES"]
+
+GOOD_RANKING = 0.8  # a proxy whose Spearman against the measured harm reaches this may stand in for it
+DEFAULT_CANDIDATES = ("w8a16", "w4a16", "nf4")
+_VERSION = 1  # of the cached rows' meaning: bump when a row is computed differently
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One thing a layer can become: ``stage`` is a QuantizeConfig (``scheme`` the one its Linear rule gives) or a
+    PruneConfig (``rule`` its Linear rule)."""
+
+    name: str
+    stage: QuantizeConfig | PruneConfig
+    scheme: object = None
+    rule: object = None
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.stage.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _linear_rule(rules, name: str):
+    for rule in rules:
+        if "Linear" in rule.targets:
+            return rule
+    raise BitsmithError(f"candidate '{name}' has no rule targeting Linear layers: sensitivity changes Linears")
+
+
+def candidate(name: str) -> Candidate:
+    """The candidate a one-stage recipe (built-in name or YAML path) makes of a Linear; refused with why otherwise."""
+    recipe = load_recipe(name)
+    if len(recipe.stages) != 1:
+        raise BitsmithError(f"candidate '{name}' has {len(recipe.stages)} stages; sensitivity takes one-stage"
+                            " quantize or prune recipes")
+    stage = recipe.stages[0]
+    if isinstance(stage, QuantizeConfig):
+        rule = _linear_rule(stage.rules, name)
+        scheme = rule.scheme
+        if scheme is None:
+            raise BitsmithError(f"candidate '{name}' keeps Linear layers in float: nothing to measure")
+        if scheme.is_static:
+            raise BitsmithError(f"candidate '{name}' has static activations, whose ranges come from the whole model's"
+                                " calibration: not a one-layer change; use a weight-only or dynamic scheme")
+        if scheme.weights.algorithm == "awq":
+            raise BitsmithError(f"candidate '{name}' uses awq, whose scales span a block: not a one-layer change")
+        return Candidate(name, stage, scheme=scheme)
+    if isinstance(stage, PruneConfig):
+        rule = _linear_rule(stage.rules, name)
+        if rule.fraction is None:
+            raise BitsmithError(f"candidate '{name}' keeps Linear layers dense: nothing to measure")
+        return Candidate(name, stage, rule=rule)
+    raise BitsmithError(f"candidate '{name}' is a {stage.stage} stage; sensitivity takes quantize or prune stages")
+
+
+# ---------------------------------------------------------------------------------------------- one layer
+
+
+def _effective_weight(module: nn.Module) -> torch.Tensor:
+    """The float32 (N, K) weight a module computes with."""
+    if hasattr(module, "dequantize"):
+        return module.dequantize().float()
+    return module.weight.detach().float()
+
+
+def changed(linear: nn.Linear, cand: Candidate, hessian: torch.Tensor) -> nn.Module:
+    """What ``cand`` makes of ``linear`` alone (``hessian``: H = 2/n X^T X of its float inputs)."""
+    if cand.scheme is not None:
+        w = cand.scheme.weights
+        if w.algorithm == "gptq":
+            options = cand.stage.gptq
+            qweight, _ = gptq_quantize(linear.weight.detach(), hessian, w.bits, group_size(linear, cand.scheme),
+                                       w.symmetric, act_order=options.act_order, static_groups=True,
+                                       damp_percent=options.damp_percent, block_size=options.block_size, clip=w.clip)
+            return module_for(qweight, linear.bias, cand.scheme)
+        return quantize_linear(linear, cand.scheme)
+    rule, method = cand.rule, cand.stage.method
+    weight = linear.weight.detach().float()
+    if method == "sparsegpt":
+        options = cand.stage.sparsegpt
+        pruned, _ = sparsegpt_prune(weight, hessian, rule.fraction, rule.nm, options.block_size, options.damp_percent)
+    else:
+        scores = weight.abs() if method == "magnitude" else wanda_scores(weight, hessian)
+        pruned = weight * keep_mask(scores, rule.fraction, rule.nm, per_row=method == "wanda")
+    new = nn.Linear(linear.in_features, linear.out_features, linear.bias is not None)
+    new.weight.data = pruned.to(linear.weight.dtype)
+    if linear.bias is not None:
+        new.bias.data = linear.bias.detach().clone()
+    return new.eval().requires_grad_(False)
+
+
+def _bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+
+
+def _forward(model: nn.Module, batch):
+    return model(**batch) if isinstance(batch, dict) else model(batch)
+
+
+def _main_output(out) -> torch.Tensor:
+    """The tensor a task reads: logits, else the last hidden state, else the first output."""
+    for key in ("logits", "last_hidden_state"):
+        value = getattr(out, key, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def input_hessians(model: nn.Module, layers: dict[str, nn.Linear], batches: list) -> dict[str, tuple]:
+    """name -> (H = 2/n X^T X, n) of each layer's inputs over the calibration batches, one float pass."""
+    stats: dict[str, tuple] = {name: (None, 0) for name in layers}
+
+    def hook(name):
+        def record(_module, args):
+            hessian, count = stats[name]
+            stats[name] = accumulate_hessian(hessian, args[0], count)
+        return record
+
+    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                _forward(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+def probe_fisher(model: nn.Module, layers: dict[str, nn.Linear], batches: list, seed: int = 0) -> dict[str, torch.Tensor]:
+    """name -> E[g^2] with g the gradient of r . output for a standard normal probe r (one per batch): the diagonal of
+    J^T J, J the Jacobian of the model's output by the weight, so sum(F * dW^2) estimates |output change|^2."""
+    generator = torch.Generator().manual_seed(seed)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in layers.values():
+        layer.weight.requires_grad_(True)
+        layer.weight.grad = None
+    fisher = {name: torch.zeros_like(layer.weight, dtype=torch.float32) for name, layer in layers.items()}
+    try:
+        for batch in batches:
+            with torch.enable_grad():
+                out = _main_output(_forward(model, batch)).float()
+                probe = torch.randn(out.shape, generator=generator)
+                (out * probe).sum().backward()
+            for name, layer in layers.items():
+                if layer.weight.grad is not None:
+                    fisher[name] += layer.weight.grad.float().pow(2) / len(batches)
+                    layer.weight.grad = None
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+            p.grad = None
+    return fisher
+
+
+# ---------------------------------------------------------------------------------------------- the analysis
+
+
+def _digest(value, h) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().contiguous().cpu().reshape(-1)
+        h.update(f"{t.dtype}{list(value.shape)}".encode())
+        h.update((t.view(torch.uint8) if t.numel() else t).numpy().tobytes())
+    elif isinstance(value, dict):
+        for key in sorted(value, key=str):
+            h.update(str(key).encode())
+            _digest(value[key], h)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _digest(item, h)
+    elif isinstance(value, (str, int, float, bool)) or value is None:
+        h.update(repr(value).encode())
+
+
+def fingerprint(*values) -> str:
+    h = hashlib.sha256()
+    for value in values:
+        _digest(value, h)
+    return h.hexdigest()
+
+
+def _cache_dir(cache: str | Path | None) -> Path:
+    if cache is not None:
+        return Path(cache)
+    root = os.environ.get("BITSMITH_CACHE") or Path.home() / ".cache" / "bitsmith"
+    return Path(root) / "sensitivity"
+
+
+def _groups(model: nn.Module, names: list[str], by: str) -> dict[str, list[str]]:
+    if by == "layer":
+        return {name: [name] for name in names}
+    if by != "block":
+        raise BitsmithError(f"--group must be layer or block, not {by!r}")
+    prefix, _ = find_blocks(model, names, "grouping by block")
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        match = re.match(rf"{re.escape(prefix)}\.(\d+)\.", name)
+        groups.setdefault(f"{prefix}.{match.group(1)}" if match else name, []).append(name)
+    return groups
+
+
+def _ranking(rows: list[dict], proxy: str) -> float | None:
+    usable = [r for r in rows if math.isfinite(r["measured"])]
+    predicted = [(-r[proxy] if proxy == "sqnr_db" else r[proxy]) for r in usable]
+    predicted = [p if math.isfinite(p) else math.copysign(1e300, p) for p in predicted]
+    return spearman(predicted, [r["measured"] for r in usable])
+
+
+def analyze_sensitivity(
+    model: str | Path, candidates: list[str] | None = None, calib: str | Path | None = None,
+    calib_samples: int = 32, group: str = "layer", layers: str | None = None, eval_limit: int | None = None,
+    fisher_batches: int = 4, cache: str | Path | None = None, seed: int = 0,
+    progress: Callable[[str, int], None] | None = None,
+) -> dict:
+    """The sensitivity table of ``model`` (module docstring); ``layers`` a regex over Linear names (default all),
+    ``eval_limit`` the held-out windows a language model is judged on (default all)."""
+    cands = [candidate(name) for name in (candidates or DEFAULT_CANDIDATES)]
+    if not cands:
+        raise BitsmithError("give at least one candidate scheme (--schemes)")
+    loaded = load_model(model)
+    if loaded.compressed:
+        raise BitsmithError(f"{model} is already compressed; analyze its float original")
+    net = loaded.model.eval()
+    pattern = None
+    if layers:
+        try:
+            pattern = re.compile(layers)
+        except re.error as err:
+            raise BitsmithError(f"--layers {layers!r} is not a regular expression: {err}") from None
+    targets = {name: m for name, m in net.named_modules()
+               if type(m) is nn.Linear and (pattern is None or pattern.search(name))}
+    if not targets:
+        raise BitsmithError(f"no Linear layer of {model} matches --layers {layers!r}" if layers
+                            else f"{model} has no Linear layers to analyze")
+    task = task_for(loaded.source, loaded.tokenizer, None, model=net)
+    calibration = task.calibration(calib, calib_samples)
+    groups = _groups(net, list(targets), group)
+
+    data_key = fingerprint(_VERSION, task.name, calibration, {k: v for k, v in vars(task).items()
+                                                              if k not in ("tokenizer",)}, eval_limit, seed)
+    model_key = fingerprint(net.state_dict())
+    cache_file = _cache_dir(cache) / f"{model_key[:20]}-{data_key[:20]}.json"
+    try:
+        stored = json.loads(cache_file.read_text())["rows"] if cache_file.exists() else {}
+    except (OSError, ValueError, KeyError):
+        stored = {}  # an unreadable cache is measured again, never trusted
+    keys = {(c.name, g): f"{c.digest}|{group}|{g}" for c in cands for g in groups}
+    todo = [key for key in keys.values() if key not in stored]
+
+    if todo:
+        hessians = input_hessians(net, targets, calibration)
+        fisher = probe_fisher(net, targets, calibration[:fisher_batches], seed)
+        judge = task.judge(net, eval_limit)
+        signal = {name: output_energy(targets[name].weight, h) for name, (h, _) in hessians.items()}
+    done = 0
+    for cand in cands:
+        for label, members in groups.items():
+            key = keys[(cand.name, label)]
+            if key in stored:
+                continue
+            originals = {name: targets[name] for name in members}
+            noise = fisher_sum = size = float_size = 0.0
+            try:
+                for name in members:
+                    hessian = hessians[name][0]
+                    new = changed(originals[name], cand, hessian)
+                    delta = _effective_weight(new) - originals[name].weight.detach().float()
+                    noise += output_error(delta, hessian)
+                    fisher_sum += fisher_error(fisher[name], delta)
+                    size += _bytes(new)
+                    float_size += _bytes(originals[name])
+                    replace_module(net, name, new)
+                measured = judge(net)
+            finally:
+                for name, original in originals.items():
+                    replace_module(net, name, original)
+            stored[key] = {
+                "measured": float(measured), "sqnr_db": sqnr_db(sum(signal[n] for n in members), noise),
+                "output_error": noise, "fisher": fisher_sum, "bytes": int(size), "float_bytes": int(float_size),
+            }
+            done += 1
+            if progress is not None:
+                progress(f"{cand.name} {label}", done)
+    if todo:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"model": str(model), "rows": stored}, allow_nan=True))
+        tmp.replace(cache_file)
+
+    rows = [{"group": g, "layers": groups[g], "candidate": c.name, **stored[keys[(c.name, g)]]}
+            for c in cands for g in groups]
+    overall = {proxy: _ranking(rows, proxy) for proxy in PROXIES}
+    per_candidate = {c.name: {p: _ranking([r for r in rows if r["candidate"] == c.name], p) for p in PROXIES}
+                     for c in cands}
+    ranked = [(value, proxy) for proxy, value in overall.items() if value is not None]
+    best_value, best = max(ranked) if ranked else (None, None)
+    if best_value is not None and best_value >= GOOD_RANKING:
+        chosen, note = best, f"{best} ranks the measured {task.metric} with Spearman {best_value:.3f} (>= {GOOD_RANKING})"
+    else:
+        chosen = "measured"
+        shown = "no proxy could be ranked" if best is None else f"the best proxy, {best}, reaches {best_value:.3f}"
+        note = f"{shown} (< {GOOD_RANKING}): use the measured {task.metric}"
+    return {
+        "model": str(model), "task": task.name, "metric": task.metric, "group": group,
+        "candidates": [c.name for c in cands], "calibration_batches": len(calibration), "rows": rows,
+        "spearman": overall, "spearman_per_candidate": per_candidate, "chosen": chosen, "note": note,
+        "cache": str(cache_file), "measured_now": len(todo), "from_cache": len(keys) - len(todo),
+    }
