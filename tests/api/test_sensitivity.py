@@ -49,23 +49,31 @@ def test_a_row_is_the_task_metric_with_that_layer_alone_changed(minilm_table):
     assert 1 - task.fidelity(loaded.model, alone)["mean_cosine"] == pytest.approx(row["measured"], abs=2e-6)
 
 
+def _cached_part(rows):
+    timing = ("latency_s", "float_latency_s", "kernel", "saves_time")  # measured afresh each time: not cached
+    return [{k: v for k, v in row.items() if k not in timing} for row in rows]
+
+
 def test_the_cache_serves_what_was_measured_and_measures_only_what_is_new(minilm_table):
     first, cache = minilm_table
-    again = analyze_sensitivity("minilm", ["w4a16", "wanda-50"], layers=LAYER0, cache=cache)
-    assert again["from_cache"] == 12 and again["measured_now"] == 0 and again["rows"] == first["rows"]
-    more = analyze_sensitivity("minilm", ["w4a16", "nf4"], layers=LAYER0, cache=cache)
+    again = analyze_sensitivity("minilm", ["w4a16", "wanda-50"], layers=LAYER0, cache=cache, latency=False)
+    assert again["from_cache"] == 12 and again["measured_now"] == 0
+    assert _cached_part(again["rows"]) == _cached_part(first["rows"])
+    more = analyze_sensitivity("minilm", ["w4a16", "nf4"], layers=LAYER0, cache=cache, latency=False)
     assert more["from_cache"] == 6 and more["measured_now"] == 6
     Path = type(cache)
     Path(first["cache"]).write_text("{not json")  # a damaged cache is measured again, never trusted
-    redone = analyze_sensitivity("minilm", ["w4a16", "wanda-50"], layers=LAYER0, cache=cache)
-    assert redone["measured_now"] == 12 and redone["rows"] == first["rows"]  # and the same numbers: deterministic
+    redone = analyze_sensitivity("minilm", ["w4a16", "wanda-50"], layers=LAYER0, cache=cache, latency=False)
+    assert redone["measured_now"] == 12  # and the same numbers: deterministic
+    assert _cached_part(redone["rows"]) == _cached_part(first["rows"])
 
 
 def test_block_groups_change_every_layer_of_a_block_together(tmp_path):
-    result = analyze_sensitivity("minilm", ["w4a16"], group="block", layers=r"encoder\.layer\.[01]\.", cache=tmp_path)
+    result = analyze_sensitivity("minilm", ["w4a16"], group="block", layers=r"encoder\.layer\.[01]\.", cache=tmp_path,
+                                 latency=False)
     assert [r["group"] for r in result["rows"]] == ["encoder.layer.0", "encoder.layer.1"]
     assert len(result["rows"][0]["layers"]) == 6
-    single = analyze_sensitivity("minilm", ["w4a16"], layers=LAYER0, cache=tmp_path)
+    single = analyze_sensitivity("minilm", ["w4a16"], layers=LAYER0, cache=tmp_path, latency=False)
     assert result["rows"][0]["output_error"] == pytest.approx(sum(r["output_error"] for r in single["rows"]))
     assert result["rows"][0]["measured"] > max(r["measured"] for r in single["rows"])
     assert result["chosen"] == "measured" and "no proxy could be ranked" in result["note"]  # two rows: no ranking
@@ -92,10 +100,10 @@ def test_gptq_candidates_use_the_layers_own_inputs():
 
 
 def test_digits_classifier_and_docs_lm_are_judged_by_their_own_metric(tmp_path, docs_lm_model):
-    digits = analyze_sensitivity("digits-cnn", ["w4a16", "ternary"], cache=tmp_path)
+    digits = analyze_sensitivity("digits-cnn", ["w4a16", "ternary"], cache=tmp_path, latency=False)
     assert digits["metric"] == "accuracy drop (points)" and len(digits["rows"]) == 2  # its one Linear
     lm = analyze_sensitivity("docs-lm", ["w4a16", "magnitude-50"], layers=r"layers\.0\.", eval_limit=4,
-                             calib_samples=8, cache=tmp_path)
+                             calib_samples=8, cache=tmp_path, latency=False)
     assert lm["metric"] == "perplexity increase (%)"
     assert all(r["measured"] > -1 for r in lm["rows"]) and max(r["measured"] for r in lm["rows"]) > 0.1
 
@@ -129,6 +137,21 @@ def test_analyze_needs_one_analysis(capsys):
 
 def test_cli_json(capsys, tmp_path):
     code, out, _ = run_cli(capsys, "analyze", "minilm", "--sensitivity", "--schemes", "nf4", "--layers",
-                           r"layer\.0\.intermediate", "--cache", tmp_path, "--json")
+                           r"layer\.0\.intermediate", "--cache", tmp_path, "--no-latency", "--json")
     result = json.loads(out)
     assert code == 0 and result["rows"][0]["candidate"] == "nf4" and result["rows"][0]["measured"] > 0
+
+
+def test_costs_name_the_kernel_and_never_count_a_pruned_layer_as_faster(minilm_table):
+    from bitsmith.api.sensitivity import NO_SPARSE_KERNEL
+    from bitsmith.nn.linear import KERNEL_NAMES
+
+    result, _ = minilm_table
+    for row in result["rows"]:
+        assert row["latency_s"] > 0 and row["float_latency_s"] > 0
+        if row["candidate"] == "wanda-50":  # a float Linear with zeros: the same dense matmul as float
+            assert row["kernel"] == NO_SPARSE_KERNEL and not row["saves_time"]
+            assert row["latency_s"] == row["float_latency_s"] and row["bytes"] == row["float_bytes"]
+        else:
+            assert row["kernel"] in KERNEL_NAMES
+            assert row["saves_time"] == (row["latency_s"] <= 0.95 * row["float_latency_s"])

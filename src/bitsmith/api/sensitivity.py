@@ -40,8 +40,11 @@ from bitsmith.recipe import QuantizeConfig, load_recipe
 from bitsmith.recipe.stages import PruneConfig
 from bitsmith.stages.weights import group_size, module_for, quantize_linear
 
-__all__ = ["Candidate", "candidate", "analyze_sensitivity", "GOOD_RANKING", "DEFAULT_CANDIDATES"]
+__all__ = ["Candidate", "candidate", "analyze_sensitivity", "layer_costs", "GOOD_RANKING", "DEFAULT_CANDIDATES",
+           "SAVES_TIME"]
 
+SAVES_TIME = 0.95  # a candidate counts as faster than float only where it measured at most this fraction of its time
+NO_SPARSE_KERNEL = "the float layer's dense matmul (no sparse kernel: sparsity saves storage, not time)"
 GOOD_RANKING = 0.8  # a proxy whose Spearman against the measured harm reaches this may stand in for it
 DEFAULT_CANDIDATES = ("w8a16", "w4a16", "nf4")
 _VERSION = 1  # of the cached rows' meaning: bump when a row is computed differently
@@ -200,6 +203,58 @@ def probe_fisher(model: nn.Module, layers: dict[str, nn.Linear], batches: list, 
     return fisher
 
 
+def input_shapes(model: nn.Module, layers: dict[str, nn.Linear], run) -> dict[str, tuple]:
+    """name -> the shape of each layer's input when ``run()`` runs the model on the task's timed batch."""
+    shapes: dict[str, tuple] = {}
+
+    def hook(name):
+        def record(_module, args):
+            shapes.setdefault(name, tuple(args[0].shape))  # returns None: a pre-hook's value would replace the input
+        return record
+
+    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes
+
+
+def layer_costs(model: nn.Module, layers: dict[str, nn.Linear], cands: list[Candidate], hessians: dict, run,
+                repeats: int = 5) -> dict[tuple[str, str], dict]:
+    """(candidate, layer) -> {"latency_s", "float_latency_s", "kernel", "saves_time"}: each candidate's module and
+    the float layer timed in turn (``interleaved_latency``) on an input of the layer's real shape on the task's
+    timed batch, with the kernel the module chose for it. Not cached: it is this machine's, and this moment's."""
+    from bitsmith.evaluation.measure import interleaved_latency
+
+    shapes = input_shapes(model, layers, run)
+    costs = {}
+    generator = torch.Generator().manual_seed(0)
+    for name, layer in layers.items():
+        if name not in shapes:
+            continue  # the timed batch never reaches it
+        x = torch.randn(shapes[name], generator=generator)
+        built = {c.name: changed(layer, c, hessians[name][0]) for c in cands}
+        # a pruned layer is a float Linear again: the same dense matmul as the float one, so the same time by
+        # construction (timing two identical calls would only time the machine's noise)
+        timed = {label: m for label, m in built.items() if type(m) is not nn.Linear}
+        with torch.inference_mode():
+            times = interleaved_latency({label: (lambda m=m: m(x)) for label, m in {"float": layer, **timed}.items()},
+                                        repeats)
+        for cand in cands:
+            if cand.name not in timed:
+                costs[(cand.name, name)] = {"latency_s": times["float"], "float_latency_s": times["float"],
+                                            "kernel": NO_SPARSE_KERNEL, "saves_time": False}
+                continue
+            kernel = timed[cand.name].last_kernel
+            costs[(cand.name, name)] = {
+                "latency_s": times[cand.name], "float_latency_s": times["float"], "kernel": kernel[0],
+                "saves_time": times[cand.name] <= SAVES_TIME * times["float"],
+            }
+    return costs
+
+
 # ---------------------------------------------------------------------------------------------- the analysis
 
 
@@ -256,11 +311,12 @@ def _ranking(rows: list[dict], proxy: str) -> float | None:
 def analyze_sensitivity(
     model: str | Path, candidates: list[str] | None = None, calib: str | Path | None = None,
     calib_samples: int = 32, group: str = "layer", layers: str | None = None, eval_limit: int | None = None,
-    fisher_batches: int = 4, cache: str | Path | None = None, seed: int = 0,
-    progress: Callable[[str, int], None] | None = None,
+    fisher_batches: int = 4, cache: str | Path | None = None, seed: int = 0, latency: bool = True,
+    repeats: int = 9, progress: Callable[[str, int], None] | None = None,
 ) -> dict:
     """The sensitivity table of ``model`` (module docstring); ``layers`` a regex over Linear names (default all),
-    ``eval_limit`` the held-out windows a language model is judged on (default all)."""
+    ``eval_limit`` the held-out windows a language model is judged on (default all); ``latency`` adds each row's
+    measured time beside the float layer's (``layer_costs``)."""
     cands = [candidate(name) for name in (candidates or DEFAULT_CANDIDATES)]
     if not cands:
         raise BitsmithError("give at least one candidate scheme (--schemes)")
@@ -294,8 +350,9 @@ def analyze_sensitivity(
     keys = {(c.name, g): f"{c.digest}|{group}|{g}" for c in cands for g in groups}
     todo = [key for key in keys.values() if key not in stored]
 
-    if todo:
+    if todo or latency:
         hessians = input_hessians(net, targets, calibration)
+    if todo:
         fisher = probe_fisher(net, targets, calibration[:fisher_batches], seed)
         judge = task.judge(net, eval_limit)
         signal = {name: output_energy(targets[name].weight, h) for name, (h, _) in hessians.items()}
@@ -336,6 +393,15 @@ def analyze_sensitivity(
 
     rows = [{"group": g, "layers": groups[g], "candidate": c.name, **stored[keys[(c.name, g)]]}
             for c in cands for g in groups]
+    if latency:
+        costs = layer_costs(net, targets, cands, hessians, task.runner(net), repeats)
+        for row in rows:
+            timed = [costs[(row["candidate"], name)] for name in row["layers"] if (row["candidate"], name) in costs]
+            if timed:
+                row["latency_s"] = sum(t["latency_s"] for t in timed)
+                row["float_latency_s"] = sum(t["float_latency_s"] for t in timed)
+                row["kernel"] = " + ".join(sorted({t["kernel"] for t in timed}))
+                row["saves_time"] = row["latency_s"] <= SAVES_TIME * row["float_latency_s"]
     overall = {proxy: _ranking(rows, proxy) for proxy in PROXIES}
     per_candidate = {c.name: {p: _ranking([r for r in rows if r["candidate"] == c.name], p) for p in PROXIES}
                      for c in cands}

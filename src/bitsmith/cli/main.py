@@ -315,6 +315,8 @@ def analyze(
                                                " on the first N held-out windows (default all)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="--sensitivity: where rows are kept and reused"
                                          " (default $BITSMITH_CACHE/sensitivity)."),
+    latency: bool = typer.Option(True, "--latency/--no-latency", help="--sensitivity: time each candidate's layer"
+                                 " beside the float one on this machine."),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration set (default: the model's own)."),
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Calibration samples to use"
                                                 " (default 128; --sensitivity 32)."),
@@ -325,7 +327,8 @@ def analyze(
     if observers == sensitivity:
         raise BitsmithError("say what to analyze: --observers or --sensitivity (one of them)")
     if sensitivity:
-        _analyze_sensitivity(model, schemes, group, layers, eval_windows, cache, calib, calib_samples or 32, as_json)
+        _analyze_sensitivity(model, schemes, group, layers, eval_windows, cache, calib, calib_samples or 32, latency,
+                             as_json)
         return
     from bitsmith.api.analyze import compare_observers
 
@@ -346,7 +349,8 @@ def analyze(
     out_console.print(table)
 
 
-def _analyze_sensitivity(model, schemes, group, layers, eval_windows, cache, calib, calib_samples, as_json) -> None:
+def _analyze_sensitivity(model, schemes, group, layers, eval_windows, cache, calib, calib_samples, latency,
+                         as_json) -> None:
     from bitsmith.api.sensitivity import analyze_sensitivity
 
     names = [name.strip() for name in schemes.split(",") if name.strip()]
@@ -358,7 +362,7 @@ def _analyze_sensitivity(model, schemes, group, layers, eval_windows, cache, cal
                   TimeElapsedColumn(), console=err_console, disable=as_json, transient=True) as progress:
         task = progress.add_task("", total=None)
         result = analyze_sensitivity(model, names, calib, calib_samples, group, layers, eval_windows, cache=cache,
-                                     progress=lambda what, done: progress.update(task, completed=done,
+                                     latency=latency, progress=lambda what, done: progress.update(task, completed=done,
                                                                                  description=what))
     if as_json:
         _emit_json(result)
@@ -367,10 +371,13 @@ def _analyze_sensitivity(model, schemes, group, layers, eval_windows, cache, cal
     table = Table(title=f"{model}: {result['metric']} with one {result['group']} changed"
                         f" (proxy: {result['chosen']})")
     table.add_column("layer" if result["group"] == "layer" else "group")
+    timed = "latency_s" in rows[0]
     for name in result["candidates"]:
         table.add_column(name, justify="right")
         if result["chosen"] != "measured":
             table.add_column(f"{name} {result['chosen']}", justify="right")
+        if timed:
+            table.add_column(f"{name} time", justify="right")
     by_group: dict[str, dict] = {}
     for row in rows:
         by_group.setdefault(row["group"], {})[row["candidate"]] = row
@@ -380,11 +387,19 @@ def _analyze_sensitivity(model, schemes, group, layers, eval_windows, cache, cal
             values.append(f"{cells[name]['measured']:.4g}")
             if result["chosen"] != "measured":
                 values.append(f"{cells[name][result['chosen']]:.4g}")
+            if timed:
+                cell = cells[name]
+                ratio = f"{cell['latency_s'] / cell['float_latency_s']:.2f}x"
+                values.append(ratio if cell["saves_time"] else f"{ratio} (no saving)")
         table.add_row(*values)
     out_console.print(table)
     shown = ", ".join(f"{proxy} {value:.3f}" if value is not None else f"{proxy} -"
                       for proxy, value in result["spearman"].items())
     out_console.print(f"Spearman against the measured harm: {shown}. {result['note']}.")
+    if timed:
+        out_console.print("time: each layer's measured time with the candidate's kernel / the float layer's, on the"
+                          " task's timed batch shape; 'no saving' where it was not measurably faster (inspect names"
+                          " the kernels)")
     out_console.print(f"{result['measured_now']} measured now, {result['from_cache']} from the cache ({result['cache']})")
 
 
