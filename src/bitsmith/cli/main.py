@@ -315,6 +315,10 @@ def analyze(
                                                " on the first N held-out windows (default all)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="--sensitivity: where rows are kept and reused"
                                          " (default $BITSMITH_CACHE/sensitivity)."),
+    budget: Optional[str] = typer.Option(None, "--budget", help="--sensitivity: choose per-layer candidates within"
+                                         " a budget (60MB, 4.5bits or 0.6x of the float time) and verify the mix."),
+    write_recipe: Optional[Path] = typer.Option(None, "--write-recipe", help="--budget: write the chosen mix as a"
+                                                " recipe YAML here."),
     latency: bool = typer.Option(True, "--latency/--no-latency", help="--sensitivity: time each candidate's layer"
                                  " beside the float one on this machine."),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration set (default: the model's own)."),
@@ -326,6 +330,12 @@ def analyze(
     --sensitivity (per-layer harm of each candidate scheme or pruning ratio, and which proxy ranks it)."""
     if observers == sensitivity:
         raise BitsmithError("say what to analyze: --observers or --sensitivity (one of them)")
+    if (budget is None) != (write_recipe is None) or (budget is not None and not sensitivity):
+        raise BitsmithError("--budget and --write-recipe go together, with --sensitivity")
+    if budget is not None:
+        _analyze_budget(model, schemes, budget, write_recipe, layers, eval_windows, cache, calib, calib_samples or 32,
+                        as_json)
+        return
     if sensitivity:
         _analyze_sensitivity(model, schemes, group, layers, eval_windows, cache, calib, calib_samples or 32, latency,
                              as_json)
@@ -347,6 +357,39 @@ def analyze(
     for row in rows:
         table.add_row(*(str(row[c]) for c in columns))
     out_console.print(table)
+
+
+def _analyze_budget(model, schemes, budget, write_recipe, layers, eval_windows, cache, calib, calib_samples,
+                    as_json) -> None:
+    from bitsmith.api.mixed import mixed_precision, parse_budget
+
+    parse_budget(budget)  # a malformed budget is refused before anything is measured
+    if write_recipe.exists() and write_recipe.is_dir():
+        raise BitsmithError(f"--write-recipe {write_recipe} is a directory; give a file name")
+    names = [name.strip() for name in schemes.split(",") if name.strip()]
+    with err_console.status("measuring per-layer sensitivity, choosing and verifying the mix", spinner="dots") \
+            if not as_json else _nothing():
+        result = mixed_precision(model, budget, names, write_recipe, calib, calib_samples, layers=layers,
+                                 eval_limit=eval_windows, cache=cache)
+    if as_json:
+        _emit_json(result)
+        return
+    shown = ", ".join(f"{name} {count}" for name, count in result["counts"].items() if count)
+    spent = {"bytes": f"{result['spent'] / 1e6:.2f} MB", "bits": f"{result['spent']:.3f} bits per weight",
+             "latency": f"{result['spent']:.3f}x of the float layers' time"}[result["kind"]]
+    out_console.print(f"{model} within {budget}: {shown} layers; {spent}; model {result['model_bytes'] / 1e6:.2f} MB"
+                      f" (float {result['float_model_bytes'] / 1e6:.2f} MB)")
+    out_console.print(f"{result['metric']}: predicted {result['predicted_harm']:.4g} (layers measured alone, summed),"
+                      f" measured {result['measured_harm']:.4g} with the whole mix applied")
+    out_console.print(f"recipe written to {result['recipe_file']}")
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 def _analyze_sensitivity(model, schemes, group, layers, eval_windows, cache, calib, calib_samples, latency,
