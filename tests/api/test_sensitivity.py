@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import bitsmith
-from bitsmith import BitsmithError
 from bitsmith.api.sensitivity import analyze_sensitivity, candidate, changed, input_hessians
 from bitsmith.evaluation.tasks import task_for
 from bitsmith.io.models import load_model
