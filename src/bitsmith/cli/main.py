@@ -447,6 +447,55 @@ def _analyze_sensitivity(model, schemes, group, layers, eval_windows, cache, cal
 
 
 @app.command()
+def tune(
+    model: str = typer.Argument("minilm", help="Zoo name or transformers directory (float)."),
+    target: str = typer.Option(..., "--target", "-t", help="Quality to keep: cosine>=0.999, perplexity_increase<=1"
+                               " or accuracy_drop<=0.5."),
+    objective: str = typer.Option("latency", "--objective", help="What the best recipe minimises: latency or size."),
+    out: Path = typer.Option(Path("tune"), "--out", "-o", help="Directory of the trial log (resumed when it"
+                             " exists), tune.json and the best recipe.yaml."),
+    space: Optional[str] = typer.Option(None, "--space", help="Recipes to try, comma-separated (default: the"
+                                        " built-in quantization recipes)."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration set (default: the model's own)."),
+    calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration samples to use."),
+    repeats: int = typer.Option(5, help="Timed runs per trial (median reported)."),
+    as_json: bool = JSON_OPTION,
+):
+    """Search recipes for the smallest or fastest model meeting a quality target, each evaluated for real."""
+    from bitsmith.api.tune import tune as run_tune
+
+    names = None if space is None else [name.strip() for name in space.split(",") if name.strip()]
+    if names == []:
+        raise BitsmithError("--space names no recipe")
+    with Progress(TextColumn("[bold]tune"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                  TimeElapsedColumn(), console=err_console, disable=as_json, transient=True) as progress:
+        task = progress.add_task("", total=None)
+        result = run_tune(model, target, objective, out, names, calib, calib_samples, repeats,
+                          progress=lambda name, done, total: progress.update(task, completed=done, total=total,
+                                                                             description=name))
+    if not result["met"]:
+        closest = result["closest"]
+        raise BitsmithError(f"no recipe met {target}; closest: {closest['name']} ({result['metric']}"
+                            f" {closest[result['metric']]}); every trial is in {result['log']}")
+    if as_json:
+        _emit_json(result)
+        return
+    key = result["metric"]
+    table = Table(title=f"{model}: trials against {target} (objective: {objective})")
+    for column in ("recipe", key, "bytes", "latency", "front"):
+        table.add_column(column, justify="left" if column in ("recipe", "front") else "right")
+    for trial in result["trials"]:
+        marks = [m for m, front in (("size", "front_size"), ("latency", "front_latency")) if trial["name"] in result[front]]
+        name = f"[bold]{trial['name']}[/bold] (best)" if trial["name"] == result["best"] else trial["name"]
+        table.add_row(name, str(trial[key]), f"{trial['bytes'] / 1e6:.2f} MB", f"{trial['latency_ratio']:.3f}x",
+                      ", ".join(marks))
+    out_console.print(table)
+    for name, why in result["failed"].items():
+        out_console.print(f"{name}: did not run on this model: {why}")
+    out_console.print(f"best meeting {target} by {objective}: {result['best']}; recipe written to {result['recipe_file']}")
+
+
+@app.command()
 def export(
     path: Path = typer.Argument(..., help="A bitsmith model directory."),
     fmt: str = typer.Option("onnx", "--format", "-f", help="onnx, compressed-tensors or gptq."),

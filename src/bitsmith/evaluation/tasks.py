@@ -73,6 +73,7 @@ class TextEmbeddingTask:
         return torch.cat([sentence_embeddings(model, batch) for batch in self.batches])
 
     metric = "1 - mean cosine"
+    target_metric = "cosine"  # what ``bitsmith tune --target`` names for this task
 
     def judge(self, float_model: nn.Module, limit: int | None = None):
         """model -> harm against ``float_model`` (1 - mean cosine of the embeddings), the float ones computed once."""
@@ -144,6 +145,7 @@ class ImageClassificationTask:
                 "accuracy": round(accuracy(model, self.x_test, self.y_test), 5)}
 
     metric = "accuracy drop (points)"
+    target_metric = "accuracy_drop"
 
     def judge(self, float_model: nn.Module, limit: int | None = None):
         """model -> test accuracy points lost against ``float_model``."""
@@ -226,6 +228,7 @@ class LanguageModelTask:
                 "windows": result["windows"], "perplexity": round(result["perplexity"], 4)}
 
     metric = "perplexity increase (%)"
+    target_metric = "perplexity_increase"
 
     def judge(self, float_model: nn.Module, limit: int | None = None):
         """model -> % perplexity increase over ``float_model`` on the held-out text (its first ``limit`` windows)."""
