@@ -154,3 +154,10 @@ def test_costs_name_the_kernel_and_never_count_a_pruned_layer_as_faster(minilm_t
         else:
             assert row["kernel"] in KERNEL_NAMES
             assert row["saves_time"] == (row["latency_s"] <= 0.95 * row["float_latency_s"])
+
+
+def test_cli_table_names_the_layers_and_the_ranking(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "analyze", "minilm", "--sensitivity", "--schemes", "w4a16,nf4", "--layers",
+                           r"layer\.0\.attention\.self", "--cache", tmp_path, "--no-latency")
+    assert code == 0 and "encoder.layer.0.attention.self.value" in out and "Spearman against the measured harm" in out
+    assert "6 measured now" in out

@@ -96,3 +96,10 @@ def test_unmet_targets_and_other_models_logs_are_one_clear_line(capsys, searched
     assert code == 2 and len(lines) == 1 and "no recipe met cosine>=0.9999999; closest: bf16" in lines[0], err
     code, _, err = run_cli(capsys, "tune", "digits-cnn", "--target", "accuracy_drop<=1", "--out", out)
     assert code == 2 and "was made for another model ('minilm')" in err
+
+
+def test_cli_table_marks_the_best_and_the_fronts(capsys, searched):
+    result, out = searched
+    code, stdout, _ = run_cli(capsys, "tune", "minilm", "--target", "cosine>=0.999", "--objective", "size", "--out",
+                              out, "--space", ",".join(SPACE), "--calib-samples", "16", "--repeats", "1")
+    assert code == 0 and f"{result['best']} (best)" in stdout and "recipe written to" in stdout
