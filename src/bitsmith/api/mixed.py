@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
@@ -29,7 +30,7 @@ from bitsmith.pipeline import run_stages
 from bitsmith.recipe import Recipe
 from bitsmith.recipe.stages import PruneConfig
 
-__all__ = ["parse_budget", "mixed_precision", "model_bytes"]
+__all__ = ["parse_budget", "mixed_precision", "model_bytes", "mix_recipe", "mix_table", "MixTable"]
 
 _UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}
 
@@ -61,14 +62,14 @@ def model_bytes(model: nn.Module) -> int:
     return total
 
 
-def _recipe(name: str, choice: dict[str, str], description: str) -> Recipe:
+def mix_recipe(name: str, choice: dict[str, str], description: str) -> Recipe:
     """One stage per chosen candidate, its Linear rule aimed at the layers it got; pruning stages first."""
     stages = []
     for cand_name in dict.fromkeys(choice.values()):
         if cand_name == "float":
             continue
         cand = candidate(cand_name)
-        layers = [layer for layer, chosen in choice.items() if chosen == cand_name]
+        layers = sorted(layer for layer, chosen in choice.items() if chosen == cand_name)
         data = cand.stage.to_dict()
         rule = next(r for r in data["rules"] if "Linear" in r["targets"])
         data["rules"], data["ignore"] = [{**rule, "targets": layers}], []
@@ -76,6 +77,54 @@ def _recipe(name: str, choice: dict[str, str], description: str) -> Recipe:
     stages.sort(key=lambda item: not item[0])  # stable: pruning stages, then the rest in candidate order
     return Recipe.model_validate({"name": name, "description": description,
                                   "stages": [stage for _, stage in stages]})
+
+
+@dataclass
+class MixTable:
+    """The sensitivity table as the integer program reads it: ``options[0]`` is "float" (harm 0, the float layer's
+    cost), then the candidates; ``harm[l][o]`` the measured harm (negatives clipped to 0), ``cost[l][o]`` bytes or
+    measured seconds."""
+
+    kind: str
+    layers: list[str]
+    options: list[str]
+    harm: list[list[float]]
+    cost: list[list[float]]
+
+    @property
+    def float_cost(self) -> float:
+        return sum(row[0] for row in self.cost)
+
+    @property
+    def cheapest_cost(self) -> float:
+        return sum(min(row) for row in self.cost)
+
+    def choose(self, limit: float) -> dict[str, str]:
+        """layer -> option for the least summed harm within ``limit`` (``choose_mix``)."""
+        picks = choose_mix(self.harm, self.cost, limit)
+        return {layer: self.options[pick] for layer, pick in zip(self.layers, picks)}
+
+    def predicted(self, choice: dict[str, str]) -> tuple[float, float]:
+        """(summed harm, summed cost) the table predicts for ``choice``."""
+        index = {name: i for i, name in enumerate(self.options)}
+        picks = [index[choice[layer]] for layer in self.layers]
+        return (sum(h[p] for h, p in zip(self.harm, picks)), sum(c[p] for c, p in zip(self.cost, picks)))
+
+
+def mix_table(table: dict, kind: str) -> MixTable:
+    """``MixTable`` of an ``analyze_sensitivity`` result; ``kind`` "latency" costs measured time, else bytes."""
+    layers = list(dict.fromkeys(row["group"] for row in table["rows"]))
+    rows = {(row["candidate"], row["group"]): row for row in table["rows"]}
+    if kind == "latency" and any("latency_s" not in row for row in table["rows"]):
+        raise BitsmithError("a latency budget needs each layer's measured time; analyze with latency on")
+
+    def cost(row: dict, prefix: str = "") -> float:
+        return row[f"{prefix}latency_s"] if kind == "latency" else row[f"{prefix}bytes"]
+
+    harm = [[0.0, *(max(rows[(c, layer)]["measured"], 0.0) for c in table["candidates"])] for layer in layers]
+    costs = [[cost(rows[(table["candidates"][0], layer)], "float_"), *(cost(rows[(c, layer)]) for c in table["candidates"])]
+             for layer in layers]
+    return MixTable(kind, layers, ["float", *table["candidates"]], harm, costs)
 
 
 def mixed_precision(model: str | Path, budget: str, candidates: list[str] | None = None,
@@ -87,32 +136,21 @@ def mixed_precision(model: str | Path, budget: str, candidates: list[str] | None
     loaded = load_model(model)
     float_model = loaded.model.eval()
     modules = dict(float_model.named_modules())
-    layers = list(dict.fromkeys(row["group"] for row in table["rows"]))
-    rows = {(row["candidate"], row["group"]): row for row in table["rows"]}
-    options = ["float", *table["candidates"]]
-
-    def cost(row: dict) -> float:
-        return row["latency_s"] if kind == "latency" else row["bytes"]
-
-    def float_cost(layer: str) -> float:
-        first = rows[(table["candidates"][0], layer)]
-        return first["float_latency_s"] if kind == "latency" else first["float_bytes"]
-
-    harm = [[0.0, *(max(rows[(c, layer)]["measured"], 0.0) for c in table["candidates"])] for layer in layers]
-    costs = [[float_cost(layer), *(cost(rows[(c, layer)]) for c in table["candidates"])] for layer in layers]
+    mix = mix_table(table, kind)
+    layers = mix.layers
     weights = sum(modules[layer].weight.numel() for layer in layers)
-    float_layers = sum(float_cost(layer) for layer in layers)
-    outside = model_bytes(float_model) - sum(rows[(table["candidates"][0], layer)]["float_bytes"] for layer in layers)
-    limit = {"bytes": value - outside, "bits": value * weights / 8, "latency": value * float_layers}[kind]
+    float_bytes = {row["group"]: row["float_bytes"] for row in table["rows"]}
+    outside = model_bytes(float_model) - sum(float_bytes[layer] for layer in layers)
+    limit = {"bytes": value - outside, "bits": value * weights / 8, "latency": value * mix.float_cost}[kind]
     if limit <= 0:
         raise BitsmithError(f"the budget {budget} is below what the layers outside the analysis take"
                             f" ({outside / 1e6:.2f} MB)")
-    picks = choose_mix(harm, costs, limit)
-    choice = {layer: options[pick] for layer, pick in zip(layers, picks)}
-    counts = {name: sum(1 for chosen in choice.values() if chosen == name) for name in options}
-    recipe = _recipe(f"mix-{budget.strip()}", choice, f"per-layer mix chosen by bitsmith for {model} within {budget}"
-                     f" ({', '.join(f'{n}: {c} layers' for n, c in counts.items() if c)}); layers not named stay as"
-                     " they are")
+    choice = mix.choose(limit)
+    counts = {name: sum(1 for chosen in choice.values() if chosen == name) for name in mix.options}
+    recipe = mix_recipe(f"mix-{budget.strip()}", choice, f"per-layer mix chosen by bitsmith for {model} within"
+                        f" {budget} ({', '.join(f'{n}: {c} layers' for n, c in counts.items() if c)}); layers not"
+                        " named stay as they are")
+    predicted_harm, predicted_cost = mix.predicted(choice)
 
     task = task_for(loaded.source, loaded.tokenizer, None, model=float_model)
     mixed = copy.deepcopy(float_model)
@@ -122,12 +160,12 @@ def mixed_precision(model: str | Path, budget: str, candidates: list[str] | None
     mixed_modules = dict(mixed.named_modules())
     layer_bytes = sum(model_bytes(mixed_modules[layer]) for layer in layers)
     spent = {"bytes": model_bytes(mixed), "bits": 8 * layer_bytes / weights,
-             "latency": sum(c[p] for c, p in zip(costs, picks)) / float_layers}[kind]
+             "latency": predicted_cost / mix.float_cost}[kind]
     if out is not None:
         Path(out).write_text(recipe.to_yaml())
     return {
         "model": str(model), "budget": budget, "kind": kind, "metric": table["metric"], "choice": choice,
-        "counts": counts, "predicted_harm": sum(h[p] for h, p in zip(harm, picks)), "measured_harm": measured,
+        "counts": counts, "predicted_harm": predicted_harm, "measured_harm": measured,
         "spent": spent, "model_bytes": model_bytes(mixed), "float_model_bytes": model_bytes(float_model),
         "average_bits": 8 * layer_bytes / weights, "recipe": recipe.to_dict(), "recipe_file": str(out) if out else None,
         "analysis": {k: table[k] for k in ("chosen", "note", "spearman", "measured_now", "from_cache", "cache")},

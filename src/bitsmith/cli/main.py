@@ -453,46 +453,79 @@ def tune(
                                " or accuracy_drop<=0.5."),
     objective: str = typer.Option("latency", "--objective", help="What the best recipe minimises: latency or size."),
     out: Path = typer.Option(Path("tune"), "--out", "-o", help="Directory of the trial log (resumed when it"
-                             " exists), tune.json and the best recipe.yaml."),
-    space: Optional[str] = typer.Option(None, "--space", help="Recipes to try, comma-separated (default: the"
-                                        " built-in quantization recipes)."),
+                             " exists), sensitivity.json, tune.json, the best recipe.yaml and its model/."),
+    space: Optional[str] = typer.Option(None, "--space", help="Whole-model recipes to try, comma-separated (default:"
+                                        " the built-in quantization and pruning recipes); an empty string for none."),
+    strategy: str = typer.Option("pareto", "--strategy", help="pareto: per-layer mixes by bisection over the budget;"
+                                 " greedy: INC-style fallback (all layers narrow, the most harmful back to float)."),
+    mix: bool = typer.Option(True, "--mix/--no-mix", help="Search per-layer mixes after the whole-model recipes."),
+    mix_candidates: Optional[str] = typer.Option(None, "--mix-candidates", help="What a layer may become,"
+                                                 " comma-separated one-stage recipes (default by objective)."),
+    mix_rounds: int = typer.Option(4, "--mix-rounds", help="Bisection rounds over the mix budget."),
+    workers: int = typer.Option(1, "--workers", help="Trials at once, on Ray when it is installed."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Regex of the Linear layers the mixes may change."),
+    eval_windows: Optional[int] = typer.Option(None, "--eval-windows", help="Held-out windows each layer's"
+                                               " sensitivity is judged on (language models; default all)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sensitivity probes."),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration set (default: the model's own)."),
     calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration samples to use."),
     repeats: int = typer.Option(5, help="Timed runs per trial (median reported)."),
     as_json: bool = JSON_OPTION,
 ):
-    """Search recipes for the smallest or fastest model meeting a quality target, each evaluated for real."""
+    """Search recipes and per-layer mixes for the smallest or fastest model meeting a quality target, each
+    evaluated for real."""
     from bitsmith.api.tune import tune as run_tune
 
     names = None if space is None else [name.strip() for name in space.split(",") if name.strip()]
-    if names == []:
-        raise BitsmithError("--space names no recipe")
+    if names == [] and not mix and strategy != "greedy":
+        raise BitsmithError("--space names no recipe and --no-mix leaves nothing to search")
+    candidates = None if mix_candidates is None else [c.strip() for c in mix_candidates.split(",") if c.strip()]
     with Progress(TextColumn("[bold]tune"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                   TimeElapsedColumn(), console=err_console, disable=as_json, transient=True) as progress:
         task = progress.add_task("", total=None)
-        result = run_tune(model, target, objective, out, names, calib, calib_samples, repeats,
-                          progress=lambda name, done, total: progress.update(task, completed=done, total=total,
-                                                                             description=name))
-    if not result["met"]:
-        closest = result["closest"]
-        raise BitsmithError(f"no recipe met {target}; closest: {closest['name']} ({result['metric']}"
-                            f" {closest[result['metric']]}); every trial is in {result['log']}")
-    if as_json:
+        result = run_tune(model, target, objective, out, names, calib, calib_samples, repeats, strategy=strategy,
+                          mix=mix, mix_candidates=candidates, mix_rounds=mix_rounds, workers=workers, layers=layers,
+                          eval_limit=eval_windows, seed=seed,
+                          progress=lambda name, done: progress.update(task, completed=done, description=name))
+    if as_json and result["met"]:
         _emit_json(result)
         return
+    if not as_json:
+        _print_tune(model, target, objective, result)
+    if not result["met"]:
+        closest = result["closest"]
+        blocking = ", ".join(f"{b['layer']} ({b['least_harm']:.4g} > {b['allowed_harm']:.4g})"
+                             for b in result.get("blocking", [])[:5])
+        raise BitsmithError(f"no recipe met {target}; closest: {closest['name']} ({result['metric']}"
+                            f" {closest[result['metric']]})" + (f"; layers no cheaper option of which alone meets it:"
+                                                                f" {blocking}" if blocking else "")
+                            + f"; every trial is in {result['log']}")
+
+
+def _print_tune(model: str, target: str, objective: str, result: dict) -> None:
     key = result["metric"]
     table = Table(title=f"{model}: trials against {target} (objective: {objective})")
-    for column in ("recipe", key, "bytes", "latency", "front"):
-        table.add_column(column, justify="left" if column in ("recipe", "front") else "right")
+    for column in ("trial", key, "file", "latency", "front", "layers"):
+        table.add_column(column, justify="left" if column in ("trial", "front", "layers") else "right")
     for trial in result["trials"]:
-        marks = [m for m, front in (("size", "front_size"), ("latency", "front_latency")) if trial["name"] in result[front]]
+        marks = [m for m in ("size", "latency") if trial["name"] in result[f"front_{m}"]]
         name = f"[bold]{trial['name']}[/bold] (best)" if trial["name"] == result["best"] else trial["name"]
-        table.add_row(name, str(trial[key]), f"{trial['bytes'] / 1e6:.2f} MB", f"{trial['latency_ratio']:.3f}x",
-                      ", ".join(marks))
+        counts = ", ".join(f"{n} {option}" for option, n in trial.get("counts", {}).items())
+        table.add_row(name, f"{trial[key]:.6g}", f"{trial['bytes'] / 1e6:.2f} MB", f"{trial['latency_ratio']:.3f}x",
+                      ", ".join(marks), counts)
     out_console.print(table)
     for name, why in result["failed"].items():
         out_console.print(f"{name}: did not run on this model: {why}")
-    out_console.print(f"best meeting {target} by {objective}: {result['best']}; recipe written to {result['recipe_file']}")
+    if "sensitivity" in result:
+        out_console.print(f"sensitivity: {result['sensitivity']['note']}; the mixes use the measured harm")
+    if result["workers"] > 1:
+        out_console.print(f"{result['workers']} trials ran at once (Ray): their latencies were measured side by side")
+    if result["met"]:
+        line = f"best meeting {target} by {objective}: {result['best']}; recipe written to {result['recipe_file']}"
+        if "model_dir" in result:
+            alone = result["model_dir"]
+            line += f"; model in {alone['path']} ({alone['bytes'] / 1e6:.2f} MB, {alone['latency_ratio']:.3f}x alone)"
+        out_console.print(line)
 
 
 @app.command()
