@@ -27,7 +27,7 @@ from bitsmith.errors import BitsmithError
 from bitsmith.evaluation.tasks import task_for
 from bitsmith.io.models import load_model
 from bitsmith.pipeline import run_stages
-from bitsmith.recipe import Recipe
+from bitsmith.recipe import QuantizeConfig, Recipe, load_recipe
 from bitsmith.recipe.stages import PruneConfig
 
 __all__ = ["parse_budget", "mixed_precision", "model_bytes", "mix_recipe", "mix_table", "MixTable"]
@@ -62,21 +62,34 @@ def model_bytes(model: nn.Module) -> int:
     return total
 
 
-def mix_recipe(name: str, choice: dict[str, str], description: str) -> Recipe:
-    """One stage per chosen candidate, its Linear rule aimed at the layers it got; pruning stages first."""
+def mix_recipe(name: str, choice: dict[str, str], description: str, members: dict[str, list[str]] | None = None,
+               base: Recipe | None = None) -> Recipe:
+    """One stage per chosen candidate, its Linear rule aimed at the layers its groups hold (``members``: group ->
+    layers, default each group its own layer); pruning stages first. ``base`` (a quantize-only recipe) does the rest
+    of the model, every analyzed layer in its ``ignore``: what the mix keeps in float stays float."""
+    members = members or {group: [group] for group in choice}
     stages = []
     for cand_name in dict.fromkeys(choice.values()):
         if cand_name == "float":
             continue
         cand = candidate(cand_name)
-        layers = sorted(layer for layer, chosen in choice.items() if chosen == cand_name)
+        layers = sorted(layer for group, chosen in choice.items() if chosen == cand_name for layer in members[group])
         data = cand.stage.to_dict()
         rule = next(r for r in data["rules"] if "Linear" in r["targets"])
         data["rules"], data["ignore"] = [{**rule, "targets": layers}], []
         stages.append((isinstance(cand.stage, PruneConfig), {cand.stage.stage: data}))
     stages.sort(key=lambda item: not item[0])  # stable: pruning stages, then the rest in candidate order
-    return Recipe.model_validate({"name": name, "description": description,
-                                  "stages": [stage for _, stage in stages]})
+    stages = [stage for _, stage in stages]
+    if base is not None:
+        analyzed = sorted(layer for group in choice for layer in members[group])
+        for stage in base.stages:
+            if not isinstance(stage, QuantizeConfig):
+                raise BitsmithError(f"the mix's base recipe '{base.name}' has a {stage.stage} stage; give a recipe of"
+                                    " quantize stages only")
+            data = stage.to_dict()
+            data["ignore"] = [*data.get("ignore", []), *analyzed]
+            stages.append({stage.stage: data})
+    return Recipe.model_validate({"name": name, "description": description, "stages": stages})
 
 
 @dataclass
@@ -86,10 +99,11 @@ class MixTable:
     measured seconds."""
 
     kind: str
-    layers: list[str]
+    layers: list[str]  # the groups the table was measured by: layers, or blocks
     options: list[str]
     harm: list[list[float]]
     cost: list[list[float]]
+    members: dict[str, list[str]]  # group -> its Linear layers
 
     @property
     def float_cost(self) -> float:
@@ -124,41 +138,58 @@ def mix_table(table: dict, kind: str) -> MixTable:
     harm = [[0.0, *(max(rows[(c, layer)]["measured"], 0.0) for c in table["candidates"])] for layer in layers]
     costs = [[cost(rows[(table["candidates"][0], layer)], "float_"), *(cost(rows[(c, layer)]) for c in table["candidates"])]
              for layer in layers]
-    return MixTable(kind, layers, ["float", *table["candidates"]], harm, costs)
+    members = {row["group"]: list(row["layers"]) for row in table["rows"]}
+    return MixTable(kind, layers, ["float", *table["candidates"]], harm, costs, members)
+
+
+def _outside_bytes(float_model: nn.Module, mix: MixTable, base: Recipe | None, calibration) -> int:
+    """Bytes of everything the mix does not choose for: as it is, or as ``base`` makes it."""
+    analyzed = [layer for group in mix.layers for layer in mix.members[group]]
+    modules = dict(float_model.named_modules())
+    float_analyzed = sum(model_bytes(modules[layer]) for layer in analyzed)
+    if base is None:
+        return model_bytes(float_model) - float_analyzed
+    rest = copy.deepcopy(float_model)
+    run_stages(rest, mix_recipe("base", {group: "float" for group in mix.layers}, "", mix.members, base), calibration)
+    return model_bytes(rest) - float_analyzed
 
 
 def mixed_precision(model: str | Path, budget: str, candidates: list[str] | None = None,
-                    out: str | Path | None = None, calib=None, calib_samples: int = 32, **analysis) -> dict:
-    """Choose, write (``out``: the recipe YAML) and verify a per-layer mix within ``budget`` (module docstring)."""
+                    out: str | Path | None = None, calib=None, calib_samples: int = 32, group: str = "layer",
+                    base: str | None = None, **analysis) -> dict:
+    """Choose, write (``out``: the recipe YAML) and verify a per-layer (or per-block: ``group``) mix within
+    ``budget`` (module docstring); ``base`` a quantize-only recipe for the rest of the model (default: float)."""
     kind, value = parse_budget(budget)
-    table = analyze_sensitivity(model, candidates, calib, calib_samples, group="layer",
+    base_recipe = load_recipe(base) if base else None
+    table = analyze_sensitivity(model, candidates, calib, calib_samples, group=group,
                                 latency=kind == "latency", **analysis)
     loaded = load_model(model)
     float_model = loaded.model.eval()
     modules = dict(float_model.named_modules())
+    task = task_for(loaded.source, loaded.tokenizer, None, model=float_model)
+    calibration = task.calibration(calib, calib_samples)
     mix = mix_table(table, kind)
-    layers = mix.layers
-    weights = sum(modules[layer].weight.numel() for layer in layers)
-    float_bytes = {row["group"]: row["float_bytes"] for row in table["rows"]}
-    outside = model_bytes(float_model) - sum(float_bytes[layer] for layer in layers)
+    analyzed = [layer for g in mix.layers for layer in mix.members[g]]
+    weights = sum(modules[layer].weight.numel() for layer in analyzed)
+    outside = _outside_bytes(float_model, mix, base_recipe, calibration) if kind == "bytes" else 0
     limit = {"bytes": value - outside, "bits": value * weights / 8, "latency": value * mix.float_cost}[kind]
     if limit <= 0:
         raise BitsmithError(f"the budget {budget} is below what the layers outside the analysis take"
                             f" ({outside / 1e6:.2f} MB)")
     choice = mix.choose(limit)
     counts = {name: sum(1 for chosen in choice.values() if chosen == name) for name in mix.options}
-    recipe = mix_recipe(f"mix-{budget.strip()}", choice, f"per-layer mix chosen by bitsmith for {model} within"
-                        f" {budget} ({', '.join(f'{n}: {c} layers' for n, c in counts.items() if c)}); layers not"
-                        " named stay as they are")
+    recipe = mix_recipe(f"mix-{budget.strip()}", choice, f"per-{group} mix chosen by bitsmith for {model} within"
+                        f" {budget} ({', '.join(f'{n}: {c} {group}s' for n, c in counts.items() if c)}); the rest of"
+                        f" the model {'by ' + base_recipe.name if base_recipe else 'stays as it is'}", mix.members,
+                        base_recipe)
     predicted_harm, predicted_cost = mix.predicted(choice)
 
-    task = task_for(loaded.source, loaded.tokenizer, None, model=float_model)
     mixed = copy.deepcopy(float_model)
     if recipe.stages:
-        run_stages(mixed, recipe, task.calibration(calib, calib_samples))
-    measured = task.judge(float_model)(mixed)
+        run_stages(mixed, recipe, calibration)
+    measured = task.judge(float_model, analysis.get("eval_limit"))(mixed)
     mixed_modules = dict(mixed.named_modules())
-    layer_bytes = sum(model_bytes(mixed_modules[layer]) for layer in layers)
+    layer_bytes = sum(model_bytes(mixed_modules[layer]) for layer in analyzed)
     spent = {"bytes": model_bytes(mixed), "bits": 8 * layer_bytes / weights,
              "latency": predicted_cost / mix.float_cost}[kind]
     if out is not None:

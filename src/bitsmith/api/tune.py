@@ -226,7 +226,7 @@ def _choice_fields(choice: dict[str, str], predicted: tuple[float, float]) -> di
     return {"choice": choice, "counts": counts, "predicted_harm": predicted[0], "predicted_cost": predicted[1]}
 
 
-def _mix_phase(trials: _Trials, goal: _Goal, table: dict, model: str, rounds: int) -> None:
+def _mix_phase(trials: _Trials, goal: _Goal, table: dict, model: str, rounds: int, base: Recipe | None) -> None:
     """Bisection over the budget fraction (``algorithms.search``) for the cheapest mix meeting the target."""
     mix = mix_table(table, "latency" if goal.objective == "latency" else "bytes")
     tried: dict[float, bool] = {}
@@ -240,13 +240,14 @@ def _mix_phase(trials: _Trials, goal: _Goal, table: dict, model: str, rounds: in
             name = _choice_name(f"mix-{goal.objective}-{fraction:g}", choice)
             jobs.append((name, mix_recipe(name, choice, f"per-layer mix chosen by bitsmith tune for {model} at"
                                           f" {fraction:g} of the way from the cheapest to the float layers"
-                                          f" ({goal.objective}); layers not named stay as they are"),
+                                          f" ({goal.objective}); the rest of the model"
+                                          f" {'by ' + base.name if base else 'stays as it is'}", mix.members, base),
                          {"phase": "mix", "fraction": fraction, **_choice_fields(choice, mix.predicted(choice))}))
         for (_, _, extra), row in zip(jobs, trials.run(jobs)):
             tried[extra["fraction"]] = goal.meets(row)
 
 
-def _greedy_phase(trials: _Trials, goal: _Goal, table: dict, max_trials: int) -> None:
+def _greedy_phase(trials: _Trials, goal: _Goal, table: dict, max_trials: int, base: Recipe | None) -> None:
     """INC's fallback: all analyzed layers by the cheapest candidate, then the most harmful back to float, one a trial."""
     mix = mix_table(table, "latency" if goal.objective == "latency" else "bytes")
     totals = {option: sum(row[i] for row in mix.cost) for i, option in enumerate(mix.options) if option != "float"}
@@ -259,7 +260,7 @@ def _greedy_phase(trials: _Trials, goal: _Goal, table: dict, max_trials: int) ->
             choice = {layer: "float" if layer in order[:k] else cheapest for layer in mix.layers}
             name = _choice_name(f"greedy-{cheapest}-{k}", choice)
             jobs.append((name, mix_recipe(name, choice, f"{cheapest} on every analyzed layer but the {k} most"
-                                          " harmful, kept in float (INC-style fallback)"),
+                                          " harmful, kept in float (INC-style fallback)", mix.members, base),
                          {"phase": "greedy", "float_layers": order[:k], **_choice_fields(choice, mix.predicted(choice))}))
         if any(goal.meets(row) for row in trials.run(jobs)):
             return
@@ -275,11 +276,12 @@ def _sensitivity(out: Path, model: str, candidates: list[str], settings: dict, o
             stored = json.loads(path.read_text())
         except ValueError:
             raise BitsmithError(f"{path} is damaged; move it away to measure again") from None
-        if stored.get("fingerprint") == header["fingerprint"] and stored.get("candidates") == candidates and (
+        if stored.get("fingerprint") == header["fingerprint"] and stored.get("candidates") == candidates and \
+                stored.get("group") == analysis["group"] and (
                 objective != "latency" or all("latency_s" in row for row in stored["rows"])):
             return stored
     table = analyze_sensitivity(model, candidates, settings["calib"], min(settings["calib_samples"], 32),
-                                group="layer", latency=objective == "latency", **analysis)
+                                latency=objective == "latency", **analysis)
     table["fingerprint"] = header["fingerprint"]
     out.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -363,8 +365,9 @@ def _summary(model: str, target: str, goal: _Goal, trials: _Trials, table: dict 
 def tune(model: str | Path, target: str, objective: str = "latency", out: str | Path = "tune",
          space: list[str] | None = None, calib=None, calib_samples: int = 128, repeats: int = 5, *,
          strategy: str = "pareto", mix: bool = True, mix_candidates: list[str] | None = None, mix_rounds: int = 4,
-         greedy_trials: int = 40, workers: int = 1, layers: str | None = None, eval_limit: int | None = None,
-         seed: int = 0, save_model: bool = True, progress=None) -> dict:
+         greedy_trials: int = 40, workers: int = 1, layers: str | None = None, group: str = "layer",
+         mix_base: str | None = None, eval_limit: int | None = None, seed: int = 0, save_model: bool = True,
+         progress=None) -> dict:
     """Search (module docstring); writes ``out/trials.jsonl``, ``out/tune.json``, ``out/sensitivity.json`` (with
     mixes) and, when a trial meets the target, ``out/recipe.yaml`` and ``out/model`` (the best one's)."""
     goal = _Goal(target, objective)
@@ -372,6 +375,7 @@ def tune(model: str | Path, target: str, objective: str = "latency", out: str | 
         raise BitsmithError(f"--strategy must be {' or '.join(STRATEGIES)}, not {strategy!r}")
     names = list(DEFAULT_SPACE if space is None else space)
     recipes = {name: load_recipe(name) for name in names}  # an unknown recipe fails before any trial
+    base = load_recipe(mix_base) if mix_base else None
     candidates = list(mix_candidates or DEFAULT_MIX[objective])
     loaded = load_model(model)
     if loaded.compressed:
@@ -390,14 +394,17 @@ def tune(model: str | Path, target: str, objective: str = "latency", out: str | 
     trials = _Trials(out, header, settings, workers, progress)
     table = None
     try:
-        trials.run([(name, recipes[name], {"phase": "recipe"}) for name in names])
+        rows = trials.run([(name, recipes[name], {"phase": "recipe"}) for name in names])
+        if mix_candidates is None:  # a default candidate whose whole-model recipe could not run here is left out
+            failed = {row["name"] for row in rows if "error" in row}
+            candidates = [name for name in candidates if name not in failed] or candidates
         if mix or strategy == "greedy":
             table = _sensitivity(out, str(model), candidates, settings, objective, header,
-                                 {"layers": layers, "eval_limit": eval_limit, "seed": seed})
+                                 {"layers": layers, "eval_limit": eval_limit, "seed": seed, "group": group})
             if strategy == "greedy":
-                _greedy_phase(trials, goal, table, greedy_trials)
+                _greedy_phase(trials, goal, table, greedy_trials, base)
             else:
-                _mix_phase(trials, goal, table, str(model), mix_rounds)
+                _mix_phase(trials, goal, table, str(model), mix_rounds, base)
     finally:
         trials.close()
     summary = _summary(str(model), target, goal, trials, table)
@@ -407,6 +414,9 @@ def tune(model: str | Path, target: str, objective: str = "latency", out: str | 
         summary["recipe_file"] = str(out / "recipe.yaml")
         if save_model:
             summary["model_dir"] = _save_best(out, str(model), best, settings)
+    else:  # a former search's choice: this one chose nothing
+        shutil.rmtree(out / "model", ignore_errors=True)
+        (out / "recipe.yaml").unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tune.json").write_text(json.dumps(summary, indent=2))
     return summary

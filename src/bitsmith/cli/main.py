@@ -319,6 +319,8 @@ def analyze(
                                          " a budget (60MB, 4.5bits or 0.6x of the float time) and verify the mix."),
     write_recipe: Optional[Path] = typer.Option(None, "--write-recipe", help="--budget: write the chosen mix as a"
                                                 " recipe YAML here."),
+    base: Optional[str] = typer.Option(None, "--base", help="--budget: a quantize-only recipe for the rest of the"
+                                       " model (embeddings, layers outside --layers); default: they stay float."),
     latency: bool = typer.Option(True, "--latency/--no-latency", help="--sensitivity: time each candidate's layer"
                                  " beside the float one on this machine."),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration set (default: the model's own)."),
@@ -334,7 +336,7 @@ def analyze(
         raise BitsmithError("--budget and --write-recipe go together, with --sensitivity")
     if budget is not None:
         _analyze_budget(model, schemes, budget, write_recipe, layers, eval_windows, cache, calib, calib_samples or 32,
-                        as_json)
+                        as_json, group, base)
         return
     if sensitivity:
         _analyze_sensitivity(model, schemes, group, layers, eval_windows, cache, calib, calib_samples or 32, latency,
@@ -360,7 +362,7 @@ def analyze(
 
 
 def _analyze_budget(model, schemes, budget, write_recipe, layers, eval_windows, cache, calib, calib_samples,
-                    as_json) -> None:
+                    as_json, group="layer", base=None) -> None:
     from bitsmith.api.mixed import mixed_precision, parse_budget
 
     parse_budget(budget)  # a malformed budget is refused before anything is measured
@@ -369,15 +371,15 @@ def _analyze_budget(model, schemes, budget, write_recipe, layers, eval_windows, 
     names = [name.strip() for name in schemes.split(",") if name.strip()]
     with err_console.status("measuring per-layer sensitivity, choosing and verifying the mix", spinner="dots") \
             if not as_json else _nothing():
-        result = mixed_precision(model, budget, names, write_recipe, calib, calib_samples, layers=layers,
-                                 eval_limit=eval_windows, cache=cache)
+        result = mixed_precision(model, budget, names, write_recipe, calib, calib_samples, group=group, base=base,
+                                 layers=layers, eval_limit=eval_windows, cache=cache)
     if as_json:
         _emit_json(result)
         return
     shown = ", ".join(f"{name} {count}" for name, count in result["counts"].items() if count)
     spent = {"bytes": f"{result['spent'] / 1e6:.2f} MB", "bits": f"{result['spent']:.3f} bits per weight",
              "latency": f"{result['spent']:.3f}x of the float layers' time"}[result["kind"]]
-    out_console.print(f"{model} within {budget}: {shown} layers; {spent}; model {result['model_bytes'] / 1e6:.2f} MB"
+    out_console.print(f"{model} within {budget}: {shown} {group}s; {spent}; model {result['model_bytes'] / 1e6:.2f} MB"
                       f" (float {result['float_model_bytes'] / 1e6:.2f} MB)")
     out_console.print(f"{result['metric']}: predicted {result['predicted_harm']:.4g} (layers measured alone, summed),"
                       f" measured {result['measured_harm']:.4g} with the whole mix applied")
@@ -464,6 +466,9 @@ def tune(
     mix_rounds: int = typer.Option(4, "--mix-rounds", help="Bisection rounds over the mix budget."),
     workers: int = typer.Option(1, "--workers", help="Trials at once, on Ray when it is installed."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Regex of the Linear layers the mixes may change."),
+    group: str = typer.Option("layer", "--group", help="Mixes choose per layer, or per block (block)."),
+    mix_base: Optional[str] = typer.Option(None, "--mix-base", help="A quantize-only recipe for what the mixes do"
+                                           " not choose for (embeddings, layers outside --layers); default float."),
     eval_windows: Optional[int] = typer.Option(None, "--eval-windows", help="Held-out windows each layer's"
                                                " sensitivity is judged on (language models; default all)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sensitivity probes."),
@@ -485,6 +490,7 @@ def tune(
         task = progress.add_task("", total=None)
         result = run_tune(model, target, objective, out, names, calib, calib_samples, repeats, strategy=strategy,
                           mix=mix, mix_candidates=candidates, mix_rounds=mix_rounds, workers=workers, layers=layers,
+                          group=group, mix_base=mix_base,
                           eval_limit=eval_windows, seed=seed,
                           progress=lambda name, done: progress.update(task, completed=done, description=name))
     if as_json and result["met"]:
