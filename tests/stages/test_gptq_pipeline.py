@@ -68,3 +68,22 @@ def test_gptq_needs_calibration_and_blocks():
         bitsmith.quantize_(nn.Sequential(nn.Linear(128, 128)), config)
     with pytest.raises(BitsmithError, match="repeated blocks"):
         bitsmith.quantize_(nn.Sequential(nn.Linear(128, 128)), config, calibration=[torch.randn(2, 128)])
+
+
+def test_gptq_given_only_layers_outside_the_blocks_rounds_them_with_a_note():
+    """A per-layer mix may give GPTQ to a pooler alone: round-to-nearest with a note, as in a whole-model recipe."""
+    import copy
+
+    import bitsmith
+    from bitsmith.evaluation.tasks import task_for
+    from bitsmith.io.models import load_model
+
+    loaded = load_model("minilm")
+    task = task_for(loaded.source, loaded.tokenizer, None, model=loaded.model)
+    data = bitsmith.load_recipe("gptq-w3a16").to_dict()
+    rule = next(r for r in data["stages"][0]["quantize"]["rules"] if "Linear" in r["targets"])
+    data["stages"][0]["quantize"].update(rules=[{**rule, "targets": ["pooler.dense"]}], ignore=[])
+    model = copy.deepcopy(loaded.model)
+    report = bitsmith.run_stages(model, bitsmith.Recipe.model_validate(data), task.calibration(None, 4))
+    assert getattr(model.pooler.dense, "scheme", "") == "w3a16 g128"
+    assert "round-to-nearest instead of gptq" in report.notes.get("pooler.dense", ""), report.notes

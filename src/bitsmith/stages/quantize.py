@@ -147,7 +147,15 @@ def _calibrated(targets: dict[str, Scheme]) -> dict[str, Scheme]:
 def _blocks_for(model: nn.Module, targets: dict[str, Scheme], context: Context):
     calibrated = _calibrated(targets)
     what = "the block-by-block pipeline" if context.offloaded else next(iter(calibrated.values())).weights.algorithm
-    return find_blocks(model, calibrated or targets, what)
+    try:
+        return find_blocks(model, calibrated or targets, what)
+    except BitsmithError:
+        if context.offloaded:
+            raise
+        # every calibrated target lies outside the repeated blocks (a per-layer mix giving GPTQ to a pooler alone):
+        # they get round-to-nearest with a note, as outside-block layers of a whole-model recipe do
+        # (by every module's name: an earlier stage of the recipe may have replaced every Linear of the blocks)
+        return find_blocks(model, [name for name, _ in model.named_modules()], what)
 
 
 def _check(model: nn.Module, config: QuantizeConfig, context: Context) -> None:
