@@ -65,3 +65,25 @@ def test_bad_budgets_are_one_clear_line(capsys, tmp_path, args, fragment):
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], err
     assert not (tmp_path / "mix.yaml").exists()
+
+
+def test_a_block_mix_with_a_base_recipe_leaves_float_what_it_chose_float():
+    from torch import nn
+
+    from bitsmith.api.mixed import mix_recipe
+
+    loaded = load_model("minilm")
+    linears = [name for name, m in loaded.model.named_modules() if type(m) is nn.Linear]
+    members = {f"encoder.layer.{i}": [n for n in linears if n.startswith(f"encoder.layer.{i}.")] for i in (0, 1)}
+    recipe = mix_recipe("mix", {"encoder.layer.0": "w8a16", "encoder.layer.1": "float"}, "test", members,
+                        bitsmith.load_recipe("w4a16"))
+    mixed = copy.deepcopy(loaded.model)
+    bitsmith.run_stages(mixed, recipe, None)
+    modules = dict(mixed.named_modules())
+    assert all(modules[n].scheme == "w8a16" for n in members["encoder.layer.0"])  # the block's candidate
+    assert all(type(modules[n]) is nn.Linear for n in members["encoder.layer.1"])  # chosen float: stays float
+    others = [n for n in linears if not n.startswith(("encoder.layer.0.", "encoder.layer.1."))]
+    assert others and all(getattr(modules[n], "scheme", "") == "w4a16 g128" for n in others)  # the base's rule
+    assert type(modules["embeddings.word_embeddings"]) is not nn.Embedding  # the base's Embedding rule
+    with pytest.raises(BitsmithError, match="give a recipe of quantize stages only"):
+        mix_recipe("mix", {"encoder.layer.0": "w8a16"}, "test", members, bitsmith.load_recipe("sparsegpt-50-w4a16"))

@@ -30,14 +30,12 @@ def test_mixes_follow_the_bisection_and_each_is_measured(mixed):
     result, out = mixed
     rows = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()[1:]]
     mixes = [row for row in rows if row.get("phase") == "mix"]
-    assert [row["fraction"] for row in mixes][0] == 0.5 and len(mixes) == 2
-    tried = {}
-    for row in mixes:  # each next fraction halves the interval the measured results left open
-        met = row["metrics"]["mean_cosine"] >= 0.9995
-        low = max([f for f, ok in tried.items() if not ok], default=0.0)
-        high = min([f for f, ok in tried.items() if ok], default=1.0)
-        assert row["fraction"] == round((low + high) / 2, 4)
-        tried[row["fraction"]] = met
+    assert mixes[0]["fraction"] == 0.5 and 1 <= len(mixes) <= 2 and len({row["name"] for row in mixes}) == len(mixes)
+    met = mixes[0]["metrics"]["mean_cosine"] >= 0.9995
+    if len(mixes) == 2:  # the second halves the interval the first's measured result left open
+        assert mixes[1]["fraction"] == (0.25 if met else 0.75)
+    # else the second round chose the same mix as the first: it was read from the log, not run again
+    for row in mixes:
         layers = {layer for stage in row["recipe"]["stages"] for rule in stage["quantize"]["rules"]
                   for layer in rule["targets"]}
         assert layers and all(layer.startswith("encoder.layer.0.") for layer in layers)
@@ -46,6 +44,9 @@ def test_mixes_follow_the_bisection_and_each_is_measured(mixed):
     sensitivity = json.loads((out / "sensitivity.json").read_text())
     assert sensitivity["candidates"] == CANDIDATES and len(sensitivity["rows"]) == 12
     assert result["sensitivity"]["harm_from"] == "measured" and result["sensitivity"]["note"]
+    # for size every candidate here stores fewer bytes than float on every layer: none is without a saving
+    assert result["no_saving"] == [] and result["workers"] == result["workers_asked"] == 1
+    assert result["trial_seconds"] == pytest.approx(sum(row["seconds"] for row in rows), abs=0.2)
 
 
 def test_a_larger_budget_keeps_more_bytes_and_the_best_is_the_smallest_meeting(mixed):

@@ -35,6 +35,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from bitsmith.algorithms.search import blocking_layers, greedy_order, next_fractions, pareto_front
@@ -58,7 +59,7 @@ DEFAULT_SPACE = ("bf16", "fp8-w", "w8a16", "w8a8-dynamic", "w8a8-static", "smoot
                  "mxfp4", "gptq-w4a16", "awq-w4a16", "gptq-w3a16", "sparsegpt-50-w4a16")
 # per-layer mix candidates by objective: for latency those with a kernel that can save time here, for size the
 # narrow ones (a pruned layer costs a float layer's bytes and time in the table, so it is never a cheaper option)
-DEFAULT_MIX = {"latency": ("w8a8-dynamic", "w8a16", "w4a16"), "size": ("w8a16", "w4a16", "gptq-w3a16")}
+DEFAULT_MIX = {"latency": ("w8a8-dynamic", "w8a16", "w4a16"), "size": ("w8a16", "w4a16", "gptq-w4a16", "gptq-w3a16")}
 OBJECTIVES = {"size": "bytes", "latency": "latency_ratio"}
 STRATEGIES = ("pareto", "greedy")
 LOG = "trials.jsonl"
@@ -95,6 +96,7 @@ def run_trial(model: str, name: str, recipe: dict, calib, calib_samples: int, re
 
         torch.set_num_threads(threads)
     scratch = Path(tempfile.mkdtemp(prefix="bitsmith-trial-"))
+    start = time.perf_counter()
     try:
         result = compress(model, Recipe.model_validate(recipe), out=scratch / "model", calib=calib,
                           calib_samples=calib_samples, repeats=repeats)
@@ -103,7 +105,8 @@ def run_trial(model: str, name: str, recipe: dict, calib, calib_samples: int, re
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     metrics = result["metrics"]
-    return {"name": name, "pid": os.getpid(), "bytes": result.get("file_bytes", metrics["bytes"]),
+    return {"name": name, "pid": os.getpid(), "seconds": round(time.perf_counter() - start, 2),
+            "bytes": result.get("file_bytes", metrics["bytes"]),
             "memory_bytes": metrics["bytes"],
             "latency_ratio": metrics["latency_ratio"],
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}, "recipe": recipe}
@@ -117,13 +120,17 @@ class _Trials:
         self.log = out / LOG
         self.done = self._read()
         self.ray, self.started_ray = _ray(workers)
-        self.workers = workers if self.ray is not None else 1
+        self.workers, self.asked = (workers if self.ray is not None else 1), workers
         self.order: list[str] = []  # names in the order the search asked for them
 
     def _read(self) -> dict[str, dict]:
         if not self.log.exists():
             return {}
-        lines = [line for line in self.log.read_text().splitlines() if line.strip()]
+        text = self.log.read_text()
+        if text and not text.endswith("\n"):  # killed while writing a row: that trial runs again
+            text = text[: text.rfind("\n") + 1]
+            self.log.write_text(text)
+        lines = [line for line in text.splitlines() if line.strip()]
         try:
             first, rows = json.loads(lines[0]), [json.loads(line) for line in lines[1:]]
         except (ValueError, IndexError):
@@ -237,13 +244,16 @@ def _mix_phase(trials: _Trials, goal: _Goal, table: dict, model: str, rounds: in
         jobs = []
         for fraction in fractions:
             choice = mix.choose(mix.cheapest_cost + fraction * (mix.float_cost - mix.cheapest_cost))
-            name = _choice_name(f"mix-{goal.objective}-{fraction:g}", choice)
+            name = _choice_name(f"mix-{goal.objective}", choice)  # a mix two budgets share runs once
             jobs.append((name, mix_recipe(name, choice, f"per-layer mix chosen by bitsmith tune for {model} at"
                                           f" {fraction:g} of the way from the cheapest to the float layers"
                                           f" ({goal.objective}); the rest of the model"
                                           f" {'by ' + base.name if base else 'stays as it is'}", mix.members, base),
                          {"phase": "mix", "fraction": fraction, **_choice_fields(choice, mix.predicted(choice))}))
-        for (_, _, extra), row in zip(jobs, trials.run(jobs)):
+        rows = trials.run(jobs)
+        if any("error" in row for row in rows):  # a mix that cannot run says nothing of the budget: stop here
+            break
+        for (_, _, extra), row in zip(jobs, rows):
             tried[extra["fraction"]] = goal.meets(row)
 
 
@@ -280,9 +290,10 @@ def _sensitivity(out: Path, model: str, candidates: list[str], settings: dict, o
                 stored.get("group") == analysis["group"] and (
                 objective != "latency" or all("latency_s" in row for row in stored["rows"])):
             return stored
+    start = time.perf_counter()
     table = analyze_sensitivity(model, candidates, settings["calib"], min(settings["calib_samples"], 32),
                                 latency=objective == "latency", **analysis)
-    table["fingerprint"] = header["fingerprint"]
+    table["fingerprint"], table["seconds"] = header["fingerprint"], round(time.perf_counter() - start, 1)
     out.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(table, indent=1, allow_nan=True))
@@ -352,14 +363,27 @@ def _summary(model: str, target: str, goal: _Goal, trials: _Trials, table: dict 
         "trials": [{k: row[k] for k in shown if k in row} | {goal.key: row["metrics"][goal.key]} for row in ran],
         "failed": failed, **fronts, "met": best is not None, "best": best["name"] if best else None,
         "closest": {"name": closest["name"], goal.key: closest["metrics"][goal.key]}, "log": str(trials.log),
-        "workers": trials.workers,
+        "workers": trials.workers, "workers_asked": trials.asked,
+        # the search's own cost, resumes included: its trials' compress time plus the sensitivity table's
+        "trial_seconds": round(sum(row.get("seconds", 0.0) for row in rows), 1),
     }
     if table is not None:
         summary["sensitivity"] = {"candidates": table["candidates"], "chosen": table["chosen"], "note": table["note"],
-                                  "spearman": table["spearman"], "harm_from": "measured"}
-    if best is None:
-        summary["blocking"] = _blocking(table, goal, goal.objective)
+                                  "spearman": table["spearman"], "harm_from": "measured",
+                                  "seconds": table.get("seconds")}
+        summary["blocking"] = _blocking(table, goal, goal.objective)  # what keeps a cheaper mix from the target
+        summary["no_saving"] = _no_saving(table, goal.objective)
     return summary
+
+
+def _no_saving(table: dict, objective: str) -> list[str]:
+    """Layers on which no candidate saved anything as measured (for latency: none was at most ``SAVES_TIME`` of
+    the float layer's time with its kernel here), so no mix makes them cheaper."""
+    saving: dict[str, bool] = {}
+    for row in table["rows"]:
+        saves = row.get("saves_time", False) if objective == "latency" else row["bytes"] < row["float_bytes"]
+        saving[row["group"]] = saving.get(row["group"], False) or saves
+    return [group for group, saves in saving.items() if not saves]
 
 
 def tune(model: str | Path, target: str, objective: str = "latency", out: str | Path = "tune",

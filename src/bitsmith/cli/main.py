@@ -524,8 +524,14 @@ def _print_tune(model: str, target: str, objective: str, result: dict) -> None:
         out_console.print(f"{name}: did not run on this model: {why}")
     if "sensitivity" in result:
         out_console.print(f"sensitivity: {result['sensitivity']['note']}; the mixes use the measured harm")
+        if result["no_saving"]:
+            out_console.print(f"{len(result['no_saving'])} of the analyzed layers measured no {objective} saving with"
+                              f" any candidate here (e.g. {result['no_saving'][0]}): no mix makes them cheaper")
     if result["workers"] > 1:
         out_console.print(f"{result['workers']} trials ran at once (Ray): their latencies were measured side by side")
+    elif result["workers_asked"] > 1:
+        out_console.print(f"--workers {result['workers_asked']}: Ray is not installed (pip install bitsmith[ray]),"
+                          " so the trials ran one after another")
     if result["met"]:
         line = f"best meeting {target} by {objective}: {result['best']}; recipe written to {result['recipe_file']}"
         if "model_dir" in result:
