@@ -158,6 +158,11 @@ def build_all(model, tokenizer, batch, tmp: Path, threads: int, notes: dict):
     builders["ORT quantize_dynamic int8 per-channel"] = lambda m, b, t: ort_int8(onnx_path, b, t, threads, notes)
     for recipe in RECIPES:
         builders[f"bitsmith {recipe}"] = bitsmith_variant(recipe, tokenizer)
+    return build_variants(builders, model, batch, tmp)
+
+
+def build_variants(builders: dict, model, batch, tmp: Path):
+    """(run functions, sizes, errors) of each builder; one that fails is reported and the rest go on."""
     fns, sizes, errors = {}, {}, {}
     for name, build in builders.items():
         try:

@@ -75,14 +75,7 @@ def peers_and_best(best_dir: Path, repeats: int, threads: int, tmp: Path) -> lis
     best = bitsmith.load(best_dir).eval()
     builders["bitsmith tune best"] = lambda m, b, t: (bm.torch_fn(best, b), sum(
         f.stat().st_size for f in best_dir.glob("*.safetensors")))
-    fns, sizes, errors = {}, {}, {}
-    for name, build in builders.items():
-        try:
-            fns[name], sizes[name] = build(model, batch, tmp)
-        except Exception as err:  # noqa: BLE001 - report the failure, keep benchmarking the rest
-            errors[name] = f"{type(err).__name__}: {err}"
-            print(f"variant {name!r} failed: {errors[name]}")
-    return bm.measure(fns, sizes, errors, repeats)
+    return bm.measure(*bm.build_variants(builders, model, batch, tmp), repeats)
 
 
 def add_peers(tune_dir: Path, rows: list[dict]) -> None:
