@@ -202,6 +202,7 @@ def test_export_onnx_runs_in_onnxruntime(tmp_path):
     import numpy as np
     import onnxruntime as ort
 
+    from bitsmith.nn.cpu import int8_dot_product
     from bitsmith.zoo.digits import digits_data
 
     code, _, stderr = run("compress", "digits-cnn", "--recipe", "w8a8-static", "--out", str(tmp_path / "d"),
@@ -214,7 +215,11 @@ def test_export_onnx_runs_in_onnxruntime(tmp_path):
     session = ort.InferenceSession(str(tmp_path / "d.onnx"), providers=["CPUExecutionProvider"])
     x, y = digits_data("test")
     logits = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]  # batch 450, traced with 2
-    assert (np.argmax(logits, -1) == y.numpy()).mean() >= 0.985  # 0.9933
+    accuracy = (np.argmax(logits, -1) == y.numpy()).mean()
+    if int8_dot_product().startswith("AVX2 without VNNI"):  # ORT's u8 x s8 pairs saturate here, and export says so
+        assert accuracy >= 0.8 and "saturating int16" in " ".join(json.loads(stdout)["notes"])  # 0.8489
+    else:
+        assert accuracy >= 0.985  # 0.9933
     code, _, stderr = run("export", str(tmp_path / "d"), "--format", "gguf", "--out", str(tmp_path / "x.gguf"))
     assert_one_line_error(code, stderr, "unknown export format 'gguf'")
     code, _, stderr = run("export", str(tmp_path / "d"), "--out", str(tmp_path / "d.onnx"))

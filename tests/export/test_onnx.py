@@ -17,7 +17,12 @@ from bitsmith.nn import (  # noqa: E402
 )
 from bitsmith.zoo.minilm import encode_batch, sentence_embeddings  # noqa: E402
 from bitsmith.zoo.text import doc_sentences  # noqa: E402
+from bitsmith.nn.cpu import int8_dot_product  # noqa: E402
 from conftest import sqnr_db  # noqa: E402
+
+# Without VNNI, ONNX Runtime's int8 kernels sum u8 x s8 pairs in saturating int16: its int8-activation results
+# drift from bitsmith's exact ones (export says so); the bounds below are the ones measured on such a CPU
+SATURATES = int8_dot_product().startswith("AVX2 without VNNI")
 
 INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
 # the w4a16 recipe with min-max ranges: its MSE range search takes ~40 s on 2 cores, and the export
@@ -81,6 +86,10 @@ CASES = {
 }
 
 
+# an AVX2-only EPYC: 0.99250 (w8a8-static) and 0.99633 (w8a8-dynamic) on the first batch
+SATURATED = {"w8a8-static": 0.985, "w8a8-dynamic": 0.99}
+
+
 @pytest.mark.parametrize("recipe", list(CASES))
 def test_minilm_export_matches_bitsmith(minilm_onnx, recipe):
     model, tokenizer, batches, references, example, folder, fp32 = minilm_onnx
@@ -103,7 +112,7 @@ def test_minilm_export_matches_bitsmith(minilm_onnx, recipe):
     session = ort_session(info["path"])
     for batch, reference in zip(batches, references):
         exported, own = ort_embeddings(session, batch), sentence_embeddings(qmodel, batch)
-        assert mean_cosine(exported, own) > bound
+        assert mean_cosine(exported, own) > (SATURATED.get(recipe, bound) if SATURATES else bound)
         if recipe == "w4a16":  # as close to fp32 as bitsmith's own model: 0.9441 vs 0.9456, 0.9589 vs 0.9597
             assert mean_cosine(exported, reference) > mean_cosine(own, reference) - 0.002
 
@@ -123,7 +132,8 @@ def test_static_cnn_matches_bitsmith(tmp_path):
     x = torch.randn(5, 3, 16, 16)  # another batch size than the trace's
     out = torch.from_numpy(ort_session(info["path"]).run(None, {"input_0": x.numpy()})[0])
     with torch.no_grad():
-        assert sqnr_db(model(x), out) > 45.0  # 53.9: a few codes one step apart, and the int32 conv bias
+        # 53.9: a few codes one step apart, and the int32 conv bias; 22.5 where ORT's int8 pairs saturate
+        assert sqnr_db(model(x), out) > (15.0 if SATURATES else 45.0)
 
 
 def _tiny_model(head: nn.Module, embedding: nn.Module) -> nn.Module:
@@ -251,5 +261,8 @@ def test_causal_lm_exports_logits_that_onnx_runtime_reproduces(recipe, tmp_path,
     def perplexity(out):
         return torch.exp(-torch.log_softmax(out[:, :-1], -1).gather(-1, ids[:, 1:, None]).mean()).item()
 
-    assert abs(perplexity(logits) / perplexity(reference) - 1) < 2e-3  # measured 1.0e-4 and 1.6e-4
-    assert (logits - reference).abs().max() < 0.02 * reference.abs().max()  # measured 0.012 and 0.006
+    # measured 1.0e-4 and 1.6e-4; where ORT's int8 pairs saturate (w8a8-dynamic, AVX2 without VNNI) 4.8e-3
+    saturated = SATURATES and recipe == "w8a8-dynamic"
+    assert abs(perplexity(logits) / perplexity(reference) - 1) < (1e-2 if saturated else 2e-3)
+    # measured 0.012 and 0.006; 0.137 where ORT's int8 pairs saturate (a few logits far off, the rest close)
+    assert (logits - reference).abs().max() < (0.2 if saturated else 0.02) * reference.abs().max()
