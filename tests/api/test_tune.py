@@ -85,6 +85,8 @@ def test_targets_written_wrong_are_refused(text, fragment):
     (["--target", "cosine>=0.999", "--space", ",", "--no-mix"], "--space names no recipe"),
     (["--target", "cosine>=0.999", "--strategy", "random"], "--strategy must be pareto or greedy"),
     (["--target", "cosine>=0.999", "--workers", "0"], "--workers must be a whole number of at least 1"),
+    (["--target", "cosine>=0.999", "--mix-rounds", "0"], "--mix-rounds must be a whole number of at least 1"),
+    (["--target", "cosine>=0.999", "--mix-base", "sparsegpt-50-w4a16"], "give a quantize-only recipe"),
 ])
 def test_bad_tune_input_is_one_clear_line(capsys, tmp_path, args, fragment):
     code, _, err = run_cli(capsys, "tune", "minilm", "--out", tmp_path / "t", *args)

@@ -45,7 +45,7 @@ from bitsmith.api.sensitivity import analyze_sensitivity, fingerprint
 from bitsmith.errors import BitsmithError
 from bitsmith.evaluation.tasks import task_for
 from bitsmith.io.models import load_model
-from bitsmith.recipe import Recipe, load_recipe
+from bitsmith.recipe import QuantizeConfig, Recipe, load_recipe
 
 __all__ = ["parse_target", "tune", "DEFAULT_SPACE", "DEFAULT_MIX", "TARGETS", "STRATEGIES"]
 
@@ -400,6 +400,11 @@ def tune(model: str | Path, target: str, objective: str = "latency", out: str | 
     names = list(DEFAULT_SPACE if space is None else space)
     recipes = {name: load_recipe(name) for name in names}  # an unknown recipe fails before any trial
     base = load_recipe(mix_base) if mix_base else None
+    for flag, value in (("--mix-rounds", mix_rounds), ("greedy_trials", greedy_trials)):
+        if type(value) is not int or value < 1:
+            raise BitsmithError(f"{flag} must be a whole number of at least 1, got {value!r}")
+    if base is not None and any(not isinstance(stage, QuantizeConfig) for stage in base.stages):
+        raise BitsmithError(f"--mix-base {mix_base} has stages other than quantize; give a quantize-only recipe")
     candidates = list(mix_candidates or DEFAULT_MIX[objective])
     loaded = load_model(model)
     if loaded.compressed:
