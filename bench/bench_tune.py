@@ -196,6 +196,7 @@ def part_smollm2(args, out: Path) -> tuple[list[str], list[tuple[str, bool]]]:
     from bitsmith.api.mixed import mix_recipe, mix_table
     from bitsmith.api.sensitivity import analyze_sensitivity
     from bitsmith.api.tune import run_trial
+    from bitsmith.io.models import load_model
     from bitsmith.recipe import load_recipe
 
     out.mkdir(parents=True, exist_ok=True)
@@ -207,9 +208,6 @@ def part_smollm2(args, out: Path) -> tuple[list[str], list[tuple[str, bool]]]:
     table_s = time.perf_counter() - start
     (out / "smollm2-sensitivity.json").write_text(json.dumps(table, indent=1, allow_nan=True))
     mix = mix_table(table, "bytes")
-    weights = 0
-    from bitsmith.io.models import load_model
-
     modules = dict(load_model("smollm2").model.named_modules())
     weights = sum(modules[layer].weight.numel() for group in mix.layers for layer in mix.members[group])
     choice = mix.choose(4.5 * weights / 8)

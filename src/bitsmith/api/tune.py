@@ -330,13 +330,18 @@ def _save_best(out: Path, model: str, best: dict, settings: dict) -> dict:
     return {"path": str(target), **alone}
 
 
+def _saves(row: dict, objective: str) -> bool:
+    """Whether a sensitivity row's candidate measured cheaper than the float layer (time for latency, else bytes)."""
+    return row.get("saves_time", False) if objective == "latency" else row["bytes"] < row["float_bytes"]
+
+
 def _blocking(table: dict | None, goal: _Goal, objective: str) -> list[dict]:
     """Layers whose every cost-saving candidate alone already misses the target (``algorithms.search``)."""
     if table is None:
         return []
     harm: dict[str, list[float]] = {}
     for row in table["rows"]:
-        saves = row.get("saves_time", False) if objective == "latency" else row["bytes"] < row["float_bytes"]
+        saves = _saves(row, objective)
         harm.setdefault(row["group"], [])
         if saves:
             harm[row["group"]].append(row["measured"])
@@ -381,7 +386,7 @@ def _no_saving(table: dict, objective: str) -> list[str]:
     the float layer's time with its kernel here), so no mix makes them cheaper."""
     saving: dict[str, bool] = {}
     for row in table["rows"]:
-        saves = row.get("saves_time", False) if objective == "latency" else row["bytes"] < row["float_bytes"]
+        saves = _saves(row, objective)
         saving[row["group"]] = saving.get(row["group"], False) or saves
     return [group for group, saves in saving.items() if not saves]
 
