@@ -144,11 +144,13 @@ def _tiny_model(head: nn.Module, embedding: nn.Module) -> nn.Module:
 def test_weight_only_layouts_match_dequantized_weight(tmp_path, bits, group_size):
     """MatMulNBits' packing: groups that are not a power of two (96: blocks of 32), 2 bits, 3 bits
     (widened to 8), a group that is the whole row (192: blocks of 128, the last one padded), and a
-    4-bit embedding table."""
+    4-bit embedding table, per row or per group."""
     torch.manual_seed(0)
     linear, table = nn.Linear(192, 40), nn.Embedding(30, 192)
     head = IntxWeightOnlyLinear.from_quantized(quantize_weight_rtn(linear.weight, bits, group_size, False), linear.bias)
-    embedding = QuantizedEmbedding.from_quantized(quantize_weight_rtn(table.weight, 4, "channel", False), None)
+    # the table per row, or per group of 64 values of a row (through the (N, G, g) reshape)
+    table_group = "channel" if group_size != 64 else 64
+    embedding = QuantizedEmbedding.from_quantized(quantize_weight_rtn(table.weight, 4, table_group, False), None)
     model = _tiny_model(head, embedding)
     info = export_onnx(model, torch.randint(0, 30, (2, 5)), tmp_path / "m.onnx", accuracy_level=0)
     ids = torch.randint(0, 30, (3, 7))

@@ -114,3 +114,19 @@ def test_plain_module_round_trip_with_skeleton(tmp_path):
     loaded = bitsmith.load(tmp_path / "m", model=reference)
     x = torch.randn(5, 64)
     assert torch.equal(loaded(x), model(x))
+
+
+def test_grouped_embedding_table_round_trips(tmp_path):
+    """An Embedding rule with a group size: int4 rows with one scale per 16 values, saved and loaded exactly."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(100, 48), torch.nn.Linear(48, 8))
+    reference, original = copy.deepcopy(model), copy.deepcopy(model)
+    config = bitsmith.QuantizeConfig.model_validate({"rules": [
+        {"targets": ["Embedding"], "scheme": {"weights": {"dtype": "int4", "granularity": 16, "symmetric": False}}}]})
+    report = bitsmith.quantize_(model, config)
+    assert "0" in report.quantized and model[0].weight_scale.shape == (100, 3)
+    bitsmith.save(model, tmp_path / "m")
+    loaded = bitsmith.load(tmp_path / "m", model=reference)
+    ids = torch.randint(0, 100, (2, 7))
+    assert loaded[0].group_size == 16 and torch.equal(loaded(ids), model(ids))
+    assert not torch.equal(loaded(ids), original(ids))  # quantized, not the float table back

@@ -22,7 +22,8 @@ stand-in's eager forward is the bitsmith module itself, so traced shapes and val
     Int8WeightOnlyLinear | DequantizeLinear(W int8 (K, N), axis 1) -> MatMul -> Add(bias)
     IntxWeightOnlyLinear | com.microsoft.MatMulNBits: bits 4 (2 and 8 too; other widths widened to 8, exactly),
                          |   block_size = group size (or a power of two dividing it), packed uint8 zero points
-    QuantizedEmbedding   | Gather(uint8 table) -> Cast -> Sub(Gather(zero point)) -> Mul(Gather(scale))
+    QuantizedEmbedding   | Gather(uint8 table) -> Cast -> Sub(Gather(zero point)) -> Mul(Gather(scale)), per group
+                         | of a row through a (N, G, g) Reshape
     HalfLinear           | Cast(fp16/bf16 W (K, N)) -> MatMul -> Add(bias)
     HalfEmbedding        | Gather(fp16/bf16 table) -> Cast
 
@@ -614,15 +615,23 @@ class _QuantizedEmbedding(_StandIn):
     def __init__(self, module: QuantizedEmbedding, options: dict):
         super().__init__(module, "QuantizedEmbedding", {
             "weight_codes": module.codes().to(torch.uint8),  # (V, D); narrower codes are stored unpacked
-            "weight_scale": module.weight_scale.float(),  # (V, 1)
-            "weight_zero": module.weight_zero_point.float(),  # (V, 1)
+            "weight_scale": module.weight_scale.float(),  # (V, G): G = 1 per row, else D / group_size
+            "weight_zero": module.weight_zero_point.float(),  # (V, G)
         })
+        self.groups, self.group_size = module.weight_scale.shape[1], module.group_size
 
     def _emit(self, g, ids, t):
         rows = g.op("Cast", g.op("Gather", t["weight_codes"], ids, axis_i=0), to_i=_FLOAT)  # (..., D)
-        zero = g.op("Gather", t["weight_zero"], ids, axis_i=0)  # (..., 1)
-        scale = g.op("Gather", t["weight_scale"], ids, axis_i=0)  # (..., 1)
-        return g.op("Mul", g.op("Sub", rows, zero), scale)
+        zero = g.op("Gather", t["weight_zero"], ids, axis_i=0)  # (..., G)
+        scale = g.op("Gather", t["weight_scale"], ids, axis_i=0)  # (..., G)
+        if self.groups == 1:
+            return g.op("Mul", g.op("Sub", rows, zero), scale)
+        # per group: (N, G, g) rows against (N, G, 1) scales, N the looked-up ids flattened, then back to (..., D)
+        grouped = g.op("Reshape", rows, _const(g, [-1, self.groups, self.group_size]))
+        zero = g.op("Reshape", zero, _const(g, [-1, self.groups, 1]))
+        scale = g.op("Reshape", scale, _const(g, [-1, self.groups, 1]))
+        values = g.op("Mul", g.op("Sub", grouped, zero), scale)
+        return g.op("Reshape", values, g.op("Shape", rows))
 
 
 _STAND_INS = {

@@ -74,6 +74,9 @@ def _table_args(info: dict) -> tuple:
     padding = info.get("padding_idx")
     if padding is not None and padding >= info["num_embeddings"]:
         raise InfoError(f"padding_idx {padding} is outside the table of {info['num_embeddings']} rows")
+    group = info.get("group_size")
+    if group is not None and info["embedding_dim"] % group:
+        raise InfoError(f"group_size {group} does not divide embedding_dim {info['embedding_dim']}")
     return info["num_embeddings"], info["embedding_dim"]
 
 
@@ -94,8 +97,9 @@ register_kind("StaticInt8Conv2d", {
     "padding": Field(list, 0), "dilation": Field(list, 1), "groups": _POSITIVE, "has_bias": _FLAG,
     "fused_relu": _FLAG,
 }, _conv)
-register_kind("QuantizedEmbedding", {**_TABLE, "bits": Field((2, 3, 4, 5, 6, 7, 8))},
-              lambda i: QuantizedEmbedding(*_table_args(i), i["bits"], i.get("padding_idx")))
+register_kind("QuantizedEmbedding", {**_TABLE, "bits": Field((2, 3, 4, 5, 6, 7, 8)),
+                                     "group_size": Field(int, 1, optional=True)},
+              lambda i: QuantizedEmbedding(*_table_args(i), i["bits"], i.get("padding_idx"), i.get("group_size")))
 register_kind("HalfEmbedding", {**_TABLE, "dtype": Field(("bf16", "fp16"))},
               lambda i: HalfEmbedding(*_table_args(i), i["dtype"], i.get("padding_idx")))
 register_kind("Identity", {}, lambda i: nn.Identity())

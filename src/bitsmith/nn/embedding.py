@@ -1,4 +1,4 @@
-"""Runtime module that replaces ``nn.Embedding`` with integer rows and one scale per row."""
+"""Runtime module that replaces ``nn.Embedding`` with integer rows and one scale per row or per group of a row."""
 
 from __future__ import annotations
 
@@ -13,32 +13,36 @@ __all__ = ["QuantizedEmbedding", "HalfEmbedding"]
 
 
 class QuantizedEmbedding(nn.Module):
-    """Rows of ``bits``-bit codes with a per-row scale and zero point: ``row = (q - zero) * scale``.
+    """Rows of ``bits``-bit codes with a scale and zero point per row, or per ``group_size`` values of a row:
+    ``row[g] = (q[g] - zero[g]) * scale[g]``.
 
     8-bit codes stay unpacked at run time (a gather of int8 rows, then one multiply per looked-up
     row); narrower codes are packed in ``weight_packed`` and unpacked once, at first use.
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int = 8, padding_idx: int | None = None):
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int = 8, padding_idx: int | None = None,
+                 group_size: int | None = None):
         super().__init__()
+        group_size = group_size or embedding_dim
+        if embedding_dim % group_size:
+            raise ValueError(f"groups of {group_size} do not divide the embedding's {embedding_dim} values per row")
         self.num_embeddings, self.embedding_dim, self.bits = num_embeddings, embedding_dim, bits
-        self.padding_idx = padding_idx
+        self.padding_idx, self.group_size = padding_idx, group_size
         numel = num_embeddings * embedding_dim
+        groups = embedding_dim // group_size
         if bits == 8:
             self.register_buffer("weight_codes", torch.zeros(num_embeddings, embedding_dim, dtype=torch.uint8))
         else:
             self.register_buffer("weight_packed", torch.zeros(packed_bytes(numel, bits), dtype=torch.uint8))
-        self.register_buffer("weight_scale", torch.ones(num_embeddings, 1))
-        self.register_buffer("weight_zero_point", torch.zeros(num_embeddings, 1, dtype=torch.uint8))
+        self.register_buffer("weight_scale", torch.ones(num_embeddings, groups))
+        self.register_buffer("weight_zero_point", torch.zeros(num_embeddings, groups, dtype=torch.uint8))
         self._codes_cache: torch.Tensor | None = None
-        self.scheme = f"int{bits} per-row"
+        self.scheme = f"int{bits} per-row" if groups == 1 else f"int{bits} g{group_size}"
 
     @classmethod
     def from_quantized(cls, qweight: QuantizedWeight, padding_idx: int | None) -> "QuantizedEmbedding":
         rows, dim = qweight.codes.shape
-        if qweight.group_size != dim:
-            raise ValueError("embeddings are quantized per row")
-        module = cls(rows, dim, qweight.fmt.bits, padding_idx)
+        module = cls(rows, dim, qweight.fmt.bits, padding_idx, qweight.group_size)
         # signed symmetric codes are shifted to unsigned with the zero point moved along
         offset = 2 ** (qweight.fmt.bits - 1) if qweight.fmt.signed else 0
         codes = (qweight.codes.to(torch.int16) + offset).to(torch.uint8)
@@ -63,14 +67,20 @@ class QuantizedEmbedding(nn.Module):
             self._codes_cache = codes.reshape(self.num_embeddings, self.embedding_dim)
         return self._codes_cache
 
+    def _grouped(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """(..., D) codes with their (..., G) scales and zero points as (..., D) floats."""
+        groups = codes.shape[:-1] + (scale.shape[-1], self.group_size)
+        rows = (codes.reshape(groups).float() - zero.float().unsqueeze(-1)).mul_(scale.unsqueeze(-1))
+        return rows.reshape(codes.shape)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = nn.functional.embedding(ids, self.codes())  # (..., D) uint8
-        scale = nn.functional.embedding(ids, self.weight_scale)  # (..., 1)
-        zero = nn.functional.embedding(ids, self.weight_zero_point)  # (..., 1)
-        return (rows.float() - zero.float()).mul_(scale)
+        scale = nn.functional.embedding(ids, self.weight_scale)  # (..., G)
+        zero = nn.functional.embedding(ids, self.weight_zero_point)  # (..., G)
+        return self._grouped(rows, scale, zero)
 
     def dequantize(self) -> torch.Tensor:
-        return (self.codes().float() - self.weight_zero_point.float()) * self.weight_scale
+        return self._grouped(self.codes(), self.weight_scale, self.weight_zero_point)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -78,7 +88,8 @@ class QuantizedEmbedding(nn.Module):
         return self.dequantize()
 
     def kernel(self) -> str:
-        return f"int{self.bits} row gather + per-row scale (no float table kept)"
+        per = "per-row" if self.group_size == self.embedding_dim else f"per-{self.group_size}"
+        return f"int{self.bits} row gather + {per} scale (no float table kept)"
 
     def storage_problem(self) -> str | None:
         return tensor_problems(self, positive=("weight_scale",), codes={"weight_zero_point": 2**self.bits - 1})
@@ -87,7 +98,7 @@ class QuantizedEmbedding(nn.Module):
         return "a lookup: no matmul to choose"
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group_size={self.group_size}"
 
     def layer_info(self) -> dict:
         return {
@@ -96,6 +107,7 @@ class QuantizedEmbedding(nn.Module):
             "embedding_dim": self.embedding_dim,
             "bits": self.bits,
             "padding_idx": self.padding_idx,
+            "group_size": self.group_size,
         }
 
 

@@ -59,8 +59,10 @@ def _cannot(module: nn.Module, scheme: Scheme) -> str | None:
     elif isinstance(module, nn.Embedding):
         if scheme.activations is not None:
             return "an Embedding is a lookup: activation quantization does not apply to it"
-        if w.bits is not None and w.granularity != "channel":
-            return "embeddings are quantized per row (granularity: channel)"
+        if w.bits is not None and w.granularity not in ("channel",) and not isinstance(w.granularity, int):
+            return "embeddings are quantized per row (granularity: channel) or per group of a row (a group size)"
+        if isinstance(w.granularity, int) and module.embedding_dim % w.granularity:
+            return f"groups of {w.granularity} do not divide its {module.embedding_dim} values per row"
         if w.algorithm != "rtn":
             return f"{w.algorithm} quantizes Linear layers; give Embedding rules algorithm: rtn"
     return None

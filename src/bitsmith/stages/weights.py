@@ -64,7 +64,7 @@ def quantize_embedding(embedding: nn.Embedding, scheme: Scheme) -> nn.Module:
     w = scheme.weights
     if w.bits is None:
         return HalfEmbedding.from_float(embedding, w.dtype)
-    qweight = quantize_weight_rtn(embedding.weight.detach(), w.bits, "channel", w.symmetric, w.clip)
+    qweight = quantize_weight_rtn(embedding.weight.detach(), w.bits, w.granularity, w.symmetric, w.clip)
     return QuantizedEmbedding.from_quantized(qweight, embedding.padding_idx)
 
 
