@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -161,3 +162,43 @@ def test_cli_table_names_the_layers_and_the_ranking(capsys, tmp_path):
                            r"layer\.0\.attention\.self", "--cache", tmp_path, "--no-latency")
     assert code == 0 and "encoder.layer.0.attention.self.value" in out and "Spearman against the measured harm" in out
     assert "6 measured now" in out
+
+
+def test_embedding_tables_are_layers_with_the_candidates_that_apply_to_them(tmp_path):
+    """A table gets the candidate's Linear scheme where a table can take it (w4a16: int4 in groups of 128 of a row),
+    measured like any layer; pruning does not apply to a lookup: no row, and the result says why."""
+    layers = r"embeddings\.(word|token_type)_embeddings|layer\.0\.attention\.self\.query"
+    result = analyze_sensitivity("minilm", ["w4a16", "wanda-50"], layers=layers, cache=tmp_path)
+    rows = {(r["candidate"], r["group"]): r for r in result["rows"]}
+    assert set(rows) == {("w4a16", "embeddings.word_embeddings"), ("w4a16", "embeddings.token_type_embeddings"),
+                         ("w4a16", "encoder.layer.0.attention.self.query"),
+                         ("wanda-50", "encoder.layer.0.attention.self.query")}
+    assert [(n["candidate"], n["group"]) for n in result["not_applicable"]] == [
+        ("wanda-50", "embeddings.word_embeddings"), ("wanda-50", "embeddings.token_type_embeddings")]
+    assert "prunes Linear layers, not a lookup table" in result["not_applicable"][0]["why"]
+    table = rows[("w4a16", "embeddings.word_embeddings")]
+    # int4 codes plus an fp32 scale and a uint8 zero point per 128 values: 4.31 bits of the float's 32
+    assert table["bytes"] == pytest.approx(table["float_bytes"] * 4.3125 / 32, rel=1e-6)
+    assert math.isfinite(table["sqnr_db"]) and table["fisher"] > 0 and "row gather" in table["kernel"]
+    loaded = load_model("minilm")
+    task = task_for(loaded.source, loaded.tokenizer, None, model=loaded.model)
+    alone = copy.deepcopy(loaded.model)
+    scheme = bitsmith.load_recipe("w4a16").to_dict()["stages"][0]["quantize"]["rules"][1]["scheme"]
+    bitsmith.quantize_(alone, bitsmith.QuantizeConfig.model_validate(
+        {"rules": [{"targets": ["embeddings.word_embeddings"], "scheme": scheme}]}))
+    assert alone.embeddings.word_embeddings.weight_scale.shape == (30522, 3)
+    assert 1 - task.fidelity(loaded.model, alone)["mean_cosine"] == pytest.approx(table["measured"], abs=2e-6)
+
+
+def test_a_table_tied_to_the_output_head_is_left_out_and_said_so(tmp_path):
+    from bitsmith.api.sensitivity import _tied_tables
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+    tables = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
+    tied = _tied_tables(model, tables)
+    assert list(tied) == ["model.embed_tokens"] and "shares its matrix with lm_head" in tied["model.embed_tokens"]
+    model.config.tie_word_embeddings = False
+    untied = LlamaForCausalLM(model.config)
+    assert _tied_tables(untied, {"model.embed_tokens": untied.model.embed_tokens}) == {}

@@ -10,6 +10,9 @@ Pure tensor functions. For a Linear with weight W (N, K) replaced by W + dW:
                  |                                          | the model's output: a diagonal Fisher / Gauss-Newton
                  |                                          | estimate of the output's change, through the model
 
+An embedding table T (V, D) is a Linear on one-hot inputs: with f_v the share of calibration tokens that look up
+row v, H is diagonal and the same proxies read ``lookup_energy`` = sum_v f_v |T_v|^2 (and of the change dT).
+
 Higher ``sqnr_db`` means less harm; the other two grow with the harm. ``spearman`` compares a proxy's ranking
 with the measured effects (scipy's rank correlation, ties averaged).
 """
@@ -20,7 +23,7 @@ import math
 
 import torch
 
-__all__ = ["output_energy", "output_error", "sqnr_db", "fisher_error", "spearman", "PROXIES"]
+__all__ = ["output_energy", "output_error", "lookup_energy", "sqnr_db", "fisher_error", "spearman", "PROXIES"]
 
 PROXIES = ("sqnr_db", "output_error", "fisher")  # name -> larger is worse, except sqnr_db (negated to rank)
 
@@ -34,6 +37,12 @@ def output_energy(weight: torch.Tensor, hessian: torch.Tensor) -> float:
 def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
     """Mean over calibration rows of the squared change of the layer's output, |dW x|^2."""
     return output_energy(delta, hessian)
+
+
+def lookup_energy(table: torch.Tensor, frequency: torch.Tensor) -> float:
+    """sum_v f_v |T_v|^2: the mean squared looked-up row over the calibration tokens (``frequency`` (V,): each row's
+    share of them); of a change dT, the mean squared change of the lookup's output."""
+    return float((frequency.double() * table.detach().double().pow(2).sum(dim=1)).sum())
 
 
 def sqnr_db(signal: float, noise: float) -> float:

@@ -15,6 +15,7 @@ of the float model and judged by the task, so what is reported is measured, not 
 from __future__ import annotations
 
 import copy
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +97,7 @@ def mix_recipe(name: str, choice: dict[str, str], description: str, members: dic
 class MixTable:
     """The sensitivity table as the integer program reads it: ``options[0]`` is "float" (harm 0, the float layer's
     cost), then the candidates; ``harm[l][o]`` the measured harm (negatives clipped to 0), ``cost[l][o]`` bytes or
-    measured seconds."""
+    measured seconds; both infinite where the candidate does not apply to the layer (a GPTQ scheme on a table)."""
 
     kind: str
     layers: list[str]  # the groups the table was measured by: layers, or blocks
@@ -111,7 +112,7 @@ class MixTable:
 
     @property
     def cheapest_cost(self) -> float:
-        return sum(min(row) for row in self.cost)
+        return sum(min(row) for row in self.cost)  # float is always there: every row has a finite minimum
 
     def choose(self, limit: float) -> dict[str, str]:
         """layer -> option for the least summed harm within ``limit`` (``choose_mix``)."""
@@ -135,8 +136,13 @@ def mix_table(table: dict, kind: str) -> MixTable:
     def cost(row: dict, prefix: str = "") -> float:
         return row[f"{prefix}latency_s"] if kind == "latency" else row[f"{prefix}bytes"]
 
-    harm = [[0.0, *(max(rows[(c, layer)]["measured"], 0.0) for c in table["candidates"])] for layer in layers]
-    costs = [[cost(rows[(table["candidates"][0], layer)], "float_"), *(cost(rows[(c, layer)]) for c in table["candidates"])]
+    missing = {"measured": math.inf, "bytes": math.inf, "latency_s": math.inf}
+    harm = [[0.0, *(max(rows.get((c, layer), missing)["measured"], 0.0) for c in table["candidates"])]
+            for layer in layers]
+    first = {}
+    for row in table["rows"]:
+        first.setdefault(row["group"], row)
+    costs = [[cost(first[layer], "float_"), *(cost(rows.get((c, layer), missing)) for c in table["candidates"])]
              for layer in layers]
     members = {row["group"]: list(row["layers"]) for row in table["rows"]}
     return MixTable(kind, layers, ["float", *table["candidates"]], harm, costs, members)

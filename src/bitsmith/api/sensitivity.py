@@ -1,13 +1,18 @@
 """Per-layer sensitivity: the task metric with only one layer (or one block's layers) changed, beside cheap proxies.
 
-For each Linear (or group) and each candidate (a one-stage built-in recipe or YAML: a weight scheme by
-round-to-nearest or GPTQ, or a pruning method and ratio), the layer is swapped for what the candidate makes
-of it, the model is judged by its task (MiniLM-like embeddings: 1 - mean cosine; language models: perplexity
+For each Linear and embedding table (or group) and each candidate (a one-stage built-in recipe or YAML: a weight
+scheme by round-to-nearest or GPTQ, or a pruning method and ratio), the layer is swapped for what the candidate
+makes of it, the model is judged by its task (MiniLM-like embeddings: 1 - mean cosine; language models: perplexity
 increase; classifiers: accuracy drop), and swapped back. Beside the measured harm, three proxies from one
 calibration pass (``algorithms.sensitivity``): the layer's output SQNR, its mean squared output change, and
 a random-probe Fisher estimate of the change at the model's output. Spearman's rank correlation of each
 proxy against the measured harm says which proxy ranks well enough (>= 0.8) to stand in for the metric; if
 none does, the result says to use the measured values.
+
+An embedding table gets the candidate's Linear scheme where the quantize stage can give it to a table (integer
+round-to-nearest per row or per group of a row, fp16/bf16); a GPTQ, activation or pruning candidate does not
+apply to a lookup, and its row is left out (``not_applicable`` says why) rather than done another way. A table
+shared with an output head (tied weights) is left out too: changing it alone would untie them.
 
 Rows are cached on disk (``$BITSMITH_CACHE/sensitivity``, or ``cache=``), keyed by the model's weights, the
 calibration and evaluation data and the candidate's stage, so a second analysis (or a search) measures only
@@ -31,14 +36,17 @@ from torch import nn
 from bitsmith.algorithms._modules import replace_module
 from bitsmith.algorithms.gptq import accumulate_hessian, gptq_quantize
 from bitsmith.algorithms.prune import keep_mask, sparsegpt_prune, wanda_scores
-from bitsmith.algorithms.sensitivity import PROXIES, fisher_error, output_energy, output_error, spearman, sqnr_db
+from bitsmith.algorithms.sensitivity import (
+    PROXIES, fisher_error, lookup_energy, output_energy, spearman, sqnr_db,
+)
 from bitsmith.errors import BitsmithError
 from bitsmith.evaluation.tasks import task_for
 from bitsmith.io.models import load_model
 from bitsmith.pipeline.blocks import find_blocks
 from bitsmith.recipe import QuantizeConfig, load_recipe
 from bitsmith.recipe.stages import PruneConfig
-from bitsmith.stages.weights import group_size, module_for, quantize_linear
+from bitsmith.stages.quantize import cannot_quantize
+from bitsmith.stages.weights import group_size, module_for, quantize_embedding, quantize_linear
 
 __all__ = ["Candidate", "candidate", "analyze_sensitivity", "layer_costs", "GOOD_RANKING", "DEFAULT_CANDIDATES",
            "SAVES_TIME"]
@@ -108,8 +116,20 @@ def _effective_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.detach().float()
 
 
-def changed(linear: nn.Linear, cand: Candidate, hessian: torch.Tensor) -> nn.Module:
-    """What ``cand`` makes of ``linear`` alone (``hessian``: H = 2/n X^T X of its float inputs)."""
+def not_applicable(module: nn.Module, cand: Candidate) -> str | None:
+    """Why ``cand`` cannot change ``module`` (a Linear or an embedding table) as its recipe says, or None."""
+    if isinstance(module, nn.Linear):
+        return None
+    if cand.scheme is None:
+        return f"{cand.stage.method} prunes Linear layers, not a lookup table"
+    return cannot_quantize(module, cand.scheme)
+
+
+def changed(linear: nn.Module, cand: Candidate, hessian: torch.Tensor | None) -> nn.Module:
+    """What ``cand`` makes of ``linear`` alone (``hessian``: H = 2/n X^T X of its float inputs), or of an embedding
+    table (``not_applicable`` first: its Linear scheme by round-to-nearest, no Hessian)."""
+    if isinstance(linear, nn.Embedding):
+        return quantize_embedding(linear, cand.scheme)
     if cand.scheme is not None:
         w = cand.scheme.weights
         if w.algorithm == "gptq":
@@ -154,14 +174,21 @@ def _main_output(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out[0]
 
 
-def input_hessians(model: nn.Module, layers: dict[str, nn.Linear], batches: list) -> dict[str, tuple]:
-    """name -> (H = 2/n X^T X, n) of each layer's inputs over the calibration batches, one float pass."""
+def input_hessians(model: nn.Module, layers: dict[str, nn.Module], batches: list) -> dict[str, tuple]:
+    """name -> (H = 2/n X^T X, n) of each Linear's inputs over the calibration batches, one float pass; of an
+    embedding table, (f, n) with f (V,) each row's share of the n looked-up ids (the diagonal of its H, halved)."""
     stats: dict[str, tuple] = {name: (None, 0) for name in layers}
 
     def hook(name):
-        def record(_module, args):
-            hessian, count = stats[name]
-            stats[name] = accumulate_hessian(hessian, args[0], count)
+        def record(module, args):
+            seen, count = stats[name]
+            if isinstance(module, nn.Embedding):
+                ids = args[0].reshape(-1)
+                counts = torch.bincount(ids, minlength=module.num_embeddings).double()
+                total = count + ids.numel()
+                stats[name] = (counts / total if seen is None else seen * (count / total) + counts / total, total)
+            else:
+                stats[name] = accumulate_hessian(seen, args[0], count)
         return record
 
     handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
@@ -234,8 +261,11 @@ def layer_costs(model: nn.Module, layers: dict[str, nn.Linear], cands: list[Cand
     for name, layer in layers.items():
         if name not in shapes:
             continue  # the timed batch never reaches it
-        x = torch.randn(shapes[name], generator=generator)
-        built = {c.name: changed(layer, c, hessians[name][0]) for c in cands}
+        if isinstance(layer, nn.Embedding):
+            x = torch.randint(layer.num_embeddings, shapes[name], generator=generator)
+        else:
+            x = torch.randn(shapes[name], generator=generator)
+        built = {c.name: changed(layer, c, hessians[name][0]) for c in cands if not not_applicable(layer, c)}
         # a pruned layer is a float Linear again: the same dense matmul as the float one, so the same time by
         # construction (timing two identical calls would only time the machine's noise)
         timed = {label: m for label, m in built.items() if type(m) is not nn.Linear}
@@ -243,13 +273,16 @@ def layer_costs(model: nn.Module, layers: dict[str, nn.Linear], cands: list[Cand
             times = interleaved_latency({label: (lambda m=m: m(x)) for label, m in {"float": layer, **timed}.items()},
                                         repeats)
         for cand in cands:
+            if cand.name not in built:
+                continue
             if cand.name not in timed:
                 costs[(cand.name, name)] = {"latency_s": times["float"], "float_latency_s": times["float"],
                                             "kernel": NO_SPARSE_KERNEL, "saves_time": False}
                 continue
-            kernel = timed[cand.name].last_kernel
+            module = timed[cand.name]
+            kernel = module.last_kernel[0] if hasattr(module, "last_kernel") else module.kernel()
             costs[(cand.name, name)] = {
-                "latency_s": times[cand.name], "float_latency_s": times["float"], "kernel": kernel[0],
+                "latency_s": times[cand.name], "float_latency_s": times["float"], "kernel": kernel,
                 "saves_time": times[cand.name] <= SAVES_TIME * times["float"],
             }
     return costs
@@ -301,6 +334,27 @@ def _groups(model: nn.Module, names: list[str], by: str) -> dict[str, list[str]]
     return groups
 
 
+def _tied_tables(model: nn.Module, tables: dict[str, nn.Module]) -> dict[str, str]:
+    """Embedding tables whose matrix another module shares (a tied output head), with why they are left out."""
+    tied = {}
+    for name, table in tables.items():
+        if not isinstance(table, nn.Embedding):
+            continue
+        sharers = [n for n, m in model.named_modules()
+                   if m is not table and any(p is table.weight for p in m.parameters(recurse=False))]
+        if sharers:
+            tied[name] = (f"shares its matrix with {', '.join(sharers)}: changed alone it would be untied and stored"
+                          " twice; quantize both together with a recipe rule")
+    return tied
+
+
+def _energy(module: nn.Module, weight: torch.Tensor, stats: torch.Tensor) -> float:
+    """``output_energy`` of a Linear's weight (or its change) on its H; ``lookup_energy`` of a table's."""
+    if isinstance(module, nn.Embedding):
+        return lookup_energy(weight, stats)
+    return output_energy(weight, stats)
+
+
 def _ranking(rows: list[dict], proxy: str) -> float | None:
     usable = [r for r in rows if math.isfinite(r["measured"])]
     predicted = [(-r[proxy] if proxy == "sqnr_db" else r[proxy]) for r in usable]
@@ -314,7 +368,8 @@ def analyze_sensitivity(
     fisher_batches: int = 4, cache: str | Path | None = None, seed: int = 0, latency: bool = True,
     repeats: int = 9, progress: Callable[[str, int], None] | None = None,
 ) -> dict:
-    """The sensitivity table of ``model`` (module docstring); ``layers`` a regex over Linear names (default all),
+    """The sensitivity table of ``model`` (module docstring); ``layers`` a regex over Linear and embedding names
+    (default all),
     ``eval_limit`` the held-out windows a language model is judged on (default all); ``latency`` adds each row's
     measured time beside the float layer's (``layer_costs``)."""
     cands = [candidate(name) for name in (candidates or DEFAULT_CANDIDATES)]
@@ -330,9 +385,11 @@ def analyze_sensitivity(
             pattern = re.compile(layers)
         except re.error as err:
             raise BitsmithError(f"--layers {layers!r} is not a regular expression: {err}") from None
-    targets = {name: m for name, m in net.named_modules()
-               if type(m) is nn.Linear and (pattern is None or pattern.search(name))}
-    if not targets:
+    matched = {name: m for name, m in net.named_modules()
+               if type(m) in (nn.Linear, nn.Embedding) and (pattern is None or pattern.search(name))}
+    tied = _tied_tables(net, matched)
+    targets = {name: m for name, m in matched.items() if name not in tied}
+    if not any(isinstance(m, nn.Linear) for m in targets.values()):
         raise BitsmithError(f"no Linear layer of {model} matches --layers {layers!r}" if layers
                             else f"{model} has no Linear layers to analyze")
     task = task_for(loaded.source, loaded.tokenizer, None, model=net)
@@ -347,7 +404,9 @@ def analyze_sensitivity(
         stored = json.loads(cache_file.read_text())["rows"] if cache_file.exists() else {}
     except (OSError, ValueError, KeyError):
         stored = {}  # an unreadable cache is measured again, never trusted
-    keys = {(c.name, g): f"{c.digest}|{group}|{g}" for c in cands for g in groups}
+    why_not = {(c.name, g): reason for c in cands for g, members in groups.items()
+               for reason in [next(filter(None, (not_applicable(targets[n], c) for n in members)), None)] if reason}
+    keys = {(c.name, g): f"{c.digest}|{group}|{g}" for c in cands for g in groups if (c.name, g) not in why_not}
     todo = [key for key in keys.values() if key not in stored]
 
     if todo or latency:
@@ -355,12 +414,12 @@ def analyze_sensitivity(
     if todo:
         fisher = probe_fisher(net, targets, calibration[:fisher_batches], seed)
         judge = task.judge(net, eval_limit)
-        signal = {name: output_energy(targets[name].weight, h) for name, (h, _) in hessians.items()}
+        signal = {name: _energy(targets[name], targets[name].weight, h) for name, (h, _) in hessians.items()}
     done = 0
     for cand in cands:
         for label, members in groups.items():
-            key = keys[(cand.name, label)]
-            if key in stored:
+            key = keys.get((cand.name, label))
+            if key is None or key in stored:
                 continue
             originals = {name: targets[name] for name in members}
             noise = fisher_sum = size = float_size = 0.0
@@ -369,7 +428,7 @@ def analyze_sensitivity(
                     hessian = hessians[name][0]
                     new = changed(originals[name], cand, hessian)
                     delta = _effective_weight(new) - originals[name].weight.detach().float()
-                    noise += output_error(delta, hessian)
+                    noise += _energy(originals[name], delta, hessian)
                     fisher_sum += fisher_error(fisher[name], delta)
                     size += _bytes(new)
                     float_size += _bytes(originals[name])
@@ -392,7 +451,7 @@ def analyze_sensitivity(
         tmp.replace(cache_file)
 
     rows = [{"group": g, "layers": groups[g], "candidate": c.name, **stored[keys[(c.name, g)]]}
-            for c in cands for g in groups]
+            for c in cands for g in groups if (c.name, g) in keys]
     if latency:
         costs = layer_costs(net, targets, cands, hessians, task.runner(net), repeats)
         for row in rows:
@@ -418,4 +477,6 @@ def analyze_sensitivity(
         "candidates": [c.name for c in cands], "calibration_batches": len(calibration), "rows": rows,
         "spearman": overall, "spearman_per_candidate": per_candidate, "chosen": chosen, "note": note,
         "cache": str(cache_file), "measured_now": len(todo), "from_cache": len(keys) - len(todo),
+        "not_applicable": [{"group": g, "candidate": c, "why": why} for (c, g), why in why_not.items()],
+        "skipped": tied,
     }

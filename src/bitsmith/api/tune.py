@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -260,14 +261,16 @@ def _mix_phase(trials: _Trials, goal: _Goal, table: dict, model: str, rounds: in
 def _greedy_phase(trials: _Trials, goal: _Goal, table: dict, max_trials: int, base: Recipe | None) -> None:
     """INC's fallback: all analyzed layers by the cheapest candidate, then the most harmful back to float, one a trial."""
     mix = mix_table(table, "latency" if goal.objective == "latency" else "bytes")
-    totals = {option: sum(row[i] for row in mix.cost) for i, option in enumerate(mix.options) if option != "float"}
+    # a layer the option does not apply to (a table under GPTQ) stays float under it, and costs as float
+    totals = {option: sum(row[i] if math.isfinite(row[i]) else row[0] for row in mix.cost)
+              for i, option in enumerate(mix.options) if option != "float"}
     cheapest = min(totals, key=lambda option: (totals[option], option))
     column = mix.options.index(cheapest)
-    order = greedy_order({layer: row[column] for layer, row in zip(mix.layers, mix.harm)})
+    order = greedy_order({layer: row[column] for layer, row in zip(mix.layers, mix.harm) if math.isfinite(row[column])})
     for start in range(0, min(len(order) + 1, max_trials), trials.workers):
         jobs = []
         for k in range(start, min(start + trials.workers, len(order) + 1, max_trials)):
-            choice = {layer: "float" if layer in order[:k] else cheapest for layer in mix.layers}
+            choice = {layer: cheapest if layer in order[k:] else "float" for layer in mix.layers}
             name = _choice_name(f"greedy-{cheapest}-{k}", choice)
             jobs.append((name, mix_recipe(name, choice, f"{cheapest} on every analyzed layer but the {k} most"
                                           " harmful, kept in float (INC-style fallback)", mix.members, base),

@@ -429,6 +429,9 @@ def _analyze_sensitivity(model, schemes, group, layers, eval_windows, cache, cal
     for label, cells in by_group.items():
         values = [label]
         for name in result["candidates"]:
+            if name not in cells:  # the candidate does not apply to this layer (a GPTQ scheme on a table)
+                values.extend(["n/a"] * (1 + (result["chosen"] != "measured") + timed))
+                continue
             values.append(f"{cells[name]['measured']:.4g}")
             if result["chosen"] != "measured":
                 values.append(f"{cells[name][result['chosen']]:.4g}")
@@ -441,6 +444,11 @@ def _analyze_sensitivity(model, schemes, group, layers, eval_windows, cache, cal
     shown = ", ".join(f"{proxy} {value:.3f}" if value is not None else f"{proxy} -"
                       for proxy, value in result["spearman"].items())
     out_console.print(f"Spearman against the measured harm: {shown}. {result['note']}.")
+    reasons = dict.fromkeys(f"{item['candidate']}: {item['why']}" for item in result["not_applicable"])
+    if reasons:
+        out_console.print("n/a: " + "; ".join(reasons))
+    for name, why in result["skipped"].items():
+        out_console.print(f"{name} not analyzed: {why}")
     if timed:
         out_console.print("time: each layer's measured time with the candidate's kernel / the float layer's, on the"
                           " task's timed batch shape; 'no saving' where it was not measurably faster (inspect names"

@@ -38,12 +38,12 @@ from bitsmith.stages.methods import METHODS, BlockMethod, register_method
 from bitsmith.stages.static import build_static, collect_activation_stats, relu_followers
 from bitsmith.stages.weights import finish_block_, quantize_embedding, quantize_linear
 
-__all__ = ["quantize_", "plan"]
+__all__ = ["quantize_", "plan", "cannot_quantize"]
 
 SUPPORTED_TYPES = (nn.Linear, nn.Embedding, nn.Conv2d)
 
 
-def _cannot(module: nn.Module, scheme: Scheme) -> str | None:
+def cannot_quantize(module: nn.Module, scheme: Scheme) -> str | None:
     """Why this scheme cannot run on this layer, or None."""
     w = scheme.weights
     if isinstance(module, nn.Conv2d):
@@ -90,7 +90,7 @@ def plan(model: nn.Module, config: QuantizeConfig) -> tuple[dict[str, Scheme], d
             if rule.scheme is None:
                 break
             if isinstance(module, SUPPORTED_TYPES):
-                reason = _cannot(module, rule.scheme)
+                reason = cannot_quantize(module, rule.scheme)
             elif next(module.children(), None) is not None or not list(module.parameters(recurse=False)):
                 if _named_exactly(rule, name) or type_name in rule.targets:
                     reason = f"{type_name} is a container of layers, not a layer: target its layers instead"
