@@ -8,9 +8,10 @@ Part ``minilm`` (one run, one machine):
   returned to float one at a time until the target holds): front found, wall time of the search;
 - the best model of the search timed beside the peers in the same interleaved loop: target, at most 0.8x the
   fastest peer's latency;
-- ``tune minilm --target cosine>=0.99 --objective size`` (mixes with w4a16's rules for the embeddings): target,
-  saved file at most 0.15x fp32 ``model.safetensors``; and the mix at uniform w4a16's bytes against uniform
-  w4a16 (target: at most 0.8x its cosine loss, at no more bytes).
+- ``tune minilm --target cosine>=0.99 --objective size`` (the embedding tables are layers of the mix like the
+  Linears; part ``minilm-size`` runs this alone): target, saved file at most 0.15x fp32 ``model.safetensors``;
+  and the mix at uniform w4a16's bytes against uniform w4a16 (target: at most 0.8x its cosine loss, at no more
+  bytes).
 
 Part ``smollm2``: a per-block mix at 4.5 bits per weight (scales included) chosen from GPTQ W4 g128, GPTQ W4 g64
 and W8 by their measured perplexity harm, against uniform GPTQ W4 g128 and W4 g64: targets, lower perplexity than
@@ -94,15 +95,24 @@ def write_report(tune_dir: Path) -> str:
 
 
 def equal_bytes_mix(size_dir: Path, calib_samples: int, repeats: int) -> dict:
-    """The mix the size search's table chooses within uniform w4a16's bytes on the analyzed layers, with w4a16's
-    rules for the rest, compressed and measured like a trial."""
+    """The mix the size search's table chooses within uniform w4a16's bytes on the analyzed layers (the tables with
+    w4a16's int8 rows in that sum, as uniform w4a16 has them), with w4a16's rules for the rest, compressed and
+    measured like a trial."""
     from bitsmith.api.mixed import mix_recipe, mix_table
+    import torch
+
     from bitsmith.api.tune import run_trial
     from bitsmith.recipe import load_recipe
 
     table = json.loads((size_dir / "sensitivity.json").read_text())
     mix = mix_table(table, "bytes")
-    limit = sum(row[mix.options.index("w4a16")] for row in mix.cost)
+    from bitsmith.io.models import load_model
+
+    modules = dict(load_model("minilm").model.named_modules())
+    # w4a16's Embedding rule is w8a16's Linear scheme, int8 rows: a table costs what w8a16 costs it
+    column, table_column = mix.options.index("w4a16"), mix.options.index("w8a16")
+    limit = sum(row[table_column if isinstance(modules[mix.members[group][0]], torch.nn.Embedding) else column]
+                for group, row in zip(mix.layers, mix.cost))
     choice = mix.choose(limit)
     recipe = mix_recipe("mix-at-w4a16-bytes", choice, "per-layer mix within uniform w4a16's bytes", mix.members,
                         load_recipe("w4a16"))
@@ -111,12 +121,20 @@ def equal_bytes_mix(size_dir: Path, calib_samples: int, repeats: int) -> dict:
     return {**row, "counts": {o: n for o, n in counts.items() if n}, "predicted": mix.predicted(choice)}
 
 
-def part_minilm(args, out: Path) -> tuple[list[str], list[tuple[str, bool]]]:
-    from bitsmith.zoo.minilm import model_dir
+def _minilm_dirs(out: Path) -> dict[str, Path]:
+    return {name: out / f"minilm-{name}" for name in ("latency", "latency-greedy", "size", "size-greedy")}
 
+
+def part_minilm(args, out: Path) -> tuple[list[str], list[tuple[str, bool]]]:
+    lines, checks = part_minilm_latency(args, out)
+    more, more_checks = part_minilm_size(args, out)
+    return [*lines, "", *more], [*checks, *more_checks]
+
+
+def part_minilm_latency(args, out: Path) -> tuple[list[str], list[tuple[str, bool]]]:
     common = dict(calib_samples=args.calib_samples, repeats=args.trial_repeats, layers=args.layers)
     space = args.space.split(",") if args.space else None
-    dirs = {name: out / f"minilm-{name}" for name in ("latency", "latency-greedy", "size", "size-greedy")}
+    dirs = _minilm_dirs(out)
     lat, lat_s = timed_tune("pareto, latency", "minilm", "cosine>=0.999", "latency", dirs["latency"], space, **common)
     dirs["latency-greedy"].mkdir(parents=True, exist_ok=True)  # the same measured table, measured once
     shutil.copy(dirs["latency"] / "sensitivity.json", dirs["latency-greedy"])
@@ -147,17 +165,29 @@ def part_minilm(args, out: Path) -> tuple[list[str], list[tuple[str, bool]]]:
     lines.append(f"layers whose every time-saving candidate alone costs more than the target allows: {blocking or 'none'}")
     lines.append(f"layers on which no candidate measured a time saving here: {len(lat.get('no_saving', []))} of"
                  f" {len({r['group'] for r in json.loads((dirs['latency'] / 'sensitivity.json').read_text())['rows']})}")
+    lines.append(f"report: {write_report(dirs['latency'])}")
+    return lines, checks
 
-    dirs["size"].mkdir(parents=True, exist_ok=True)  # the whole-model trials of the latency search, reused
-    shutil.copy(dirs["latency"] / "trials.jsonl", dirs["size"] / "trials.jsonl")
-    size, size_s = timed_tune("pareto, size", "minilm", "cosine>=0.99", "size", dirs["size"], space, mix_base="w4a16",
-                              **common)
+
+def part_minilm_size(args, out: Path) -> tuple[list[str], list[tuple[str, bool]]]:
+    """The issue's command, ``tune minilm --target cosine>=0.99 --objective size``: no base recipe, the embedding
+    tables are layers of the table like the Linears."""
+    from bitsmith.zoo.minilm import model_dir
+
+    common = dict(calib_samples=args.calib_samples, repeats=args.trial_repeats, layers=args.layers)
+    space = args.space.split(",") if args.space else None
+    dirs = _minilm_dirs(out)
+    dirs["size"].mkdir(parents=True, exist_ok=True)
+    if (dirs["latency"] / "trials.jsonl").exists() and not (dirs["size"] / "trials.jsonl").exists():
+        shutil.copy(dirs["latency"] / "trials.jsonl", dirs["size"] / "trials.jsonl")  # its whole-model trials
+    size, size_s = timed_tune("pareto, size", "minilm", "cosine>=0.99", "size", dirs["size"], space, **common)
     dirs["size-greedy"].mkdir(parents=True, exist_ok=True)
     shutil.copy(dirs["size"] / "sensitivity.json", dirs["size-greedy"])
     sgreedy, sgreedy_s = timed_tune("greedy, size", "minilm", "cosine>=0.99", "size", dirs["size-greedy"], [],
-                                    strategy="greedy", mix_base="w4a16", **common)
+                                    strategy="greedy", **common)
     fp32_file = (model_dir() / "model.safetensors").stat().st_size
-    lines += ["", *front_lines("pareto search, objective size", size, size_s, "bytes"),
+    checks = []
+    lines = [*front_lines("pareto search, objective size", size, size_s, "bytes"),
               f"(sensitivity table: {size['sensitivity']['seconds']} s of that)", "",
               *front_lines("INC-style greedy fallback on the same table, objective size", sgreedy, sgreedy_s, "bytes")]
     smallest = min((t for t in size["trials"] if t["mean_cosine"] >= 0.99), key=lambda t: t["bytes"], default=None)
@@ -173,8 +203,7 @@ def part_minilm(args, out: Path) -> tuple[list[str], list[tuple[str, bool]]]:
     checks.append((f"mix at w4a16's bytes: cosine loss {loss_mix:.5f} <= 0.8 x w4a16's {loss_uniform:.5f}, file"
                    f" {mixed['bytes'] / 1e6:.2f} MB <= {uniform['bytes'] / 1e6:.2f} MB",
                    loss_mix <= 0.8 * loss_uniform and mixed["bytes"] <= uniform["bytes"] * 1.001))
-    for name in ("latency", "size"):
-        lines.append(f"report: {write_report(dirs[name])}")
+    lines.append(f"report: {write_report(dirs['size'])}")
     return lines, checks
 
 
@@ -239,7 +268,7 @@ def part_smollm2(args, out: Path) -> tuple[list[str], list[tuple[str, bool]]]:
 
 def main(argv=None) -> int:
     parser = bench_parser(__doc__, repeats=7, json_option=False)
-    parser.add_argument("--part", choices=("minilm", "smollm2", "all"), default="minilm")
+    parser.add_argument("--part", choices=("minilm", "minilm-size", "smollm2", "all"), default="minilm")
     parser.add_argument("--out", type=Path, default=Path("bench/out/tune"), help="tune directories and reports")
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--trial-repeats", type=int, default=3, help="timed rounds inside each trial")
@@ -249,8 +278,8 @@ def main(argv=None) -> int:
     args = parse(parser, argv)
     print(machine_line())
     lines, checks = [], []
-    for part, run in (("minilm", part_minilm), ("smollm2", part_smollm2)):
-        if args.part in (part, "all"):
+    for part, run in (("minilm", part_minilm), ("minilm-size", part_minilm_size), ("smollm2", part_smollm2)):
+        if args.part == part or args.part == "all" and part != "minilm-size":
             more, more_checks = run(args, args.out)
             lines += ["", f"## {part}", *more]
             checks += more_checks

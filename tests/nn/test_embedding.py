@@ -37,6 +37,7 @@ def test_grouped_int4_embedding_beats_per_row_and_matches_its_dequantized_table(
     table = nn.Embedding(200, 96)
     with torch.no_grad():
         table.weight[:, :32] *= 8.0  # a wide first group: a per-row range spends the codes on it
+        table.weight[7] = 0.0  # a padding row: its groups' scales stay positive in fp16
     ids = torch.randint(0, 200, (3, 11))
     per_row = QuantizedEmbedding.from_quantized(quantize_weight_rtn(table.weight, 4, "channel", False), None)
     grouped = QuantizedEmbedding.from_quantized(quantize_weight_rtn(table.weight, 4, 32, False), None)
@@ -44,6 +45,8 @@ def test_grouped_int4_embedding_beats_per_row_and_matches_its_dequantized_table(
     assert torch.equal(grouped(ids), grouped.dequantize()[ids])
     assert sqnr_db(table(ids), grouped(ids)) > sqnr_db(table(ids), per_row(ids)) + 3.0  # 23.1 against 18.4
     assert grouped.scheme == "int4 g32" and "per-32 scale" in grouped.kernel()
+    assert grouped.weight_scale.dtype == torch.float16 and bool((grouped.weight_scale > 0).all())
+    assert grouped.storage_problem() is None and not grouped.dequantize()[7].any()
 
 
 def test_grouped_embedding_refuses_a_group_that_does_not_divide_the_row():

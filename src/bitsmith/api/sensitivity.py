@@ -56,6 +56,7 @@ NO_SPARSE_KERNEL = "the float layer's dense matmul (no sparse kernel: sparsity s
 GOOD_RANKING = 0.8  # a proxy whose Spearman against the measured harm reaches this may stand in for it
 DEFAULT_CANDIDATES = ("w8a16", "w4a16", "nf4")
 _VERSION = 1  # of the cached rows' meaning: bump when a row is computed differently
+TABLE_VERSION = 2  # of what a table covers (2: embedding tables beside the Linears): a stored table of another is stale
 
 
 @dataclass(frozen=True)
@@ -406,7 +407,10 @@ def analyze_sensitivity(
         stored = {}  # an unreadable cache is measured again, never trusted
     why_not = {(c.name, g): reason for c in cands for g, members in groups.items()
                for reason in [next(filter(None, (not_applicable(targets[n], c) for n in members)), None)] if reason}
-    keys = {(c.name, g): f"{c.digest}|{group}|{g}" for c in cands for g in groups if (c.name, g) not in why_not}
+    # a table's rows are keyed apart ("|table2": per-group tables keep fp16 scales), so no older row answers for them
+    tag = {g: "|table2" if any(isinstance(targets[n], nn.Embedding) for n in members) else ""
+           for g, members in groups.items()}
+    keys = {(c.name, g): f"{c.digest}|{group}|{g}{tag[g]}" for c in cands for g in groups if (c.name, g) not in why_not}
     todo = [key for key in keys.values() if key not in stored]
 
     if todo or latency:
@@ -473,7 +477,7 @@ def analyze_sensitivity(
         shown = "no proxy could be ranked" if best is None else f"the best proxy, {best}, reaches {best_value:.3f}"
         note = f"{shown} (< {GOOD_RANKING}): use the measured {task.metric}"
     return {
-        "model": str(model), "task": task.name, "metric": task.metric, "group": group,
+        "version": TABLE_VERSION, "model": str(model), "task": task.name, "metric": task.metric, "group": group,
         "candidates": [c.name for c in cands], "calibration_batches": len(calibration), "rows": rows,
         "spearman": overall, "spearman_per_candidate": per_candidate, "chosen": chosen, "note": note,
         "cache": str(cache_file), "measured_now": len(todo), "from_cache": len(keys) - len(todo),

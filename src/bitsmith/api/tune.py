@@ -42,7 +42,7 @@ from pathlib import Path
 from bitsmith.algorithms.search import blocking_layers, greedy_order, next_fractions, pareto_front
 from bitsmith.api.compress import compress
 from bitsmith.api.mixed import mix_recipe, mix_table
-from bitsmith.api.sensitivity import analyze_sensitivity, fingerprint
+from bitsmith.api.sensitivity import TABLE_VERSION, analyze_sensitivity, fingerprint
 from bitsmith.errors import BitsmithError
 from bitsmith.evaluation.tasks import task_for
 from bitsmith.io.models import load_model
@@ -290,6 +290,7 @@ def _sensitivity(out: Path, model: str, candidates: list[str], settings: dict, o
         except ValueError:
             raise BitsmithError(f"{path} is damaged; move it away to measure again") from None
         if stored.get("fingerprint") == header["fingerprint"] and stored.get("candidates") == candidates and \
+                stored.get("version") == TABLE_VERSION and stored.get("layers") == analysis["layers"] and \
                 stored.get("group") == analysis["group"] and (
                 objective != "latency" or all("latency_s" in row for row in stored["rows"])):
             return stored
@@ -297,6 +298,7 @@ def _sensitivity(out: Path, model: str, candidates: list[str], settings: dict, o
     table = analyze_sensitivity(model, candidates, settings["calib"], min(settings["calib_samples"], 32),
                                 latency=objective == "latency", **analysis)
     table["fingerprint"], table["seconds"] = header["fingerprint"], round(time.perf_counter() - start, 1)
+    table["layers"] = analysis["layers"]
     out.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(table, indent=1, allow_nan=True))

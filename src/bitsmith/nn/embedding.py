@@ -34,7 +34,9 @@ class QuantizedEmbedding(nn.Module):
             self.register_buffer("weight_codes", torch.zeros(num_embeddings, embedding_dim, dtype=torch.uint8))
         else:
             self.register_buffer("weight_packed", torch.zeros(packed_bytes(numel, bits), dtype=torch.uint8))
-        self.register_buffer("weight_scale", torch.ones(num_embeddings, groups))
+        # one fp32 scale per row; per group, fp16 scales as the grouped int4 Linears keep them (half their bytes)
+        self.register_buffer("weight_scale", torch.ones(num_embeddings, groups,
+                                                        dtype=torch.float32 if groups == 1 else torch.float16))
         self.register_buffer("weight_zero_point", torch.zeros(num_embeddings, groups, dtype=torch.uint8))
         self._codes_cache: torch.Tensor | None = None
         self.scheme = f"int{bits} per-row" if groups == 1 else f"int{bits} g{group_size}"
@@ -50,7 +52,10 @@ class QuantizedEmbedding(nn.Module):
             module.weight_codes.copy_(codes)
         else:
             module.weight_packed.copy_(pack_codes(codes.flatten(), qweight.fmt.bits))
-        module.weight_scale.copy_(qweight.scale)
+        # a group of zeros (a padding row) has a scale below fp16's smallest positive value: kept positive (its codes
+        # sit at the zero point, so any scale gives 0), never rounded to 0
+        tiniest = torch.finfo(torch.float16).smallest_normal * 2.0 ** -10
+        module.weight_scale.copy_(qweight.scale.clamp(min=tiniest))
         module.weight_zero_point.copy_((qweight.zero_point + offset).to(torch.uint8))
         return module
 
@@ -70,7 +75,7 @@ class QuantizedEmbedding(nn.Module):
     def _grouped(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """(..., D) codes with their (..., G) scales and zero points as (..., D) floats."""
         groups = codes.shape[:-1] + (scale.shape[-1], self.group_size)
-        rows = (codes.reshape(groups).float() - zero.float().unsqueeze(-1)).mul_(scale.unsqueeze(-1))
+        rows = (codes.reshape(groups).float() - zero.float().unsqueeze(-1)).mul_(scale.float().unsqueeze(-1))
         return rows.reshape(codes.shape)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
