@@ -3,7 +3,11 @@
 import itertools
 import random
 
-from bitsmith.algorithms.search import blocking_layers, greedy_order, next_fractions, open_interval, pareto_front
+import pytest
+
+from bitsmith.algorithms.search import (
+    blocking_layers, budget_at, greedy_order, next_fractions, open_interval, pareto_front,
+)
 
 
 def test_the_front_is_every_point_no_other_beats_on_both_axes():
@@ -56,3 +60,10 @@ def test_blocking_layers_are_those_whose_every_saving_option_misses_alone():
         for layer, least in blocking_layers(harm, allowed):
             assert all(h > allowed for h in harm[layer]) and least == min(harm[layer])
     assert list(itertools.chain(blocking_layers({}, 0.1))) == []
+
+
+def test_budgets_run_on_a_log_scale_from_the_cheapest_mix_to_float():
+    assert budget_at(0.0, 10.0, 50.0) == 10.0 and budget_at(1.0, 10.0, 50.0) == pytest.approx(50.0)
+    assert budget_at(0.5, 10.0, 50.0) == pytest.approx(10.0 * 5 ** 0.5)  # 22.4: the geometric middle
+    assert budget_at(0.0625, 10.0, 50.0) == pytest.approx(11.06, abs=0.01)  # four halvings: 1.1x the cheapest
+    assert budget_at(0.5, 0.0, 4.0) == 2.0  # no ratio to take: linear

@@ -3,7 +3,9 @@
 Pure functions over plain numbers; what a trial is and how it is measured lives in ``api.tune``.
 
 A per-layer mix is searched along one axis, the budget fraction f in [0, 1]: the mix chosen (``mixed.choose_mix``)
-within ``cheapest + f * (float - cheapest)`` of cost. Predicted harm falls as f grows, so the cheapest f whose
+within ``budget_at(f)`` = cheapest * (float / cheapest) ** f of cost, a log scale between the cheapest mix and all
+float (their costs differ several-fold, and the budgets that matter lie near the cheap end: f = 0.0625 is 1.1x
+the cheapest mix's cost where float is 5x it). Predicted harm falls as f grows, so the cheapest f whose
 *measured* quality meets the target is found by bisection (k-section with k workers): each round tries k fractions
 spread over the interval still open, then keeps the part between the largest fraction that missed and the
 smallest that met.
@@ -15,7 +17,7 @@ smallest that met.
 
 from __future__ import annotations
 
-__all__ = ["pareto_front", "open_interval", "next_fractions", "greedy_order", "blocking_layers"]
+__all__ = ["pareto_front", "budget_at", "open_interval", "next_fractions", "greedy_order", "blocking_layers"]
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -26,6 +28,13 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
         if not dominated:
             front.append(i)
     return front
+
+
+def budget_at(fraction: float, cheapest: float, most: float) -> float:
+    """The cost at ``fraction`` of the way from ``cheapest`` to ``most`` on a log scale (linear if either is 0)."""
+    if cheapest <= 0 or most <= cheapest:
+        return cheapest + fraction * (most - cheapest)
+    return cheapest * (most / cheapest) ** fraction
 
 
 def open_interval(tried: dict[float, bool]) -> tuple[float, float]:

@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bitsmith.algorithms.search import blocking_layers, greedy_order, next_fractions, pareto_front
+from bitsmith.algorithms.search import blocking_layers, budget_at, greedy_order, next_fractions, pareto_front
 from bitsmith.api.compress import compress
 from bitsmith.api.mixed import mix_recipe, mix_table
 from bitsmith.api.sensitivity import TABLE_VERSION, analyze_sensitivity, fingerprint
@@ -244,10 +244,10 @@ def _mix_phase(trials: _Trials, goal: _Goal, table: dict, model: str, rounds: in
             break
         jobs = []
         for fraction in fractions:
-            choice = mix.choose(mix.cheapest_cost + fraction * (mix.float_cost - mix.cheapest_cost))
+            choice = mix.choose(budget_at(fraction, mix.cheapest_cost, mix.float_cost))
             name = _choice_name(f"mix-{goal.objective}", choice)  # a mix two budgets share runs once
             jobs.append((name, mix_recipe(name, choice, f"per-layer mix chosen by bitsmith tune for {model} at"
-                                          f" {fraction:g} of the way from the cheapest to the float layers"
+                                          f" {fraction:g} of the way from the cheapest to the float layers (log scale)"
                                           f" ({goal.objective}); the rest of the model"
                                           f" {'by ' + base.name if base else 'stays as it is'}", mix.members, base),
                          {"phase": "mix", "fraction": fraction, **_choice_fields(choice, mix.predicted(choice))}))
@@ -398,7 +398,7 @@ def _no_saving(table: dict, objective: str) -> list[str]:
 
 def tune(model: str | Path, target: str, objective: str = "latency", out: str | Path = "tune",
          space: list[str] | None = None, calib=None, calib_samples: int = 128, repeats: int = 5, *,
-         strategy: str = "pareto", mix: bool = True, mix_candidates: list[str] | None = None, mix_rounds: int = 4,
+         strategy: str = "pareto", mix: bool = True, mix_candidates: list[str] | None = None, mix_rounds: int = 5,
          greedy_trials: int = 40, workers: int = 1, layers: str | None = None, group: str = "layer",
          mix_base: str | None = None, eval_limit: int | None = None, seed: int = 0, save_model: bool = True,
          progress=None) -> dict:

@@ -471,7 +471,7 @@ def tune(
     mix: bool = typer.Option(True, "--mix/--no-mix", help="Search per-layer mixes after the whole-model recipes."),
     mix_candidates: Optional[str] = typer.Option(None, "--mix-candidates", help="What a layer may become,"
                                                  " comma-separated one-stage recipes (default by objective)."),
-    mix_rounds: int = typer.Option(4, "--mix-rounds", help="Bisection rounds over the mix budget."),
+    mix_rounds: int = typer.Option(5, "--mix-rounds", help="Bisection rounds over the mix budget."),
     workers: int = typer.Option(1, "--workers", help="Trials at once, on Ray when it is installed."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Regex of the Linear layers the mixes may change."),
     group: str = typer.Option("layer", "--group", help="Mixes choose per layer, or per block (block)."),
