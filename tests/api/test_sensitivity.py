@@ -202,3 +202,22 @@ def test_a_table_tied_to_the_output_head_is_left_out_and_said_so(tmp_path):
     model.config.tie_word_embeddings = False
     untied = LlamaForCausalLM(model.config)
     assert _tied_tables(untied, {"model.embed_tokens": untied.model.embed_tokens}) == {}
+
+
+def test_a_killed_analysis_resumes_from_the_rows_it_finished(tmp_path, monkeypatch):
+    import bitsmith.api.sensitivity as sensitivity
+
+    real, calls = sensitivity.changed, []
+
+    def dies_on_the_third(*args):
+        calls.append(args[1].name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # a kill in the middle of the table
+        return real(*args)
+
+    monkeypatch.setattr(sensitivity, "changed", dies_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        analyze_sensitivity("digits-cnn", ["w4a16", "ternary", "w8a16"], cache=tmp_path, latency=False)
+    monkeypatch.setattr(sensitivity, "changed", real)
+    again = analyze_sensitivity("digits-cnn", ["w4a16", "ternary", "w8a16"], cache=tmp_path, latency=False)
+    assert again["from_cache"] == 2 and again["measured_now"] == 1

@@ -335,6 +335,13 @@ def _groups(model: nn.Module, names: list[str], by: str) -> dict[str, list[str]]
     return groups
 
 
+def _store(cache_file: Path, model: str, rows: dict) -> None:
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"model": model, "rows": rows}, allow_nan=True))
+    tmp.replace(cache_file)
+
+
 def _tied_tables(model: nn.Module, tables: dict[str, nn.Module]) -> dict[str, str]:
     """Embedding tables whose matrix another module shares (a tied output head), with why they are left out."""
     tied = {}
@@ -446,13 +453,9 @@ def analyze_sensitivity(
                 "output_error": noise, "fisher": fisher_sum, "bytes": int(size), "float_bytes": int(float_size),
             }
             done += 1
+            _store(cache_file, str(model), stored)  # after every row: a killed analysis resumes where it stopped
             if progress is not None:
                 progress(f"{cand.name} {label}", done)
-    if todo:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"model": str(model), "rows": stored}, allow_nan=True))
-        tmp.replace(cache_file)
 
     rows = [{"group": g, "layers": groups[g], "candidate": c.name, **stored[keys[(c.name, g)]]}
             for c in cands for g in groups if (c.name, g) in keys]
