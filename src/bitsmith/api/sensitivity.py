@@ -12,7 +12,8 @@ none does, the result says to use the measured values.
 An embedding table gets the candidate's Linear scheme where the quantize stage can give it to a table (integer
 round-to-nearest per row or per group of a row, fp16/bf16); a GPTQ, activation or pruning candidate does not
 apply to a lookup, and its row is left out (``not_applicable`` says why) rather than done another way. A table
-shared with an output head (tied weights) is left out too: changing it alone would untie them.
+and an output head that share their matrix (tied weights) are left out too (``skipped``): changing one alone would
+untie them.
 
 Rows are cached on disk (``$BITSMITH_CACHE/sensitivity``, or ``cache=``), keyed by the model's weights, the
 calibration and evaluation data and the candidate's stage, so a second analysis (or a search) measures only
@@ -342,14 +343,13 @@ def _store(cache_file: Path, model: str, rows: dict) -> None:
     tmp.replace(cache_file)
 
 
-def _tied_tables(model: nn.Module, tables: dict[str, nn.Module]) -> dict[str, str]:
-    """Embedding tables whose matrix another module shares (a tied output head), with why they are left out."""
+def _tied_tables(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, str]:
+    """Layers whose matrix another module shares (an embedding table and its tied output head), with why they are
+    left out."""
     tied = {}
-    for name, table in tables.items():
-        if not isinstance(table, nn.Embedding):
-            continue
+    for name, layer in layers.items():
         sharers = [n for n, m in model.named_modules()
-                   if m is not table and any(p is table.weight for p in m.parameters(recurse=False))]
+                   if m is not layer and any(p is layer.weight for p in m.parameters(recurse=False))]
         if sharers:
             tied[name] = (f"shares its matrix with {', '.join(sharers)}: changed alone it would be untied and stored"
                           " twice; quantize both together with a recipe rule")
