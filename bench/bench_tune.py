@@ -181,15 +181,19 @@ def part_minilm_size(args, out: Path) -> tuple[list[str], list[tuple[str, bool]]
     if (dirs["latency"] / "trials.jsonl").exists() and not (dirs["size"] / "trials.jsonl").exists():
         shutil.copy(dirs["latency"] / "trials.jsonl", dirs["size"] / "trials.jsonl")  # its whole-model trials
     size, size_s = timed_tune("pareto, size", "minilm", "cosine>=0.99", "size", dirs["size"], space, **common)
-    dirs["size-greedy"].mkdir(parents=True, exist_ok=True)
-    shutil.copy(dirs["size"] / "sensitivity.json", dirs["size-greedy"])
-    sgreedy, sgreedy_s = timed_tune("greedy, size", "minilm", "cosine>=0.99", "size", dirs["size-greedy"], [],
-                                    strategy="greedy", **common)
     fp32_file = (model_dir() / "model.safetensors").stat().st_size
     checks = []
     lines = [*front_lines("pareto search, objective size", size, size_s, "bytes"),
-              f"(sensitivity table: {size['sensitivity']['seconds']} s of that)", "",
-              *front_lines("INC-style greedy fallback on the same table, objective size", sgreedy, sgreedy_s, "bytes")]
+             f"(sensitivity table: {size['sensitivity']['seconds']} s of that)", ""]
+    if args.skip_greedy:
+        lines.append("INC-style greedy fallback, objective size: not run (--skip-greedy)")
+    else:
+        dirs["size-greedy"].mkdir(parents=True, exist_ok=True)
+        shutil.copy(dirs["size"] / "sensitivity.json", dirs["size-greedy"])
+        sgreedy, sgreedy_s = timed_tune("greedy, size", "minilm", "cosine>=0.99", "size", dirs["size-greedy"], [],
+                                        strategy="greedy", **common)
+        lines += front_lines("INC-style greedy fallback on the same table, objective size", sgreedy, sgreedy_s,
+                             "bytes")
     smallest = min((t for t in size["trials"] if t["mean_cosine"] >= 0.99), key=lambda t: t["bytes"], default=None)
     ratio = smallest["bytes"] / fp32_file if smallest else float("nan")
     checks.append((f"size search: smallest file meeting cosine>=0.99 is {ratio:.3f}x fp32 model.safetensors"
@@ -274,6 +278,7 @@ def main(argv=None) -> int:
     parser.add_argument("--trial-repeats", type=int, default=3, help="timed rounds inside each trial")
     parser.add_argument("--layers", help="minilm: regex of the Linear layers the mixes may change (default all)")
     parser.add_argument("--space", help="minilm: whole-model recipes, comma-separated (default tune's)")
+    parser.add_argument("--skip-greedy", action="store_true", help="minilm-size: leave out the greedy fallback")
     parser.add_argument("--eval-windows", type=int, default=8, help="smollm2: held-out windows per sensitivity row")
     args = parse(parser, argv)
     print(machine_line())

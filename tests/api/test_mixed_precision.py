@@ -50,6 +50,13 @@ def test_a_size_budget_counts_the_rest_of_the_model(tmp_path):
         mixed_precision("minilm", f"{whole - 6_000_000}B", ["w8a16"], None, layers=LAYER0, cache=tmp_path)
     result = mixed_precision("minilm", f"{whole - 2_000_000}B", ["w8a16"], None, layers=LAYER0, cache=tmp_path)
     assert result["model_bytes"] <= whole - 2_000_000
+    # the word embedding table is a layer of the mix too: 30 MB can only come off it (layer 0's Linears hold 7 MB)
+    out = tmp_path / "mix.yaml"
+    result = mixed_precision("minilm", f"{whole - 30_000_000}B", ["w8a16"], out,
+                             layers=LAYER0 + r"|embeddings\.word_embeddings", cache=tmp_path)
+    assert result["choice"]["embeddings.word_embeddings"] == "w8a16" and result["model_bytes"] <= whole - 30_000_000
+    rule = bitsmith.load_recipe(str(out)).stages[0].rules[0]
+    assert "embeddings.word_embeddings" in rule.targets and rule.scheme.weights.bits == 8
 
 
 @pytest.mark.parametrize("args,fragment", [
