@@ -88,3 +88,22 @@ class OpCounter:
     def __exit__(self, *exc):
         self._mode.__exit__(*exc)
         return False
+
+
+@pytest.fixture(scope="session")
+def docs_lm_text(tmp_path_factory):
+    """The first 12,000 characters of docs-lm's held-out text (11 windows of 256 tokens): for tests that evaluate a
+    compressed docs-lm only to check that evaluation runs or agrees with itself, not to measure it (the full text is
+    156 windows, most of a compress's time)."""
+    from bitsmith.zoo.docs_lm import heldout_text
+
+    path = tmp_path_factory.mktemp("docs-lm-text") / "heldout.txt"
+    path.write_text(heldout_text()[:12000])
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm_rows(tmp_path_factory):
+    """A sensitivity row cache shared by the tests that analyze MiniLM's first block without testing the cache:
+    each (candidate, layer) row is measured once per session."""
+    return tmp_path_factory.mktemp("minilm-sensitivity-rows")

@@ -22,9 +22,9 @@ def test_budgets_parse():
             parse_budget(bad)
 
 
-def test_a_bits_budget_gives_a_mix_that_fits_and_is_measured(tmp_path):
+def test_a_bits_budget_gives_a_mix_that_fits_and_is_measured(tmp_path, minilm_rows):
     out = tmp_path / "mix.yaml"
-    result = mixed_precision("minilm", "6bits", ["w8a16", "w4a16"], out, layers=LAYER0, cache=tmp_path / "cache")
+    result = mixed_precision("minilm", "6bits", ["w8a16", "w4a16"], out, layers=LAYER0, cache=minilm_rows)
     assert result["average_bits"] <= 6 and result["spent"] == result["average_bits"]
     assert result["counts"]["w8a16"] >= 1 and result["counts"]["w4a16"] >= 1  # 6 bits: neither alone is best
     assert sum(result["counts"].values()) == 6
@@ -37,23 +37,23 @@ def test_a_bits_budget_gives_a_mix_that_fits_and_is_measured(tmp_path):
     assert model_bytes(again) == result["model_bytes"] < model_bytes(loaded.model)
     # the integer program never does worse than a uniform choice that fits: all w8a16 is 8.3 bits here, and
     # at a budget it fits in its predicted harm bounds the mix's
-    uniform = mixed_precision("minilm", "9bits", ["w8a16", "w4a16"], None, layers=LAYER0, cache=tmp_path / "cache")
+    uniform = mixed_precision("minilm", "9bits", ["w8a16", "w4a16"], None, layers=LAYER0, cache=minilm_rows)
     assert uniform["counts"]["w4a16"] == 0 and uniform["predicted_harm"] <= result["predicted_harm"]
 
 
-def test_a_size_budget_counts_the_rest_of_the_model(tmp_path):
+def test_a_size_budget_counts_the_rest_of_the_model(tmp_path, minilm_rows):
     loaded = load_model("minilm")
     whole = model_bytes(loaded.model)
     with pytest.raises(BitsmithError, match="below what the layers outside the analysis take"):
-        mixed_precision("minilm", "10MB", ["w4a16"], None, layers=LAYER0, cache=tmp_path)
+        mixed_precision("minilm", "10MB", ["w4a16"], None, layers=LAYER0, cache=minilm_rows)
     with pytest.raises(BitsmithError, match="below the smallest possible model"):
-        mixed_precision("minilm", f"{whole - 6_000_000}B", ["w8a16"], None, layers=LAYER0, cache=tmp_path)
-    result = mixed_precision("minilm", f"{whole - 2_000_000}B", ["w8a16"], None, layers=LAYER0, cache=tmp_path)
+        mixed_precision("minilm", f"{whole - 6_000_000}B", ["w8a16"], None, layers=LAYER0, cache=minilm_rows)
+    result = mixed_precision("minilm", f"{whole - 2_000_000}B", ["w8a16"], None, layers=LAYER0, cache=minilm_rows)
     assert result["model_bytes"] <= whole - 2_000_000
     # the word embedding table is a layer of the mix too: 30 MB can only come off it (layer 0's Linears hold 7 MB)
     out = tmp_path / "mix.yaml"
     result = mixed_precision("minilm", f"{whole - 30_000_000}B", ["w8a16"], out,
-                             layers=LAYER0 + r"|embeddings\.word_embeddings", cache=tmp_path)
+                             layers=LAYER0 + r"|embeddings\.word_embeddings", cache=minilm_rows)
     assert result["choice"]["embeddings.word_embeddings"] == "w8a16" and result["model_bytes"] <= whole - 30_000_000
     rule = bitsmith.load_recipe(str(out)).stages[0].rules[0]
     assert "embeddings.word_embeddings" in rule.targets and rule.scheme.weights.bits == 8

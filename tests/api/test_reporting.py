@@ -69,7 +69,7 @@ def test_gptq_notes_from_its_info():
     assert "damping escalated from 0 to 0.01" in note and "3 inputs were 0 in every calibration row" in note
 
 
-def test_notes_reach_the_table_bitsmith_json_and_inspect(tmp_path, docs_lm_model):
+def test_notes_reach_the_table_bitsmith_json_and_inspect(tmp_path, docs_lm_model, docs_lm_text):
     """docs-lm under AWQ: its grouped-query v_proj -> o_proj cannot take a scale (widths 128 vs 256), so each
     o_proj gets the clipping search only, and says so everywhere a user looks."""
     calib = tmp_path / "calib.txt"
@@ -79,7 +79,7 @@ def test_notes_reach_the_table_bitsmith_json_and_inspect(tmp_path, docs_lm_model
     run = lambda *a: subprocess.run([sys.executable, "-m", "bitsmith.cli.main", *map(str, a)],  # noqa: E731
                                     capture_output=True, text=True, timeout=900)
     done = run("compress", "docs-lm", "--recipe", "awq-w4a16", "--out", tmp_path / "m", "--calib", calib,
-               "--calib-samples", "8", "--repeats", "1")
+               "--calib-samples", "8", "--repeats", "1", "--text", docs_lm_text)
     assert done.returncode == 0, done.stderr
     o_proj = "model.layers.0.self_attn.o_proj"
     line = next(ln for ln in done.stdout.splitlines() if ln.startswith(f"note: {o_proj} "))
@@ -93,7 +93,7 @@ def test_notes_reach_the_table_bitsmith_json_and_inspect(tmp_path, docs_lm_model
     assert row["note"] == meta["notes"][o_proj]
 
 
-def test_offloaded_output_loads_on_meta_and_inspects_and_evaluates(tmp_path, docs_lm_model):
+def test_offloaded_output_loads_on_meta_and_inspects_and_evaluates(tmp_path, docs_lm_model, docs_lm_text):
     """compress --offload output: inspect and eval work on it, and load builds the model with its parameters
     on the meta device (no float copy of the model) before the quantized tensors are bound."""
     from bitsmith.io import serialization
@@ -110,7 +110,7 @@ def test_offloaded_output_loads_on_meta_and_inspects_and_evaluates(tmp_path, doc
     assert inspected.returncode == 0, inspected.stderr
     info = json.loads(inspected.stdout)
     assert info["file_bytes"] == sum(f["bytes"] for f in meta["files"].values()) and len(info["layers"]) == 30
-    evaluated = run("eval", tmp_path / "off", "--repeats", "1", "--json")
+    evaluated = run("eval", tmp_path / "off", "--repeats", "1", "--text", docs_lm_text, "--json")
     assert evaluated.returncode == 0, evaluated.stderr
     metrics = json.loads(evaluated.stdout)
     in_memory = copy.deepcopy(docs_lm_model[0])

@@ -68,12 +68,12 @@ def test_the_cache_serves_what_was_measured_and_measures_only_what_is_new(minilm
     assert _cached_part(redone["rows"]) == _cached_part(first["rows"])
 
 
-def test_block_groups_change_every_layer_of_a_block_together(tmp_path):
+def test_block_groups_change_every_layer_of_a_block_together(tmp_path, minilm_rows):
     result = analyze_sensitivity("minilm", ["w4a16"], group="block", layers=r"encoder\.layer\.[01]\.", cache=tmp_path,
                                  latency=False)
     assert [r["group"] for r in result["rows"]] == ["encoder.layer.0", "encoder.layer.1"]
     assert len(result["rows"][0]["layers"]) == 6
-    single = analyze_sensitivity("minilm", ["w4a16"], layers=LAYER0, cache=tmp_path, latency=False)
+    single = analyze_sensitivity("minilm", ["w4a16"], layers=LAYER0, cache=minilm_rows, latency=False)
     assert result["rows"][0]["output_error"] == pytest.approx(sum(r["output_error"] for r in single["rows"]))
     assert result["rows"][0]["measured"] > max(r["measured"] for r in single["rows"])
     assert result["chosen"] == "measured" and "no proxy could be ranked" in result["note"]  # two rows: no ranking
@@ -168,7 +168,7 @@ def test_embedding_tables_are_layers_with_the_candidates_that_apply_to_them(tmp_
     """A table gets the candidate's Linear scheme where a table can take it (w4a16: int4 in groups of 128 of a row),
     measured like any layer; pruning does not apply to a lookup: no row, and the result says why."""
     layers = r"embeddings\.(word|token_type)_embeddings|layer\.0\.attention\.self\.query"
-    result = analyze_sensitivity("minilm", ["w4a16", "wanda-50"], layers=layers, cache=tmp_path)
+    result = analyze_sensitivity("minilm", ["w4a16", "wanda-50"], layers=layers, cache=tmp_path, repeats=3)
     rows = {(r["candidate"], r["group"]): r for r in result["rows"]}
     assert set(rows) == {("w4a16", "embeddings.word_embeddings"), ("w4a16", "embeddings.token_type_embeddings"),
                          ("w4a16", "encoder.layer.0.attention.self.query"),

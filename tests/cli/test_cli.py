@@ -129,13 +129,21 @@ def test_corrupt_checkpoint_for_inspect_and_eval(compressed, tmp_path):
     assert_one_line_error(code, stderr, "is not valid JSON")
 
 
-def test_compress_digits_static_and_analyze_observers(tmp_path):
-    code, stdout, stderr = run("compress", "digits-cnn", "--recipe", "w8a8-static", "--out", str(tmp_path / "d"),
+@pytest.fixture(scope="module")
+def digits_static(tmp_path_factory):
+    """digits-cnn compressed by w8a8-static once for the tests below: (its directory, compress's JSON)."""
+    out = tmp_path_factory.mktemp("digits-static") / "d"
+    code, stdout, stderr = run("compress", "digits-cnn", "--recipe", "w8a8-static", "--out", str(out),
                                "--calib-samples", "64", "--repeats", "2", "--json")
     assert code == 0, stderr
-    metrics = json.loads(stdout)["metrics"]
+    return out, json.loads(stdout)
+
+
+def test_compress_digits_static_and_analyze_observers(digits_static):
+    directory, result = digits_static
+    metrics = result["metrics"]
     assert metrics["accuracy_drop_points"] <= 0.5 and metrics["calibration"]["batches"] == 2
-    code, stdout, stderr = run("inspect", str(tmp_path / "d"), "--json")
+    code, stdout, stderr = run("inspect", str(directory), "--json")
     rows = json.loads(stdout)["layers"]
     assert {row["module"] for row in rows} == {"StaticInt8Conv2d", "StaticInt8Linear"}
     assert all(row["ran_at_compress"]["kernel"] in row["kernels_here"] for row in rows)
@@ -198,17 +206,15 @@ def test_zoo_list_json():
     assert rows["minilm"]["fp32"]["reference"].startswith("the fp32 model is the reference")
 
 
-def test_export_onnx_runs_in_onnxruntime(tmp_path):
+def test_export_onnx_runs_in_onnxruntime(tmp_path, digits_static):
     import numpy as np
     import onnxruntime as ort
 
     from bitsmith.nn.cpu import int8_dot_product
     from bitsmith.zoo.digits import digits_data
 
-    code, _, stderr = run("compress", "digits-cnn", "--recipe", "w8a8-static", "--out", str(tmp_path / "d"),
-                          "--calib-samples", "64", "--repeats", "1")
-    assert code == 0, stderr
-    code, stdout, stderr = run("export", str(tmp_path / "d"), "--format", "onnx", "--out", str(tmp_path / "d.onnx"),
+    directory, _ = digits_static
+    code, stdout, stderr = run("export", str(directory), "--format", "onnx", "--out", str(tmp_path / "d.onnx"),
                                "--json")
     assert code == 0, stderr
     assert json.loads(stdout)["layers"] == {"StaticInt8Conv2d": 5, "StaticInt8Linear": 1}
@@ -220,27 +226,25 @@ def test_export_onnx_runs_in_onnxruntime(tmp_path):
         assert accuracy >= 0.8 and "saturating int16" in " ".join(json.loads(stdout)["notes"])  # 0.8489
     else:
         assert accuracy >= 0.985  # 0.9933
-    code, _, stderr = run("export", str(tmp_path / "d"), "--format", "gguf", "--out", str(tmp_path / "x.gguf"))
+    code, _, stderr = run("export", str(directory), "--format", "gguf", "--out", str(tmp_path / "x.gguf"))
     assert_one_line_error(code, stderr, "unknown export format 'gguf'")
-    code, _, stderr = run("export", str(tmp_path / "d"), "--out", str(tmp_path / "d.onnx"))
+    code, _, stderr = run("export", str(directory), "--out", str(tmp_path / "d.onnx"))
     assert_one_line_error(code, stderr, "already exists")
 
 
-def test_export_s8s8_qdq_matches_u8(tmp_path):
+def test_export_s8s8_qdq_matches_u8(tmp_path, digits_static):
     import numpy as np
     import onnx
     import onnxruntime as ort
 
     from bitsmith.zoo.digits import digits_data
 
-    code, _, stderr = run("compress", "digits-cnn", "--recipe", "w8a8-static", "--out", str(tmp_path / "d"),
-                          "--calib-samples", "64", "--repeats", "1")
-    assert code == 0, stderr
+    directory, _ = digits_static
     x = digits_data("test")[0][:64].numpy()
     outputs = {}
     for kind in ("u8", "s8"):
         path = tmp_path / f"{kind}.onnx"
-        code, _, stderr = run("export", str(tmp_path / "d"), "--out", str(path), "--activations", kind)
+        code, _, stderr = run("export", str(directory), "--out", str(path), "--activations", kind)
         assert code == 0, stderr
         zero_types = {init.data_type for init in onnx.load(str(path)).graph.initializer if "input_zero" in init.name}
         assert zero_types == {onnx.TensorProto.UINT8 if kind == "u8" else onnx.TensorProto.INT8}

@@ -225,7 +225,7 @@ def test_explicit_smoothing_exports_as_a_mul_before_quantization(tmp_path):
 
 
 @pytest.mark.parametrize("recipe", ["gptq-w4a16", "w8a8-dynamic"])
-def test_causal_lm_exports_logits_that_onnx_runtime_reproduces(recipe, tmp_path, docs_lm_model):
+def test_causal_lm_exports_logits_that_onnx_runtime_reproduces(recipe, tmp_path, docs_lm_model, docs_lm_text):
     """bitsmith export of a compressed causal LM (docs-lm): inputs input_ids and attention_mask, output the
     logits, at any batch and length; ONNX Runtime's perplexity equals bitsmith's own."""
     import json
@@ -245,7 +245,7 @@ def test_causal_lm_exports_logits_that_onnx_runtime_reproduces(recipe, tmp_path,
     calib = tmp_path / "calib.txt"
     calib.write_text("\n".join(["Python's list type holds any objects in order."] * 40))  # one short window: fast
     cli("compress", "docs-lm", "--recipe", recipe, "--out", str(tmp_path / "m"), "--repeats", "1",
-        "--calib", str(calib), "--calib-samples", "8")
+        "--calib", str(calib), "--calib-samples", "8", "--text", str(docs_lm_text))
     result = json.loads(cli("export", str(tmp_path / "m"), "--format", "onnx", "--out", str(tmp_path / "m.onnx"),
                             "--json"))
     assert stat.S_IMODE(os.stat(tmp_path / "m.onnx").st_mode) & 0o044 == 0o044  # readable by group and others
