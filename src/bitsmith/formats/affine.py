@@ -28,6 +28,7 @@ import torch
 from bitsmith.errors import BitsmithError
 
 __all__ = [
+    "fp16_scales",
     "IntFormat",
     "block_size_for",
     "choose_qparams_affine",
@@ -212,3 +213,10 @@ def fake_quantize_affine(
     scale, zero = choose_qparams_affine(x, block_size, fmt, symmetric, clip)
     q = quantize_affine(x, block_size, scale, zero, fmt)
     return dequantize_affine(q, block_size, scale, zero, x.dtype)
+
+
+def fp16_scales(scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` as it is kept in fp16: a group with nothing in its range (all pruned, a zero row) has a scale below
+    fp16's smallest positive value, so it is kept positive there (its codes sit at the zero point, so any scale
+    gives 0), never rounded to 0."""
+    return scale.clamp(min=torch.finfo(torch.float16).smallest_normal * 2.0 ** -10).to(torch.float16)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from bitsmith.algorithms.rtn import QuantizedWeight
+from bitsmith.formats.affine import fp16_scales
 from bitsmith.formats.packing import pack_codes, packed_bytes, unpack_codes
 from bitsmith.nn.kinds import tensor_problems
 
@@ -52,10 +53,8 @@ class QuantizedEmbedding(nn.Module):
             module.weight_codes.copy_(codes)
         else:
             module.weight_packed.copy_(pack_codes(codes.flatten(), qweight.fmt.bits))
-        # a group of zeros (a padding row) has a scale below fp16's smallest positive value: kept positive (its codes
-        # sit at the zero point, so any scale gives 0), never rounded to 0
-        tiniest = torch.finfo(torch.float16).smallest_normal * 2.0 ** -10
-        module.weight_scale.copy_(qweight.scale.clamp(min=tiniest))
+        scale = qweight.scale if module.weight_scale.dtype == torch.float32 else fp16_scales(qweight.scale)
+        module.weight_scale.copy_(scale)
         module.weight_zero_point.copy_((qweight.zero_point + offset).to(torch.uint8))
         return module
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from bitsmith.algorithms.rtn import QuantizedWeight
-from bitsmith.formats.affine import dequantize_affine
+from bitsmith.formats.affine import dequantize_affine, fp16_scales
 from bitsmith.formats.packing import pack_codes, packed_bytes, unpack_codes
 from bitsmith.nn import cpu, dispatch, kernels, native
 from bitsmith.nn.kinds import tensor_problems
@@ -251,10 +251,7 @@ class IntxWeightOnlyLinear(_QuantLinearBase):
         offset = 2 ** (qweight.fmt.bits - 1) if qweight.fmt.signed else 0
         codes = (qweight.codes.to(torch.int16) + offset).to(torch.uint8)
         module.weight_packed.copy_(pack_codes(codes.flatten(), qweight.fmt.bits))
-        # a group with nothing in its range (all pruned) has a scale below fp16's smallest positive value: kept
-        # positive there (its codes all sit at the zero point, so any scale gives 0), never rounded to 0
-        tiniest = torch.finfo(torch.float16).smallest_normal * 2.0 ** -10
-        module.weight_scale.copy_(qweight.scale.clamp(min=tiniest).expand_as(module.weight_scale))
+        module.weight_scale.copy_(fp16_scales(qweight.scale).expand_as(module.weight_scale))
         module.weight_zero_point.copy_((qweight.zero_point + offset).expand_as(module.weight_zero_point))
         if bias is not None:
             module.bias.copy_(bias.detach())
