@@ -191,19 +191,19 @@ def test_embedding_tables_are_layers_with_the_candidates_that_apply_to_them(tmp_
 
 
 def test_a_table_and_the_head_tied_to_it_are_left_out_and_said_so(tmp_path):
-    from bitsmith.api.sensitivity import _tied_tables
+    from bitsmith.api.sensitivity import _tied_layers
     from transformers import LlamaConfig, LlamaForCausalLM
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
     layers = {n: m for n, m in model.named_modules() if type(m) in (torch.nn.Embedding, torch.nn.Linear)}
-    tied = _tied_tables(model, layers)
+    tied = _tied_layers(model, layers)
     assert list(tied) == ["model.embed_tokens", "lm_head"]
     assert "shares its matrix with lm_head" in tied["model.embed_tokens"]
     assert "shares its matrix with model.embed_tokens" in tied["lm_head"]
     model.config.tie_word_embeddings = False
     untied = LlamaForCausalLM(model.config)
-    assert _tied_tables(untied, {"model.embed_tokens": untied.model.embed_tokens}) == {}
+    assert _tied_layers(untied, {"model.embed_tokens": untied.model.embed_tokens}) == {}
 
 
 def test_a_killed_analysis_resumes_from_the_rows_it_finished(tmp_path, monkeypatch):

@@ -127,32 +127,32 @@ def not_applicable(module: nn.Module, cand: Candidate) -> str | None:
     return cannot_quantize(module, cand.scheme)
 
 
-def changed(linear: nn.Module, cand: Candidate, hessian: torch.Tensor | None) -> nn.Module:
-    """What ``cand`` makes of ``linear`` alone (``hessian``: H = 2/n X^T X of its float inputs), or of an embedding
-    table (``not_applicable`` first: its Linear scheme by round-to-nearest, no Hessian)."""
-    if isinstance(linear, nn.Embedding):
-        return quantize_embedding(linear, cand.scheme)
+def changed(layer: nn.Module, cand: Candidate, hessian: torch.Tensor | None) -> nn.Module:
+    """What ``cand`` makes of a Linear ``layer`` alone (``hessian``: H = 2/n X^T X of its float inputs), or of an
+    embedding table (``not_applicable`` first: its Linear scheme by round-to-nearest, no Hessian)."""
+    if isinstance(layer, nn.Embedding):
+        return quantize_embedding(layer, cand.scheme)
     if cand.scheme is not None:
         w = cand.scheme.weights
         if w.algorithm == "gptq":
             options = cand.stage.gptq
-            qweight, _ = gptq_quantize(linear.weight.detach(), hessian, w.bits, group_size(linear, cand.scheme),
+            qweight, _ = gptq_quantize(layer.weight.detach(), hessian, w.bits, group_size(layer, cand.scheme),
                                        w.symmetric, act_order=options.act_order, static_groups=True,
                                        damp_percent=options.damp_percent, block_size=options.block_size, clip=w.clip)
-            return module_for(qweight, linear.bias, cand.scheme)
-        return quantize_linear(linear, cand.scheme)
+            return module_for(qweight, layer.bias, cand.scheme)
+        return quantize_linear(layer, cand.scheme)
     rule, method = cand.rule, cand.stage.method
-    weight = linear.weight.detach().float()
+    weight = layer.weight.detach().float()
     if method == "sparsegpt":
         options = cand.stage.sparsegpt
         pruned, _ = sparsegpt_prune(weight, hessian, rule.fraction, rule.nm, options.block_size, options.damp_percent)
     else:
         scores = weight.abs() if method == "magnitude" else wanda_scores(weight, hessian)
         pruned = weight * keep_mask(scores, rule.fraction, rule.nm, per_row=method == "wanda")
-    new = nn.Linear(linear.in_features, linear.out_features, linear.bias is not None)
-    new.weight.data = pruned.to(linear.weight.dtype)
-    if linear.bias is not None:
-        new.bias.data = linear.bias.detach().clone()
+    new = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None)
+    new.weight.data = pruned.to(layer.weight.dtype)
+    if layer.bias is not None:
+        new.bias.data = layer.bias.detach().clone()
     return new.eval().requires_grad_(False)
 
 
@@ -343,7 +343,7 @@ def _store(cache_file: Path, model: str, rows: dict) -> None:
     tmp.replace(cache_file)
 
 
-def _tied_tables(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, str]:
+def _tied_layers(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, str]:
     """Layers whose matrix another module shares (an embedding table and its tied output head), with why they are
     left out."""
     tied = {}
@@ -395,7 +395,7 @@ def analyze_sensitivity(
             raise BitsmithError(f"--layers {layers!r} is not a regular expression: {err}") from None
     matched = {name: m for name, m in net.named_modules()
                if type(m) in (nn.Linear, nn.Embedding) and (pattern is None or pattern.search(name))}
-    tied = _tied_tables(net, matched)
+    tied = _tied_layers(net, matched)
     targets = {name: m for name, m in matched.items() if name not in tied}
     if not any(isinstance(m, nn.Linear) for m in targets.values()):
         raise BitsmithError(f"no Linear layer of {model} matches --layers {layers!r}" if layers
