@@ -36,10 +36,13 @@ def test_unknown_top_level_key_in_recipe_file(tmp_path):
         config_from_yaml(path)
 
 
-def test_activations_need_int8_weights():
-    data = {"rules": [{"targets": ["Linear"], "scheme": {"weights": {"dtype": "int4"}, "activations": {}}}]}
-    with pytest.raises(BitsmithError, match="int8 activations need symmetric int8 weights"):
+def test_activations_need_symmetric_integer_weights():
+    data = {"rules": [{"targets": ["Linear"], "scheme": {"weights": {"dtype": "int4", "symmetric": False},
+                                                          "activations": {}}}]}
+    with pytest.raises(BitsmithError, match="int8 activations need symmetric integer weights"):
         config_from_dict(data)
+    data["rules"][0]["scheme"]["weights"]["symmetric"] = True  # int4 codes held as int8 on the W8A8 kernels
+    assert config_from_dict(data).rules[0].scheme.describe() == "w4 per-channel sym a8 per-token dynamic"
 
 
 def test_unknown_recipe_name_lists_builtins():

@@ -140,7 +140,7 @@ def test_schemes_written_wrong_are_refused(weights, message):
 
 
 def test_activations_are_refused_with_a_weight_only_format():
-    with pytest.raises(BitsmithError, match="need symmetric int8 weights"):
+    with pytest.raises(BitsmithError, match="need symmetric integer weights"):
         bitsmith.recipe.config_from_dict({"rules": [{"targets": ["Linear"], "scheme": {
             "weights": {"dtype": "fp8_e4m3"}, "activations": {}}}]})
 

@@ -137,14 +137,14 @@ def test_rule_naming_a_layer_it_cannot_quantize_is_an_error():
         {"rules": [{"targets": ["0"], "scheme": {"weights": {"dtype": "int4", "granularity": 8}}}]}
     )
     with pytest.raises(BitsmithError, match=r"layer '0' \(Conv2d\), named by rule 1: Conv2d is quantized only by"
-                                            " static W8A8 schemes"):
+                                            " static schemes"):
         bitsmith.quantize_(model, config)
     assert isinstance(model[0], nn.Conv2d)
 
 
 @pytest.mark.parametrize("scheme,message", [
     ({"weights": {"dtype": "int8", "granularity": 64}, "activations": {}}, "not groups"),
-    ({"weights": {"dtype": "int4"}, "activations": {}}, "need symmetric int8 weights"),
+    ({"weights": {"dtype": "int4", "symmetric": False}, "activations": {}}, "need symmetric integer weights"),
     ({"weights": {"dtype": "fp16", "granularity": 64}}, "fp16 weights take no granularity"),
     ({"weights": {"dtype": "bf16", "symmetric": False, "clip": "mse"}}, "bf16 weights take no clip, symmetric"),
     ({"weights": {"dtype": "int4", "granularity": 64, "algorithm": "awq", "clip": "mse"}}, "awq searches its own"),

@@ -9,7 +9,7 @@ import torch
 from bitsmith.formats.affine import IntFormat, block_size_for, choose_qparams_affine, quantize_affine
 from bitsmith.formats.ternary import quantize_ternary
 
-__all__ = ["QuantizedWeight", "weight_format", "quantize_weight_rtn", "quantize_weight_ternary"]
+__all__ = ["QuantizedWeight", "weight_format", "quantize_weight_rtn", "quantize_weight_signed", "quantize_weight_ternary"]
 
 
 @dataclass
@@ -40,6 +40,16 @@ def quantize_weight_rtn(
     fmt = weight_format(bits, symmetric)
     block_size = block_size_for(tuple(weight.shape), granularity)
     scale, zero = choose_qparams_affine(weight, block_size, fmt, symmetric=symmetric, clip=clip)
+    codes = quantize_affine(weight, block_size, scale, zero, fmt)
+    return QuantizedWeight(codes, scale, zero, fmt, block_size[-1])
+
+
+def quantize_weight_signed(weight: torch.Tensor, bits: int, granularity: str | int, clip: str = "minmax") -> QuantizedWeight:
+    """Symmetric signed codes in [-2^(bits-1), 2^(bits-1) - 1], zero point 0: the weights of the W8A8 kernels
+    (int8 activations), which take any width up to 8 held as int8."""
+    fmt = IntFormat(bits, signed=True)
+    block_size = block_size_for(tuple(weight.shape), granularity)
+    scale, zero = choose_qparams_affine(weight, block_size, fmt, symmetric=True, clip=clip)
     codes = quantize_affine(weight, block_size, scale, zero, fmt)
     return QuantizedWeight(codes, scale, zero, fmt, block_size[-1])
 

@@ -161,8 +161,8 @@ class _Int8Linear(_QuantLinearBase):
 
     @classmethod
     def from_quantized(cls, qweight: QuantizedWeight, bias: torch.Tensor | None):
-        if not qweight.fmt.signed or qweight.fmt.bits != 8:
-            raise ValueError("int8 linear modules take signed symmetric 8-bit codes")
+        if not qweight.fmt.signed:
+            raise ValueError("int8 linear modules take signed symmetric codes (8 bits, or fewer held as int8)")
         out_features, in_features = qweight.codes.shape
         module = cls(in_features, out_features, bias is not None)
         module.weight_codes.copy_(qweight.codes)

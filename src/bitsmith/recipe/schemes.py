@@ -104,8 +104,10 @@ class Scheme(Strict):
     def _supported(self) -> "Scheme":
         w = self.weights
         if self.activations is not None:
-            if not (w.dtype == "int8" and w.symmetric):
-                raise ValueError("int8 activations need symmetric int8 weights (the W8A8 kernels take nothing else)")
+            if w.bits is None or not w.symmetric:
+                # int2-int7 codes are held as int8 and run on the same W8A8 kernels (smaller steps, no speed-up)
+                raise ValueError("int8 activations need symmetric integer weights, int2 to int8 (the W8A8 kernels"
+                                 " take signed codes with no zero point)")
             if isinstance(w.granularity, int):
                 raise ValueError("int8 activations need per-channel or per-tensor weights, not groups (the W8A8"
                                  " kernels take one weight scale per output channel)")

@@ -47,8 +47,8 @@ def cannot_quantize(module: nn.Module, scheme: Scheme) -> str | None:
     """Why this scheme cannot run on this layer, or None."""
     w = scheme.weights
     if isinstance(module, nn.Conv2d):
-        if not scheme.is_static or w.dtype != "int8":
-            return "Conv2d is quantized only by static W8A8 schemes (int8 weights, calibrated activations)"
+        if not scheme.is_static:
+            return "Conv2d is quantized only by static schemes (symmetric int weights, calibrated int8 activations)"
         if isinstance(module.padding, str) or module.padding_mode != "zeros":
             return "Conv2d with string padding or a non-zero padding mode has no int8 kernel"
     elif w.is_lookup:

@@ -11,13 +11,13 @@ from torch import nn
 
 from bitsmith.algorithms.bias_correction import bias_shift
 from bitsmith.algorithms.observers import make_observer, qparams_u8
-from bitsmith.algorithms.rtn import quantize_weight_rtn
+from bitsmith.algorithms.rtn import quantize_weight_signed
 from bitsmith.pipeline.calibration import run_calibration
 from bitsmith.recipe.schemes import Scheme
 from bitsmith.formats.affine import dequantize_affine
 from bitsmith.nn.static import StaticInt8Conv2d, StaticInt8Linear
 
-__all__ = ["collect_activation_stats", "relu_followers", "build_static", "ActivationStats"]
+__all__ = ["collect_activation_stats", "relu_followers", "build_static", "static_module", "ActivationStats"]
 
 
 @dataclass
@@ -82,21 +82,30 @@ def build_static(module: nn.Module, stats: ActivationStats, scheme: Scheme, fuse
     weight = module.weight.detach()
     flat = weight.reshape(weight.shape[0], -1)  # (out, in * taps)
     w = scheme.weights
-    qweight = quantize_weight_rtn(flat, 8, w.granularity, symmetric=True, clip=w.clip)
+    qweight = quantize_weight_signed(flat, w.bits, w.granularity, clip=w.clip)
     scale = qweight.scale.expand(flat.shape[0], 1)  # (out, 1): a per-tensor scale on every channel
     bias = None if module.bias is None else module.bias.detach().clone()
     if bias_correction:
         dequantized = dequantize_affine(qweight.codes, (1, flat.shape[1]), scale, torch.zeros_like(scale, dtype=torch.int32))
         shift = bias_shift(weight, dequantized.reshape(weight.shape), stats.channel_mean())
         bias = -shift if bias is None else bias - shift
+    new = static_module(module, qweight.codes.reshape(weight.shape), scale, bias, qparams_u8(*stats.observer.range()),
+                        fuse_relu)
+    if getattr(module, "input_smooth", None) is not None:  # explicit SmoothQuant scale (stages/smooth.py)
+        new.set_input_smooth(module.input_smooth)
+    return new
+
+
+def static_module(module: nn.Module, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                  input_range: tuple[float, int], fuse_relu: bool) -> nn.Module:
+    """The static int8 module for float ``module`` (Linear or Conv2d) holding signed ``codes`` (the weight's
+    shape), per-channel ``scale`` (out, 1), ``bias`` and the input's (scale, zero point)."""
     if isinstance(module, nn.Conv2d):
         new = StaticInt8Conv2d.like(module, fused_relu=fuse_relu)
         if bias is not None and new.bias is None:
             new.register_buffer("bias", torch.zeros(module.out_channels))
     else:
         new = StaticInt8Linear(module.in_features, module.out_features, bias is not None, fused_relu=fuse_relu)
-    new.set_weight(qweight.codes.reshape(weight.shape), scale, bias)
-    new.set_input_range(*qparams_u8(*stats.observer.range()))
-    if getattr(module, "input_smooth", None) is not None:  # explicit SmoothQuant scale (stages/smooth.py)
-        new.set_input_smooth(module.input_smooth)
+    new.set_weight(codes, scale, bias)
+    new.set_input_range(*input_range)
     return new

@@ -12,7 +12,7 @@ from torch import nn
 
 from bitsmith.algorithms._modules import assign_, replace_module
 from bitsmith.algorithms.gptq import dequantize_weight
-from bitsmith.algorithms.rtn import QuantizedWeight, quantize_weight_rtn, quantize_weight_ternary
+from bitsmith.algorithms.rtn import QuantizedWeight, quantize_weight_rtn, quantize_weight_signed, quantize_weight_ternary
 from bitsmith.errors import BitsmithError
 from bitsmith.nn import (
     Fp8WeightOnlyLinear,
@@ -51,10 +51,12 @@ def quantize_linear(linear: nn.Linear, scheme: Scheme) -> nn.Module:
         return LOOKUP_BUILDERS[w.dtype](linear, w)
     if w.bits is None:
         return HalfLinear.from_float(linear, w.dtype)
+    if scheme.activations is not None:  # W8A8 dynamic: signed codes of any width, held as int8
+        qweight = quantize_weight_signed(linear.weight.detach(), w.bits, w.granularity, w.clip)
+        return Int8DynamicLinear.from_quantized(qweight, linear.bias)  # a per-tensor scale is repeated on every row
     qweight = quantize_weight_rtn(linear.weight.detach(), w.bits, w.granularity, w.symmetric, w.clip)
     if w.bits == 8 and w.symmetric and w.granularity in ("channel", "tensor"):
-        cls = Int8DynamicLinear if scheme.activations is not None else Int8WeightOnlyLinear
-        return cls.from_quantized(qweight, linear.bias)  # a per-tensor scale is repeated on every row
+        return Int8WeightOnlyLinear.from_quantized(qweight, linear.bias)  # a per-tensor scale on every row
     if w.granularity == "tensor":  # stored as one group spanning each row, with the shared scale repeated
         qweight.group_size = linear.in_features
     return IntxWeightOnlyLinear.from_quantized(qweight, linear.bias)
