@@ -16,6 +16,7 @@ from bitsmith.recipe import (
     EqualizeConfig,
     FoldBatchNormConfig,
     PruneConfig,
+    QATConfig,
     QuantizeConfig,
     Recipe,
     Rule,
@@ -26,7 +27,7 @@ from bitsmith.recipe import (
     builtin_recipes,
     load_recipe,
 )
-from bitsmith.stages import prune_, quantize_
+from bitsmith.stages import convert_, prepare_qat_, prune_, quantize_
 
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "EqualizeConfig",
     "FoldBatchNormConfig",
     "PruneConfig",
+    "QATConfig",
     "QuantizeConfig",
     "Recipe",
     "Rule",
@@ -45,9 +47,11 @@ __all__ = [
     "__version__",
     "builtin_recipes",
     "compress",
+    "convert_",
     "evaluate",
     "load",
     "load_recipe",
+    "prepare_qat_",
     "prune_",
     "quantize_",
     "read_metadata",

@@ -12,6 +12,7 @@ from bitsmith.recipe.stages import (
     MappingSpec,
     PruneConfig,
     PruneRule,
+    QATConfig,
     QuantizeConfig,
     SmoothConfig,
     StageConfig,
@@ -21,7 +22,7 @@ from bitsmith.recipe.stages import (
 
 __all__ = [
     "ActivationSpec", "AWQOptions", "EqualizeConfig", "FoldBatchNormConfig", "GPTQOptions", "MappingSpec",
-    "PruneConfig", "PruneRule", "QuantizeConfig", "Recipe", "Rule", "STAGE_CONFIGS", "Scheme", "SmoothConfig", "StageConfig",
+    "PruneConfig", "PruneRule", "QATConfig", "QuantizeConfig", "Recipe", "Rule", "STAGE_CONFIGS", "Scheme", "SmoothConfig", "StageConfig",
     "StructuredPruneConfig", "StructuredRule", "WeightSpec",
     "builtin_recipes", "config_from_dict", "config_from_yaml", "load_recipe", "target_matches",
 ]

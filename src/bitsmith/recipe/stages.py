@@ -7,6 +7,7 @@
     equalize        | cross-layer equalization of consecutive convolutions      | rewrite
     smooth          | SmoothQuant: activation outliers moved into the weights   | rewrite
     quantize        | layers replaced by quantized runtime modules (rules)      | quantize
+    qat             | quantization-aware training, then the same runtime modules | quantize
 
 Stages run in the order the recipe lists them. A stage that rewrites float layers cannot follow one that
 has already replaced them by quantized modules (``phase``), and ``smooth`` smooths for the int8
@@ -26,6 +27,7 @@ __all__ = [
     "StageConfig", "STAGE_CONFIGS", "register_stage_config", "REWRITE", "QUANTIZE",
     "GPTQOptions", "AWQOptions", "MappingSpec", "QuantizeConfig", "SmoothConfig", "FoldBatchNormConfig",
     "EqualizeConfig", "PruneRule", "SparseGPTOptions", "PruneConfig", "StructuredRule", "StructuredPruneConfig",
+    "QATConfig",
 ]
 
 MAX_RULES = 10_000  # a recipe is written by hand or a search; more rules than this is a mistake
@@ -337,3 +339,78 @@ class StructuredPruneConfig(StageConfig):
     @property
     def needs_calibration(self) -> bool:
         return self.importance == "activations"
+
+
+@register_stage_config
+class QATConfig(StageConfig):
+    """Quantization-aware training: the layers the rules match (Linear, Conv2d; integer schemes, weight-only or
+    W8A8 static / dynamic) train with fake-quantized weights and inputs and learned ranges (LSQ / LSQ+), the
+    model before this stage as the teacher (``loss``), on the calibration data; then each becomes the runtime
+    module post-training quantization builds. Embedding rules are rounded to nearest (a lookup trains nothing).
+
+        qat:
+          rules:
+            - targets: [Linear]
+              scheme: {weights: {dtype: int4, granularity: 128, symmetric: false, clip: mse}}
+          steps: 200
+          lr: 1.0e-4
+
+    A rule's ``clip`` sets where the ranges start (the round-to-nearest result: min-max or MSE)."""
+
+    stage: ClassVar[str] = "qat"
+    phase: ClassVar[int] = QUANTIZE
+
+    rules: list[Rule]
+    ignore: list[str] = []
+    steps: int = 200  # optimizer steps, one calibration batch each (the batches cycle in a seeded order)
+    lr: float = 1e-4  # AdamW, for weights and ranges alike (LSQ scales their gradients), cosine decay to 0
+    weight_decay: float = 0.0
+    trainable: Literal["all", "quantized"] = "all"  # every float parameter, or only the quantized layers'
+    loss: Literal["auto", "kl", "cosine", "mse"] = "auto"  # against the teacher (algorithms/distill.py)
+    temperature: float = 1.0  # kl: softmax temperature
+    held_out: float = 0.1  # fraction of the calibration batches kept out of training, to report the loss on
+    seed: int = 0
+
+    @field_validator("ignore")
+    @classmethod
+    def _valid_ignore(cls, targets: list[str]) -> list[str]:
+        return check_targets(targets)
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"must be at least 0, got {value}")
+        return value
+
+    @field_validator("lr", "temperature")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if not value > 0 or value != value or value == float("inf"):
+            raise ValueError(f"must be a positive number, got {value}")
+        return value
+
+    @field_validator("weight_decay", "held_out")
+    @classmethod
+    def _fraction(cls, value: float) -> float:
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"must be in [0, 1), got {value}")
+        return value
+
+    @field_validator("rules")
+    @classmethod
+    def _integer_schemes(cls, rules: list) -> list:
+        for number, rule in enumerate(rules, 1):
+            w = rule.scheme.weights if rule.scheme is not None else None
+            if w is None:
+                continue
+            if w.bits is None:
+                raise ValueError(f"rule {number}: qat trains integer grids (int2-int8), not {w.dtype}")
+            if w.algorithm != "rtn":
+                raise ValueError(f"rule {number}: qat starts from round-to-nearest ranges (clip: minmax or mse);"
+                                 f" for {w.algorithm} ranges run a quantize stage instead")
+        return rules
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True

@@ -1,0 +1,50 @@
+"""Knowledge distillation losses: the student's output against the float teacher's on the same inputs.
+
+    loss    | for                                    | value
+    kl      | logits (language models, classifiers)  | KL(softmax(t / T) || softmax(s / T)) * T^2, mean over positions
+    cosine  | hidden states, embeddings              | 1 - cos(s, t) along the last dimension, mean
+    mse     | anything                               | mean squared difference
+
+``auto`` reads the output: a ``logits`` field or a plain tensor (a classifier's) takes ``kl``; a
+``last_hidden_state`` (an encoder's) takes ``cosine``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["output_tensor", "loss_kind", "distill_loss"]
+
+
+def output_tensor(output) -> torch.Tensor:
+    """The tensor a model's output is judged by: logits, else the last hidden state, else the first tensor."""
+    if isinstance(output, torch.Tensor):
+        return output
+    for key in ("logits", "last_hidden_state"):
+        value = output.get(key) if isinstance(output, dict) else getattr(output, key, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    values = output.values() if isinstance(output, dict) else output
+    return next(v for v in values if isinstance(v, torch.Tensor))
+
+
+def loss_kind(output, asked: str) -> str:
+    if asked != "auto":
+        return asked
+    if isinstance(output, torch.Tensor):
+        return "kl"
+    logits = output.get("logits") if isinstance(output, dict) else getattr(output, "logits", None)
+    return "kl" if isinstance(logits, torch.Tensor) else "cosine"
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str, temperature: float = 1.0) -> torch.Tensor:
+    """Scalar loss of ``student`` against ``teacher`` (same shape, classes or features last)."""
+    student, teacher = student.float(), teacher.detach().float()
+    if kind == "kl":
+        log_p = F.log_softmax(student / temperature, dim=-1).reshape(-1, student.shape[-1])  # (positions, classes)
+        log_q = F.log_softmax(teacher / temperature, dim=-1).reshape(-1, teacher.shape[-1])
+        return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean") * temperature**2
+    if kind == "cosine":
+        return (1 - F.cosine_similarity(student, teacher, dim=-1)).mean()
+    return F.mse_loss(student, teacher)

@@ -1,0 +1,133 @@
+"""The qat stage and prepare_qat_ / convert_: at 0 steps it is post-training quantization exactly; trained, its
+runtime modules compute what the fake-quantized model computed; all or nothing on a bad run."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import bitsmith
+from bitsmith import BitsmithError, QATConfig, Recipe
+from bitsmith.nn import Int8DynamicLinear, Int8WeightOnlyLinear, IntxWeightOnlyLinear, StaticInt8Conv2d, StaticInt8Linear
+
+W4_G16 = {"weights": {"dtype": "int4", "granularity": 16, "symmetric": False}}
+W8 = {"weights": {"dtype": "int8"}}
+W8A8_DYNAMIC = {"weights": {"dtype": "int8"}, "activations": {}}
+W4A8_STATIC = {"weights": {"dtype": "int4"}, "activations": {"granularity": "tensor", "dynamic": False}}
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+
+
+def _convnet():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8 * 6 * 6, 10)).eval()
+
+
+def _batches(shape, count=10):
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randn(shape, generator=generator) for _ in range(count)]
+
+
+def _recipe(stage: str, scheme: dict, **options) -> Recipe:
+    body = {"rules": [{"targets": ["Linear", "Conv2d"], "scheme": scheme}], **options}
+    return Recipe.model_validate({"version": 2, "name": stage, "stages": [{stage: body}]})
+
+
+@pytest.mark.parametrize("make,shape,scheme,module", [
+    (_mlp, (16, 32), W4_G16, IntxWeightOnlyLinear),
+    (_mlp, (16, 32), W8, Int8WeightOnlyLinear),
+    (_mlp, (16, 32), W8A8_DYNAMIC, Int8DynamicLinear),
+    (_convnet, (4, 1, 8, 8), W4A8_STATIC, StaticInt8Conv2d),
+])
+def test_untrained_qat_is_post_training_quantization(make, shape, scheme, module):
+    model, batches = make(), _batches(shape)
+    ptq, qat = copy.deepcopy(model), copy.deepcopy(model)
+    bitsmith.quantize_(ptq, _recipe("quantize", scheme), calibration=batches)
+    report = bitsmith.quantize_(qat, _recipe("qat", scheme, steps=0), calibration=batches)
+    assert [type(m) for m in qat.modules()] == [type(m) for m in ptq.modules()]
+    assert isinstance(qat[0], module)
+    if module is IntxWeightOnlyLinear:  # qat rounds by the fp16 scale it stores, PTQ by the fp32 one it chose
+        for a, b in ((qat[0], ptq[0]), (qat[2], ptq[2])):
+            assert torch.equal(a.weight_scale, b.weight_scale) and torch.equal(a.weight_zero_point, b.weight_zero_point)
+            assert (a.codes() != b.codes()).float().mean() < 0.005  # 2 of 2048 codes: a tie moved by the fp16 scale
+    else:
+        assert torch.equal(qat(batches[0]), ptq(batches[0]))
+    assert report.quantized["0"].endswith(" qat")
+
+
+def test_training_lowers_the_held_out_loss_and_converts_to_what_was_trained():
+    model, batches = _mlp(), _batches((16, 32), 20)
+    student = copy.deepcopy(model)
+    config = QATConfig.model_validate({"rules": [{"targets": ["Linear"], "scheme": W4_G16}], "steps": 60, "lr": 1e-3})
+    bitsmith.prepare_qat_(student, config)
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
+    for step in range(60):
+        x = batches[step % 20]
+        loss = (student(x) - model(x).detach()).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        trained = student(batches[0])
+        weights = [student[i].quantized_weight() for i in (0, 2)]
+    done = bitsmith.convert_(student)
+    assert done == {"0": "w4 g16 asym a16 qat", "2": "w4 g16 asym a16 qat"}
+    assert isinstance(student[0], IntxWeightOnlyLinear)
+    assert all(torch.equal(student[i].dequantize(), w) for i, w in zip((0, 2), weights))  # the trained weights exactly
+    assert torch.allclose(student(batches[0]), trained, atol=0.02)  # max 0.008: the kernel runs bf16 activations
+
+    staged = copy.deepcopy(model)
+    report = bitsmith.quantize_(staged, _recipe("qat", W4_G16, steps=100, loss="mse"), calibration=batches)
+    summary = report.stages[0].summary
+    assert summary["held_out_batches"] == 2 and summary["train_batches"] == 18
+    assert summary["held_out_loss_after"] < 0.85 * summary["held_out_loss_before"]  # 3.77e-4 -> 2.6e-4
+    assert summary["train_loss_last"] < summary["train_loss_first"]
+
+
+def test_qat_static_model_saves_and_loads(tmp_path):
+    model, batches = _convnet(), _batches((4, 1, 8, 8))
+    bitsmith.quantize_(model, _recipe("qat", W4A8_STATIC, steps=20, lr=1e-3), calibration=batches)
+    assert isinstance(model[-1], StaticInt8Linear) and isinstance(model[1], nn.Identity)  # ReLU fused as PTQ does
+    assert int(model[0].weight_codes.abs().max()) <= 8  # int4 codes held as int8
+    bitsmith.save(model, tmp_path / "m")
+    loaded = bitsmith.load(tmp_path / "m", model=_convnet())
+    assert torch.equal(loaded(batches[0]), model(batches[0]))
+
+
+def test_a_diverging_run_stops_with_one_line_and_leaves_the_model_alone():
+    model, batches = _mlp(), _batches((16, 32))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(BitsmithError, match=r"qat: the loss became (nan|inf) at step \d+; lower lr"):
+        bitsmith.quantize_(model, _recipe("qat", W4_G16, steps=50, lr=1e30), calibration=batches)
+    assert isinstance(model[0], nn.Linear)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("rules,message", [
+    ([{"targets": ["Linear"], "scheme": {"weights": {"dtype": "fp16"}}}], "qat trains integer grids"),
+    ([{"targets": ["Linear"], "scheme": {"weights": {"dtype": "int4", "granularity": 16, "algorithm": "gptq"}}}],
+     "qat starts from round-to-nearest"),
+])
+def test_schemes_qat_cannot_train_are_refused(rules, message):
+    with pytest.raises(BitsmithError, match=message):
+        bitsmith.recipe.config_from_dict({"version": 2, "name": "q", "stages": [{"qat": {"rules": rules}}]}, Recipe)
+
+
+def test_groups_that_do_not_divide_the_inputs_are_refused():
+    model = nn.Sequential(nn.Linear(24, 4))
+    with pytest.raises(BitsmithError, match="qat groups of 16 must divide its 24 inputs"):
+        bitsmith.quantize_(model, _recipe("qat", W4_G16, steps=1), calibration=_batches((2, 24)))
+    assert isinstance(model[0], nn.Linear)
+
+
+def test_the_report_carries_a_loss_curve():
+    model, batches = _mlp(), _batches((16, 32))
+    report = bitsmith.quantize_(model, _recipe("qat", W8, steps=120), calibration=batches)
+    curve = report.stages[0].summary["loss_curve"]
+    assert len(curve) == 40 and curve[0][0] == 3 and curve[-1][0] == 120  # 120 steps in 40 points of 3
+    assert model.bitsmith_stages[-1]["summary"]["loss_curve"] == curve  # what bitsmith.json keeps
