@@ -13,6 +13,7 @@ from bitsmith.io.serialization import load, read_metadata, save
 from bitsmith.pipeline import run_stages
 from bitsmith.recipe import (
     ActivationSpec,
+    DistillConfig,
     EqualizeConfig,
     FoldBatchNormConfig,
     PruneConfig,
@@ -33,6 +34,7 @@ from bitsmith.stages import convert_, prepare_qat_, prune_, quantize_
 __all__ = [
     "ActivationSpec",
     "BitsmithError",
+    "DistillConfig",
     "EqualizeConfig",
     "FoldBatchNormConfig",
     "PruneConfig",

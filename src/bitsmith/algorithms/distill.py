@@ -6,7 +6,8 @@
     mse     | anything                               | mean squared difference
 
 ``auto`` reads the output: a ``logits`` field or a plain tensor (a classifier's) takes ``kl``; a
-``last_hidden_state`` (an encoder's) takes ``cosine``.
+``last_hidden_state`` (an encoder's) takes ``cosine``, on the mean over each sequence's real tokens (the
+sentence embedding, as sentence-transformers pools it) when the batch has an attention mask.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["output_tensor", "loss_kind", "distill_loss"]
+__all__ = ["output_tensor", "loss_kind", "distill_loss", "mean_pool"]
 
 
 def output_tensor(output) -> torch.Tensor:
@@ -48,3 +49,9 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str, temper
     if kind == "cosine":
         return (1 - F.cosine_similarity(student, teacher, dim=-1)).mean()
     return F.mse_loss(student, teacher)
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, H) hidden states averaged over the tokens ``mask`` (B, T) keeps: (B, H)."""
+    weights = mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)

@@ -6,6 +6,7 @@ from bitsmith.recipe.schemes import ActivationSpec, Rule, Scheme, WeightSpec, ta
 from bitsmith.recipe.stages import (
     STAGE_CONFIGS,
     AWQOptions,
+    DistillConfig,
     EqualizeConfig,
     FoldBatchNormConfig,
     GPTQOptions,
@@ -21,7 +22,7 @@ from bitsmith.recipe.stages import (
 )
 
 __all__ = [
-    "ActivationSpec", "AWQOptions", "EqualizeConfig", "FoldBatchNormConfig", "GPTQOptions", "MappingSpec",
+    "ActivationSpec", "AWQOptions", "DistillConfig", "EqualizeConfig", "FoldBatchNormConfig", "GPTQOptions", "MappingSpec",
     "PruneConfig", "PruneRule", "QATConfig", "QuantizeConfig", "Recipe", "Rule", "STAGE_CONFIGS", "Scheme", "SmoothConfig", "StageConfig",
     "StructuredPruneConfig", "StructuredRule", "WeightSpec",
     "builtin_recipes", "config_from_dict", "config_from_yaml", "load_recipe", "target_matches",

@@ -7,6 +7,7 @@
     equalize        | cross-layer equalization of consecutive convolutions      | rewrite
     smooth          | SmoothQuant: activation outliers moved into the weights   | rewrite
     quantize        | layers replaced by quantized runtime modules (rules)      | quantize
+    distill         | float parameters trained to follow the float model        | rewrite
     qat             | quantization-aware training, then the same runtime modules | quantize
 
 Stages run in the order the recipe lists them. A stage that rewrites float layers cannot follow one that
@@ -27,7 +28,7 @@ __all__ = [
     "StageConfig", "STAGE_CONFIGS", "register_stage_config", "REWRITE", "QUANTIZE",
     "GPTQOptions", "AWQOptions", "MappingSpec", "QuantizeConfig", "SmoothConfig", "FoldBatchNormConfig",
     "EqualizeConfig", "PruneRule", "SparseGPTOptions", "PruneConfig", "StructuredRule", "StructuredPruneConfig",
-    "QATConfig",
+    "QATConfig", "DistillConfig",
 ]
 
 MAX_RULES = 10_000  # a recipe is written by hand or a search; more rules than this is a mistake
@@ -341,11 +342,51 @@ class StructuredPruneConfig(StageConfig):
         return self.importance == "activations"
 
 
+class _TrainingConfig(StageConfig):
+    """What the training stages share (stages/training.py): AdamW steps on the calibration batches, the float
+    model as teacher."""
+
+    steps: int = 200  # optimizer steps, one calibration batch each (the batches cycle in a seeded order)
+    lr: float = 1e-4  # AdamW, cosine decay to 0
+    weight_decay: float = 0.0
+    loss: Literal["auto", "kl", "cosine", "mse"] = "auto"  # on the output, against the teacher's (algorithms/distill.py)
+    temperature: float = 1.0  # kl: softmax temperature
+    match: list[str] = []  # layers (by name) whose outputs also follow the teacher's, by MSE
+    match_weight: float = 1.0
+    held_out: float = 0.1  # fraction of the calibration batches kept out of training, to report the loss on
+    seed: int = 0
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"must be at least 0, got {value}")
+        return value
+
+    @field_validator("lr", "temperature", "match_weight")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if not value > 0 or value != value or value == float("inf"):
+            raise ValueError(f"must be a positive number, got {value}")
+        return value
+
+    @field_validator("weight_decay", "held_out")
+    @classmethod
+    def _fraction(cls, value: float) -> float:
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"must be in [0, 1), got {value}")
+        return value
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
+
 @register_stage_config
-class QATConfig(StageConfig):
+class QATConfig(_TrainingConfig):
     """Quantization-aware training: the layers the rules match (Linear, Conv2d; integer schemes, weight-only or
     W8A8 static / dynamic) train with fake-quantized weights and inputs and learned ranges (LSQ / LSQ+), the
-    model before this stage as the teacher (``loss``), on the calibration data; then each becomes the runtime
+    float model as teacher (``loss``, ``match``), on the calibration data; then each becomes the runtime
     module post-training quantization builds. Embedding rules are rounded to nearest (a lookup trains nothing).
 
         qat:
@@ -362,40 +403,12 @@ class QATConfig(StageConfig):
 
     rules: list[Rule]
     ignore: list[str] = []
-    steps: int = 200  # optimizer steps, one calibration batch each (the batches cycle in a seeded order)
-    lr: float = 1e-4  # AdamW, for weights and ranges alike (LSQ scales their gradients), cosine decay to 0
-    weight_decay: float = 0.0
     trainable: Literal["all", "quantized"] = "all"  # every float parameter, or only the quantized layers'
-    loss: Literal["auto", "kl", "cosine", "mse"] = "auto"  # against the teacher (algorithms/distill.py)
-    temperature: float = 1.0  # kl: softmax temperature
-    held_out: float = 0.1  # fraction of the calibration batches kept out of training, to report the loss on
-    seed: int = 0
 
     @field_validator("ignore")
     @classmethod
     def _valid_ignore(cls, targets: list[str]) -> list[str]:
         return check_targets(targets)
-
-    @field_validator("steps")
-    @classmethod
-    def _steps(cls, value: int) -> int:
-        if value < 0:
-            raise ValueError(f"must be at least 0, got {value}")
-        return value
-
-    @field_validator("lr", "temperature")
-    @classmethod
-    def _positive(cls, value: float) -> float:
-        if not value > 0 or value != value or value == float("inf"):
-            raise ValueError(f"must be a positive number, got {value}")
-        return value
-
-    @field_validator("weight_decay", "held_out")
-    @classmethod
-    def _fraction(cls, value: float) -> float:
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"must be in [0, 1), got {value}")
-        return value
 
     @field_validator("rules")
     @classmethod
@@ -411,6 +424,26 @@ class QATConfig(StageConfig):
                                  f" for {w.algorithm} ranges run a quantize stage instead")
         return rules
 
-    @property
-    def needs_calibration(self) -> bool:
-        return True
+
+@register_stage_config
+class DistillConfig(_TrainingConfig):
+    """Knowledge distillation: every float parameter of the model as the earlier stages left it (pruned,
+    structured-pruned, or cut to ``keep_blocks`` of its repeated blocks, DistilBERT's way: every other block,
+    initialised from the teacher's) trains to follow the float model as the recipe got it (``loss`` on the
+    output; ``match`` layers by MSE).
+
+        distill:
+          steps: 300
+          lr: 5.0e-5
+          match: [encoder.layer.5.output]"""
+
+    stage: ClassVar[str] = "distill"
+
+    keep_blocks: int | None = None  # cut the repeated blocks to this many, evenly spaced, before training
+
+    @field_validator("keep_blocks")
+    @classmethod
+    def _blocks(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"must be at least 1, got {value}")
+        return value

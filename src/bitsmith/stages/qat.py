@@ -4,25 +4,22 @@
     ... train model (any loop: every FakeQuantLayer's scale, zero point and weight is a Parameter) ...
     convert_(model)                             # FakeQuantLayer -> the runtime module PTQ builds
 
-The ``qat`` recipe stage does all three: the model as it comes is the teacher, the loss is the distance of
-the student's output to the teacher's (``algorithms/distill.py``), on the calibration batches (a held-out part
-reports the loss before and after). Ranges start from round-to-nearest (the rule's ``clip``); static input
+The ``qat`` recipe stage does all three, training by ``stages/training.py``: the model as the recipe was
+given is the teacher, the loss the distance of the student's output (and of ``match`` layers') to the
+teacher's, on the calibration batches (a held-out part reports the loss before and after). Ranges start from round-to-nearest (the rule's ``clip``); static input
 ranges from a min-max pass over the calibration data. ``convert_`` gives exactly the modules, kernels and
 saved layout of post-training quantization, with the trained codes and ranges.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-import time
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from bitsmith.algorithms._modules import replace_module
-from bitsmith.algorithms.distill import distill_loss, loss_kind, output_tensor
 from bitsmith.algorithms.observers import qparams_u8
 from bitsmith.algorithms.qat import codes_of
 from bitsmith.algorithms.rtn import QuantizedWeight, weight_format
@@ -38,6 +35,8 @@ from bitsmith.recipe.schemes import Scheme
 from bitsmith.recipe.stages import QATConfig
 from bitsmith.stages.quantize import plan
 from bitsmith.stages.static import relu_followers, static_module
+from bitsmith.stages.training import (check_match, keep_teacher, own_parameters_, sparsity_masks, teacher_for,
+                                      train_to_teacher)
 from bitsmith.stages.weights import module_for, quantize_embedding
 
 __all__ = ["prepare_qat_", "convert_"]
@@ -189,33 +188,6 @@ def _relu_followers(model: nn.Module, layers: dict[str, FakeQuantLayer]) -> dict
             replace_module(model, name, layer)
 
 
-def _split(batches: list, held_out: float, seed: int) -> tuple[list, list]:
-    count = round(len(batches) * held_out) if len(batches) > 1 else 0
-    count = min(max(count, 1 if held_out > 0 and len(batches) > 1 else 0), len(batches) - 1)
-    order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed)).tolist()
-    return [batches[i] for i in order[count:]], [batches[i] for i in order[:count]]
-
-
-def _mean_loss(model: nn.Module, teacher_outputs: list, batches: list, kind: str, temperature: float) -> float | None:
-    if not batches:
-        return None
-    with torch.no_grad():
-        losses = [distill_loss(output_tensor(run_batch(model, b)), t, kind, temperature).item()
-                  for b, t in zip(batches, teacher_outputs)]
-    return _figure(sum(losses) / len(losses))
-
-
-def _figure(value: float) -> float:
-    return float(f"{value:.6g}")
-
-
-def _curve(losses: list[float], points: int = 50) -> list[list]:
-    """[step, mean training loss of the steps since the last point], at most ``points`` of them."""
-    every = max(-(-len(losses) // points), 1)
-    return [[min(i + every, len(losses)), _figure(sum(losses[i:i + every]) / len(losses[i:i + every]))]
-            for i in range(0, len(losses), every)]
-
-
 def _trainable(model: nn.Module, config: QATConfig) -> list[nn.Parameter]:
     if config.trainable == "quantized":
         params = [p for m in model.modules() if isinstance(m, FakeQuantLayer) for p in m.parameters()]
@@ -229,56 +201,6 @@ def _trainable(model: nn.Module, config: QATConfig) -> list[nn.Parameter]:
     return unique
 
 
-def train_qat(model: nn.Module, teacher: nn.Module, config: QATConfig, batches: list, progress=None) -> dict:
-    """``config.steps`` AdamW steps of the distillation loss; returns the figures the report shows."""
-    train, held = _split(batches, config.held_out, config.seed)
-    with torch.no_grad():
-        first = run_batch(teacher, train[0])
-        kind = loss_kind(first, config.loss)
-        held_teacher = [output_tensor(run_batch(teacher, b)) for b in held]
-    before = _mean_loss(model, held_teacher, held, kind, config.temperature)
-    params = _trainable(model, config)
-    flags = {id(p): p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(any(p is q for q in params))
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / max(config.steps, 1))))
-    generator = torch.Generator().manual_seed(config.seed)
-    order: list[int] = []
-    losses = []
-    start = time.perf_counter()
-    try:
-        with torch.enable_grad():
-            for step in range(config.steps):
-                if not order:
-                    order = torch.randperm(len(train), generator=generator).tolist()
-                batch = train[order.pop()]
-                with torch.no_grad():
-                    target = output_tensor(run_batch(teacher, batch))
-                loss = distill_loss(output_tensor(run_batch(model, batch)), target, kind, config.temperature)
-                if not torch.isfinite(loss):
-                    raise BitsmithError(f"qat: the loss became {loss.item()} at step {step + 1}; lower lr"
-                                        f" (now {config.lr:g}) and run again")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                losses.append(loss.item())
-                if progress is not None:
-                    progress(f"qat step {step + 1}/{config.steps} loss {loss.item():.4g}")
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(flags.get(id(p), True))
-    after = _mean_loss(model, held_teacher, held, kind, config.temperature)
-    tenth = max(len(losses) // 10, 1)
-    return {"steps": config.steps, "loss": kind, "train_batches": len(train), "held_out_batches": len(held),
-            "train_loss_first": _figure(sum(losses[:tenth]) / tenth) if losses else None,
-            "train_loss_last": _figure(sum(losses[-tenth:]) / tenth) if losses else None,
-            "held_out_loss_before": before, "held_out_loss_after": after, "loss_curve": _curve(losses),
-            "seconds": round(time.perf_counter() - start, 1)}
-
-
 def _check(model: nn.Module, config: QATConfig, context: Context) -> None:
     if context.offloaded:
         raise BitsmithError("qat trains the whole model in memory; run it without --offload")
@@ -288,18 +210,8 @@ def _check(model: nn.Module, config: QATConfig, context: Context) -> None:
         _check_layer(name, modules[name], scheme)
     if not layers:
         raise BitsmithError("qat: no Linear or Conv2d layer matches its rules")
-
-
-def _own_parameters_(model: nn.Module) -> None:
-    """Bind a copy of every parameter (tied ones stay tied), so that the optimizer's in-place steps never write
-    into the tensors the caller holds: a failed run restores the model exactly (pipeline/transaction.py)."""
-    copies: dict[int, nn.Parameter] = {}
-    for module in model.modules():
-        for name, p in list(module._parameters.items()):
-            if p is not None:
-                if id(p) not in copies:
-                    copies[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
-                module._parameters[name] = copies[id(p)]
+    check_match(model, config.match, "qat")
+    keep_teacher(model, context)
 
 
 @register_stage(QATConfig, check=_check, why_not_offload="it trains the whole model in memory")
@@ -307,14 +219,16 @@ def qat_stage(model: nn.Module, config: QATConfig, context: Context, report: Sta
     _, tables, skipped = _trained(model, config)
     for name, why in skipped.items():
         report.skip(name, why)
-    teacher = copy.deepcopy(model).eval()
-    _own_parameters_(model)
+    teacher = teacher_for(model, context)
+    own_parameters_(model)
     followers = relu_followers(model)
     was_training = model.training
     model.eval()  # dropout off: the student follows the teacher's deterministic outputs
     torch.manual_seed(config.seed)
+    masks = sparsity_masks(model, context.sparse_layers())  # a pruned layer keeps its zeros
     layers = prepare_qat_(model, config, context.calibration)
-    report.summary.update(train_qat(model, teacher, config, context.calibration, context.progress))
+    report.summary.update(train_to_teacher(model, teacher, config, context.calibration, _trainable(model, config),
+                                           "qat", context.progress, masks))
     done = convert_(model, followers)
     with torch.no_grad():
         for name, scheme in tables.items():
@@ -324,4 +238,3 @@ def qat_stage(model: nn.Module, config: QATConfig, context: Context, report: Sta
         asked = (layers.get(name) or tables[name]).describe("qat" if name in layers else "rtn")
         report.done(name, what, asked=asked)
     model.train(was_training)
-    del teacher

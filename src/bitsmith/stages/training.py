@@ -1,0 +1,199 @@
+"""The one training loop of the training stages (qat, distill): the student follows the float teacher.
+
+    loss = distill_loss(student output, teacher output)            # algorithms/distill.py: kl, cosine or mse
+                                                                   #   (cosine of hidden states: mean-pooled by the mask)
+         + match_weight * sum over ``match`` layers of MSE(student layer output, teacher layer output)
+
+The teacher is the model as the recipe was given (``teacher_for``: kept by the stage's check, before any stage
+changes the model), so "prune, distill, qat" learns from the float model at every step. Batches are the
+calibration batches in a seeded order; a held-out part (``held_out``) reports the loss before and after. A loss
+that is not finite stops the run with one line, and the pipeline puts the model back as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import torch
+from torch import nn
+
+from bitsmith.algorithms.distill import distill_loss, loss_kind, mean_pool, output_tensor
+from bitsmith.errors import BitsmithError
+from bitsmith.pipeline.calibration import run_batch
+from bitsmith.pipeline.run import Context
+
+__all__ = ["keep_teacher", "teacher_for", "own_parameters_", "sparsity_masks", "train_to_teacher", "check_match"]
+
+_TEACHER = "teacher"  # Context.shared key
+
+
+def keep_teacher(model: nn.Module, context: Context) -> None:
+    """From a training stage's check (the model as given, before any stage runs): keep it as the teacher."""
+    if _TEACHER not in context.shared:
+        context.shared[_TEACHER] = copy.deepcopy(model).eval()
+
+
+def teacher_for(model: nn.Module, context: Context) -> nn.Module:
+    teacher = context.shared.get(_TEACHER)
+    return teacher if teacher is not None else copy.deepcopy(model).eval()
+
+
+def own_parameters_(model: nn.Module) -> None:
+    """Bind a copy of every parameter (tied ones stay tied), so that the optimizer's in-place steps never write
+    into the tensors the caller holds: a failed run restores the model exactly (pipeline/transaction.py)."""
+    copies: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                if id(p) not in copies:
+                    copies[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                module._parameters[name] = copies[id(p)]
+
+
+def _figure(value: float) -> float:
+    return float(f"{value:.6g}")
+
+
+def _split(batches: list, held_out: float, seed: int) -> tuple[list, list]:
+    count = round(len(batches) * held_out) if len(batches) > 1 else 0
+    count = min(max(count, 1 if held_out > 0 and len(batches) > 1 else 0), len(batches) - 1)
+    order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [batches[i] for i in order[count:]], [batches[i] for i in order[:count]]
+
+
+def _curve(losses: list[float], points: int = 50) -> list[list]:
+    """[step, mean training loss of the steps since the last point], at most ``points`` of them."""
+    every = max(-(-len(losses) // points), 1)
+    return [[min(i + every, len(losses)), _figure(sum(losses[i:i + every]) / len(losses[i:i + every]))]
+            for i in range(0, len(losses), every)]
+
+
+class _Taps:
+    """Forward hooks keeping the outputs of the ``match`` layers of one model, by name."""
+
+    def __init__(self, model: nn.Module, names: list[str], detach: bool):
+        modules = dict(model.named_modules())
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.handles = []
+        for name in names:
+            def keep(module, args, output, name=name):
+                tensor = output_tensor(output) if not isinstance(output, torch.Tensor) else output
+                self.outputs[name] = tensor.detach() if detach else tensor
+
+            self.handles.append(modules[name].register_forward_hook(keep))
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def check_match(model: nn.Module, names: list[str], what: str) -> None:
+    modules = dict(model.named_modules())
+    missing = [name for name in names if name not in modules]
+    if missing:
+        raise BitsmithError(f"{what}: match layer '{missing[0]}' is not a module of the model")
+
+
+class _Objective:
+    """The loss of one batch: output distance to the teacher plus the matched layers' MSE."""
+
+    def __init__(self, model, teacher, options, kind: str):
+        self.model, self.teacher, self.options, self.kind = model, teacher, options, kind
+        match = list(getattr(options, "match", []) or [])
+        self.student_taps = _Taps(model, match, detach=False)
+        self.teacher_taps = _Taps(teacher, match, detach=True)
+        self.match = match
+
+    def __call__(self, batch) -> torch.Tensor:
+        with torch.no_grad():
+            target = output_tensor(run_batch(self.teacher, batch))
+        student = output_tensor(run_batch(self.model, batch))
+        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+        if self.kind == "cosine" and mask is not None and student.dim() == 3 and mask.shape == student.shape[:2]:
+            student, target = mean_pool(student, mask), mean_pool(target, mask)  # sentence embeddings
+        loss = distill_loss(student, target, self.kind, self.options.temperature)
+        for name in self.match:
+            student, teacher = self.student_taps.outputs[name], self.teacher_taps.outputs[name]
+            if student.shape != teacher.shape:
+                raise BitsmithError(f"match layer '{name}' gives {list(student.shape)} in the student and"
+                                    f" {list(teacher.shape)} in the teacher: match layers whose outputs keep their shape")
+            loss = loss + self.options.match_weight * torch.nn.functional.mse_loss(student.float(), teacher.float())
+        return loss
+
+    def close(self) -> None:
+        self.student_taps.close()
+        self.teacher_taps.close()
+
+
+def sparsity_masks(model: nn.Module, sparse: set[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(weight, nonzero mask) of the layers an earlier stage pruned: training keeps their zeros."""
+    masks = []
+    for name in sorted(sparse):
+        weight = getattr(model.get_submodule(name), "weight", None) if name in dict(model.named_modules()) else None
+        if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+            masks.append((weight, weight.detach() != 0))
+    return masks
+
+
+def train_to_teacher(model: nn.Module, teacher: nn.Module, options, batches: list, params: list[nn.Parameter],
+                     what: str, progress=None, masks: list | None = None) -> dict:
+    """``options.steps`` AdamW steps (cosine decay) on ``params``, the zeros of ``masks`` (``sparsity_masks``) kept
+    after every step; returns the figures the report shows."""
+    train, held = _split(batches, options.held_out, options.seed)
+    with torch.no_grad():
+        kind = loss_kind(run_batch(teacher, train[0]), options.loss)
+    objective = _Objective(model, teacher, options, kind)
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    wanted = {id(p) for p in params}
+    losses: list[float] = []
+    start = time.perf_counter()
+    try:
+        before = _held_out_loss(objective, held)
+        for p in model.parameters():
+            p.requires_grad_(id(p) in wanted)
+        optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / max(options.steps, 1))))
+        generator = torch.Generator().manual_seed(options.seed)
+        order: list[int] = []
+        with torch.enable_grad():
+            for step in range(options.steps):
+                if not order:
+                    order = torch.randperm(len(train), generator=generator).tolist()
+                loss = objective(train[order.pop()])
+                if not torch.isfinite(loss):
+                    raise BitsmithError(f"{what}: the loss became {loss.item()} at step {step + 1}; lower lr"
+                                        f" (now {options.lr:g}) and run again")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                with torch.no_grad():
+                    for weight, keep in masks or ():
+                        weight.mul_(keep)
+                losses.append(loss.item())
+                if progress is not None:
+                    left = (time.perf_counter() - start) / (step + 1) * (options.steps - step - 1)
+                    progress(f"{what} step {step + 1}/{options.steps} loss {loss.item():.4g}"
+                             f" lr {schedule.get_last_lr()[0]:.3g} ~{left:.0f}s left")
+        after = _held_out_loss(objective, held)
+    finally:
+        objective.close()
+        for p in model.parameters():
+            p.requires_grad_(flags.get(id(p), True))
+    tenth = max(len(losses) // 10, 1)
+    return {"steps": options.steps, "loss": kind, "train_batches": len(train), "held_out_batches": len(held),
+            "train_loss_first": _figure(sum(losses[:tenth]) / tenth) if losses else None,
+            "train_loss_last": _figure(sum(losses[-tenth:]) / tenth) if losses else None,
+            "held_out_loss_before": before, "held_out_loss_after": after, "loss_curve": _curve(losses),
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _held_out_loss(objective: _Objective, batches: list) -> float | None:
+    if not batches:
+        return None
+    with torch.no_grad():
+        losses = [objective(batch).item() for batch in batches]
+    return _figure(sum(losses) / len(losses))
