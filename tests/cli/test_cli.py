@@ -251,3 +251,27 @@ def test_export_s8s8_qdq_matches_u8(tmp_path, digits_static):
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         outputs[kind] = session.run(None, {session.get_inputs()[0].name: x})[0]
     assert np.abs(outputs["u8"] - outputs["s8"]).max() < 1e-3 * np.abs(outputs["u8"]).max()
+
+
+def test_qat_recipe_through_the_cli_saves_its_training_report(tmp_path):
+    recipe = tmp_path / "qat.yaml"
+    recipe.write_text(
+        "version: 2\nname: qat-w4a8\nstages:\n  - fold_batchnorm\n  - qat:\n      rules:\n"
+        "        - targets: [Linear, Conv2d]\n"
+        "          scheme: {weights: {dtype: int4}, activations: {granularity: tensor, dynamic: false}}\n"
+        "      steps: 4\n      lr: 1.0e-4\n")
+    out = tmp_path / "d"
+    code, stdout, stderr = run("compress", "digits-cnn", "--recipe", str(recipe), "--out", str(out),
+                               "--calib-samples", "64", "--repeats", "1", "--json")
+    assert code == 0, stderr
+    summary = json.loads(stdout)["stages"][-1]["summary"]
+    assert summary["steps"] == 4 and summary["loss"] == "kl" and len(summary["loss_curve"]) == 4
+    code, stdout, stderr = run("inspect", str(out), "--json")
+    inspected = json.loads(stdout)
+    assert set(inspected["quantized"].values()) == {"w4 per-channel sym a8 static (minmax) qat"}
+    assert {row["module"] for row in inspected["layers"]} == {"StaticInt8Conv2d", "StaticInt8Linear"}  # PTQ's modules
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(recipe.read_text().replace("steps: 4", "stepz: 4"))
+    code, stdout, stderr = run("compress", "digits-cnn", "--recipe", str(bad), "--out", str(tmp_path / "e"))
+    assert_one_line_error(code, stderr, "unknown key 'stages[1].qat.stepz'")
+    assert not (tmp_path / "e").exists()
