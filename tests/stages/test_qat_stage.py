@@ -2,6 +2,7 @@
 runtime modules compute what the fake-quantized model computed; all or nothing on a bad run."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -131,3 +132,38 @@ def test_the_report_carries_a_loss_curve():
     curve = report.stages[0].summary["loss_curve"]
     assert len(curve) == 40 and curve[0][0] == 3 and curve[-1][0] == 120  # 120 steps in 40 points of 3
     assert model.bitsmith_stages[-1]["summary"]["loss_curve"] == curve  # what bitsmith.json keeps
+
+
+class _Killed(BaseException):
+    pass
+
+
+def _kill_at(step: int):
+    def progress(message: str) -> None:
+        if message.startswith(f"qat step {step}/"):
+            raise _Killed()
+
+    return progress
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
+    batches = _batches((16, 32), 10)
+    recipe = _recipe("qat", W4_G16, steps=12, lr=1e-3, checkpoint_every=4)
+    whole = _mlp()
+    bitsmith.run_stages(whole, recipe, batches)
+
+    killed = _mlp()
+    with pytest.raises(_Killed):
+        bitsmith.run_stages(killed, recipe, batches, checkpoints=tmp_path, progress=_kill_at(10))
+    assert isinstance(killed[0], nn.Linear)  # put back as it was; the step-8 checkpoint stays
+    state = json.loads((tmp_path / "0-qat" / "state.json").read_text())
+    assert state["step"] == 8 and len(state["losses"]) == 8
+    resumed = _mlp()
+    report = bitsmith.run_stages(resumed, recipe, batches, checkpoints=tmp_path, resume=True)
+    assert report.stages[0].summary["resumed_at_step"] == 8
+    for a, b in zip(resumed.state_dict().values(), whole.state_dict().values()):
+        assert torch.equal(a, b)  # the same codes, scales and biases as the run never killed
+
+    other = _recipe("qat", W4_G16, steps=12, lr=2e-3, checkpoint_every=4)
+    with pytest.raises(BitsmithError, match="is of another run"):
+        bitsmith.run_stages(_mlp(), other, batches, checkpoints=tmp_path, resume=True)

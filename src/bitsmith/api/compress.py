@@ -100,10 +100,14 @@ def compress(
     calib_samples: int = 128,
     repeats: int = 5,
     progress=None,
+    checkpoints: str | Path | None = None,
+    resume: bool = False,
 ) -> dict:
     """Quantize ``model`` (a zoo name, a directory, or a module with its ``tokenizer``) by ``recipe``,
     measure size, latency and fidelity against the float original on the same input, and save to
-    ``out`` (if given). Returns the metrics, also written to ``out/bitsmith.json``."""
+    ``out`` (if given). Returns the metrics, also written to ``out/bitsmith.json``. Training stages with
+    ``checkpoint_every`` keep checkpoints under ``checkpoints`` (default ``<out>.checkpoints``); ``resume`` starts
+    them from there."""
     check_counts(repeats, calib_samples)
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
     if out is not None:
@@ -122,7 +126,9 @@ def compress(
     if recipe.needs_calibration or calib is not None:
         calibration = task.calibration(calib, calib_samples)
     quant_model = copy.deepcopy(float_model)
-    report = run_stages(quant_model, recipe, calibration, progress=progress)
+    if checkpoints is None and out is not None:
+        checkpoints = Path(f"{out}.checkpoints")
+    report = run_stages(quant_model, recipe, calibration, progress=progress, checkpoints=checkpoints, resume=resume)
     quant_model.bitsmith_source = source
     metrics = {
         "recipe": recipe.name,

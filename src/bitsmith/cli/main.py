@@ -104,6 +104,10 @@ def compress(
         False, "--offload", help="Larger than memory: quantize block by block from disk (causal LM directory or"
         " docs-lm);"
         " no evaluation."),
+    checkpoints: Optional[Path] = typer.Option(
+        None, "--checkpoints", help="Where training stages (qat, distill) with checkpoint_every keep their"
+        " checkpoints (default: OUT.checkpoints)."),
+    resume: bool = typer.Option(False, "--resume", help="Training stages start from their last checkpoint."),
     as_json: bool = JSON_OPTION,
 ):
     """Quantize MODEL by a recipe, compare it with the original on this machine, and save it."""
@@ -138,7 +142,8 @@ def compress(
     ) as progress:
         bars = _StageBars(progress)
         result = run_compress(
-            model, recipe, out, text=text, calib=calib, calib_samples=calib_samples, repeats=repeats, progress=bars
+            model, recipe, out, text=text, calib=calib, calib_samples=calib_samples, repeats=repeats, progress=bars,
+            checkpoints=checkpoints, resume=resume,
         )
         bars.finish()
     result.pop("model")

@@ -68,6 +68,8 @@ class Context:
     #                                               has one, before each stage
     earlier: list[StageReport] = field(default_factory=list)  # what the stages before this one did
     shared: dict = field(default_factory=dict)  # one dict for every stage of a run: the pending offer
+    checkpoints: str | None = None  # where training stages keep their checkpoints (None: nowhere)
+    resume: bool = False  # training stages start from their last checkpoint there
 
     def offer(self, prefix: str, blocks: nn.ModuleList, work: Work, finish: Callable[[bool], None]) -> bool:
         """Leave this stage's calibrated block work to the next stage's pass; False: run it yourself."""
@@ -129,7 +131,7 @@ def _check_offload(recipe: Recipe, handlers: list) -> None:
 
 
 def check_stages(model: nn.Module, recipe: Recipe, calibration: Iterable | None = None, *,
-                 blocks: BlockSource | None = None, progress=None) -> list[tuple]:
+                 blocks: BlockSource | None = None, progress=None, checkpoints=None, resume: bool = False) -> list[tuple]:
     """Steps 1 and 2 of ``run_stages``: (stage, handler, context) for every stage, all checked."""
     source = blocks if blocks is not None else BlockSource()
     if calibration is not None:
@@ -139,7 +141,9 @@ def check_stages(model: nn.Module, recipe: Recipe, calibration: Iterable | None 
                             " data (--calib)")
     handlers = [handler_for(stage) for stage in recipe.stages]
     shared: dict = {}
-    steps = [(stage, handler, Context(recipe.stages, index, calibration, source, progress, shared=shared))
+    folder = None if checkpoints is None else str(checkpoints)
+    steps = [(stage, handler, Context(recipe.stages, index, calibration, source, progress, shared=shared,
+                                      checkpoints=folder, resume=resume))
              for index, (stage, handler) in enumerate(zip(recipe.stages, handlers))]
     for stage, handler, context in steps:  # first: what each stage says of this model (the closer reason)
         if handler.check is not None:
@@ -150,9 +154,11 @@ def check_stages(model: nn.Module, recipe: Recipe, calibration: Iterable | None 
 
 
 def run_stages(model: nn.Module, recipe: Recipe, calibration: Iterable | None = None, *,
-               blocks: BlockSource | None = None, progress=None) -> Report:
-    """Run every stage of ``recipe`` on ``model`` in place (see the module docstring)."""
-    steps = check_stages(model, recipe, calibration, blocks=blocks, progress=progress)
+               blocks: BlockSource | None = None, progress=None, checkpoints=None, resume: bool = False) -> Report:
+    """Run every stage of ``recipe`` on ``model`` in place (see the module docstring); training stages keep
+    checkpoints under ``checkpoints`` and, with ``resume``, start from them."""
+    steps = check_stages(model, recipe, calibration, blocks=blocks, progress=progress, checkpoints=checkpoints,
+                         resume=resume)
     report = Report()
     for _, _, context in steps:
         context.earlier = report.stages  # grows as the stages run: stage i sees stages 0 .. i-1

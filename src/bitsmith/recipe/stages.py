@@ -355,8 +355,9 @@ class _TrainingConfig(StageConfig):
     match_weight: float = 1.0
     held_out: float = 0.1  # fraction of the calibration batches kept out of training, to report the loss on
     seed: int = 0
+    checkpoint_every: int = 0  # steps between checkpoints (under --checkpoints; 0: none), for --resume
 
-    @field_validator("steps")
+    @field_validator("steps", "checkpoint_every")
     @classmethod
     def _steps(cls, value: int) -> int:
         if value < 0:

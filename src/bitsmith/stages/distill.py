@@ -22,8 +22,8 @@ from bitsmith.pipeline.registry import register_stage
 from bitsmith.pipeline.report import StageReport
 from bitsmith.pipeline.run import Context
 from bitsmith.recipe.stages import DistillConfig
-from bitsmith.stages.training import (check_match, keep_teacher, own_parameters_, sparsity_masks, teacher_for,
-                                      train_to_teacher)
+from bitsmith.stages.training import (check_match, checkpoints_for, keep_teacher, own_parameters_, sparsity_masks,
+                                      teacher_for, train_to_teacher)
 
 __all__ = ["kept_blocks", "cut_blocks_"]
 
@@ -80,8 +80,9 @@ def distill_stage(model: nn.Module, config: DistillConfig, context: Context, rep
     torch.manual_seed(config.seed)
     params = list(dict.fromkeys(p for p in model.parameters() if p.is_floating_point()))  # tied ones once
     masks = sparsity_masks(model, context.sparse_layers())  # a pruned layer keeps its zeros
+    checkpoints = checkpoints_for(context, config, "distill", params, context.calibration)
     report.summary.update(train_to_teacher(model, teacher, config, context.calibration, params, "distill",
-                                           context.progress, masks))
+                                           context.progress, masks, checkpoints))
     if masks:
         report.summary["kept_zeros_of"] = len(masks)
     model.train(was_training)

@@ -35,8 +35,8 @@ from bitsmith.recipe.schemes import Scheme
 from bitsmith.recipe.stages import QATConfig
 from bitsmith.stages.quantize import plan
 from bitsmith.stages.static import relu_followers, static_module
-from bitsmith.stages.training import (check_match, keep_teacher, own_parameters_, sparsity_masks, teacher_for,
-                                      train_to_teacher)
+from bitsmith.stages.training import (check_match, checkpoints_for, keep_teacher, own_parameters_, sparsity_masks,
+                                      teacher_for, train_to_teacher)
 from bitsmith.stages.weights import module_for, quantize_embedding
 
 __all__ = ["prepare_qat_", "convert_"]
@@ -227,8 +227,10 @@ def qat_stage(model: nn.Module, config: QATConfig, context: Context, report: Sta
     torch.manual_seed(config.seed)
     masks = sparsity_masks(model, context.sparse_layers())  # a pruned layer keeps its zeros
     layers = prepare_qat_(model, config, context.calibration)
-    report.summary.update(train_to_teacher(model, teacher, config, context.calibration, _trainable(model, config),
-                                           "qat", context.progress, masks))
+    params = _trainable(model, config)
+    checkpoints = checkpoints_for(context, config, "qat", params, context.calibration)
+    report.summary.update(train_to_teacher(model, teacher, config, context.calibration, params, "qat",
+                                           context.progress, masks, checkpoints))
     done = convert_(model, followers)
     with torch.no_grad():
         for name, scheme in tables.items():

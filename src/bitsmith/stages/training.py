@@ -7,7 +7,8 @@
 The teacher is the model as the recipe was given (``teacher_for``: kept by the stage's check, before any stage
 changes the model), so "prune, distill, qat" learns from the float model at every step. Batches are the
 calibration batches in a seeded order; a held-out part (``held_out``) reports the loss before and after. A loss
-that is not finite stops the run with one line, and the pipeline puts the model back as it was.
+that is not finite stops the run with one line, and the pipeline puts the model back as it was; the last
+checkpoint (``checkpoint_every``, ``stages/checkpoints.py``) stays, for ``--resume``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,8 +25,10 @@ from bitsmith.algorithms.distill import distill_loss, loss_kind, mean_pool, outp
 from bitsmith.errors import BitsmithError
 from bitsmith.pipeline.calibration import run_batch
 from bitsmith.pipeline.run import Context
+from bitsmith.stages.checkpoints import Checkpoints
 
-__all__ = ["keep_teacher", "teacher_for", "own_parameters_", "sparsity_masks", "train_to_teacher", "check_match"]
+__all__ = ["keep_teacher", "teacher_for", "own_parameters_", "sparsity_masks", "train_to_teacher", "check_match",
+           "checkpoints_for"]
 
 _TEACHER = "teacher"  # Context.shared key
 
@@ -138,16 +142,15 @@ def sparsity_masks(model: nn.Module, sparse: set[str]) -> list[tuple[torch.Tenso
 
 
 def train_to_teacher(model: nn.Module, teacher: nn.Module, options, batches: list, params: list[nn.Parameter],
-                     what: str, progress=None, masks: list | None = None) -> dict:
+                     what: str, progress=None, masks: list | None = None, checkpoints: Checkpoints | None = None) -> dict:
     """``options.steps`` AdamW steps (cosine decay) on ``params``, the zeros of ``masks`` (``sparsity_masks``) kept
-    after every step; returns the figures the report shows."""
+    after every step, from and to ``checkpoints`` where given; returns the figures the report shows."""
     train, held = _split(batches, options.held_out, options.seed)
     with torch.no_grad():
         kind = loss_kind(run_batch(teacher, train[0]), options.loss)
     objective = _Objective(model, teacher, options, kind)
     flags = {id(p): p.requires_grad for p in model.parameters()}
     wanted = {id(p) for p in params}
-    losses: list[float] = []
     start = time.perf_counter()
     try:
         before = _held_out_loss(objective, held)
@@ -157,26 +160,17 @@ def train_to_teacher(model: nn.Module, teacher: nn.Module, options, batches: lis
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / max(options.steps, 1))))
         generator = torch.Generator().manual_seed(options.seed)
-        order: list[int] = []
+        done, losses, order = checkpoints.read(model, optimizer, schedule, generator) if checkpoints else (0, [], [])
         with torch.enable_grad():
-            for step in range(options.steps):
+            for step in range(done, options.steps):
                 if not order:
                     order = torch.randperm(len(train), generator=generator).tolist()
-                loss = objective(train[order.pop()])
-                if not torch.isfinite(loss):
-                    raise BitsmithError(f"{what}: the loss became {loss.item()} at step {step + 1}; lower lr"
-                                        f" (now {options.lr:g}) and run again")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                with torch.no_grad():
-                    for weight, keep in masks or ():
-                        weight.mul_(keep)
-                losses.append(loss.item())
+                losses.append(_step(objective, train[order.pop()], optimizer, schedule, masks, what, step, options))
+                if checkpoints is not None and checkpoints.due(step + 1):
+                    checkpoints.write(step + 1, model, optimizer, schedule, generator, order, losses)
                 if progress is not None:
-                    left = (time.perf_counter() - start) / (step + 1) * (options.steps - step - 1)
-                    progress(f"{what} step {step + 1}/{options.steps} loss {loss.item():.4g}"
+                    left = (time.perf_counter() - start) / (step + 1 - done) * (options.steps - step - 1)
+                    progress(f"{what} step {step + 1}/{options.steps} loss {losses[-1]:.4g}"
                              f" lr {schedule.get_last_lr()[0]:.3g} ~{left:.0f}s left")
         after = _held_out_loss(objective, held)
     finally:
@@ -184,11 +178,39 @@ def train_to_teacher(model: nn.Module, teacher: nn.Module, options, batches: lis
         for p in model.parameters():
             p.requires_grad_(flags.get(id(p), True))
     tenth = max(len(losses) // 10, 1)
-    return {"steps": options.steps, "loss": kind, "train_batches": len(train), "held_out_batches": len(held),
-            "train_loss_first": _figure(sum(losses[:tenth]) / tenth) if losses else None,
-            "train_loss_last": _figure(sum(losses[-tenth:]) / tenth) if losses else None,
-            "held_out_loss_before": before, "held_out_loss_after": after, "loss_curve": _curve(losses),
-            "seconds": round(time.perf_counter() - start, 1)}
+    figures = {"steps": options.steps, "loss": kind, "train_batches": len(train), "held_out_batches": len(held),
+               "train_loss_first": _figure(sum(losses[:tenth]) / tenth) if losses else None,
+               "train_loss_last": _figure(sum(losses[-tenth:]) / tenth) if losses else None,
+               "held_out_loss_before": before, "held_out_loss_after": after, "loss_curve": _curve(losses),
+               "seconds": round(time.perf_counter() - start, 1)}
+    if done:
+        figures["resumed_at_step"] = done
+    return figures
+
+
+def _step(objective: _Objective, batch, optimizer, schedule, masks, what: str, step: int, options) -> float:
+    loss = objective(batch)
+    if not torch.isfinite(loss):
+        raise BitsmithError(f"{what}: the loss became {loss.item()} at step {step + 1}; lower lr"
+                            f" (now {options.lr:g}) and run again")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    schedule.step()
+    with torch.no_grad():
+        for weight, keep in masks or ():
+            weight.mul_(keep)
+    return loss.item()
+
+
+def checkpoints_for(context: Context, options, what: str, params: list[nn.Parameter], batches: list) -> Checkpoints | None:
+    """The stage's checkpoints under the run's checkpoint folder (``--checkpoints``), if it has one."""
+    if context.checkpoints is None or not options.checkpoint_every:
+        return None
+    settings = {"stage": what, "index": context.index, "options": options.to_dict(), "batches": len(batches),
+                "parameters": sum(p.numel() for p in params)}
+    return Checkpoints(Path(context.checkpoints) / f"{context.index}-{what}", options.checkpoint_every,
+                       context.resume, settings)
 
 
 def _held_out_loss(objective: _Objective, batches: list) -> float | None:
