@@ -72,7 +72,8 @@ def test_version_2_round_trips_and_bare_stage_names(tmp_path):
 
 
 @pytest.mark.parametrize("stages, message", [
-    ("  - distill: {teacher: x}\n", r"stages\[0\]: unknown stage 'distill'; stages: quantize, smooth, fold_batchnorm, equalize, prune"),
+    ("  - distil: {teacher: x}\n", r"stages\[0\]: unknown stage 'distil'; stages: quantize, smooth, fold_batchnorm, equalize, prune"),
+    ("  - distill: {teacher: x}\n", r"unknown key 'stages\[0\]\.distill\.teacher'"),
     ("  - smooth: {alfa: 0.5}\n  - quantize: {rules: []}\n", r"unknown key 'stages\[0\].smooth.alfa'"),
     ("  - quantize: {rulez: []}\n", r"unknown key 'stages\[0\].quantize.rulez'"),
     ("  - quantize: {rules: []}\n  - smooth: {alpha: 0.5}\n",
