@@ -275,3 +275,12 @@ def test_qat_recipe_through_the_cli_saves_its_training_report(tmp_path):
     code, stdout, stderr = run("compress", "digits-cnn", "--recipe", str(bad), "--out", str(tmp_path / "e"))
     assert_one_line_error(code, stderr, "unknown key 'stages[1].qat.stepz'")
     assert not (tmp_path / "e").exists()
+
+
+def test_checkpoints_under_a_file_is_one_line(tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("x")
+    code, _, stderr = run("compress", "digits-cnn", "--recipe", "qat-w8a8", "--out", str(tmp_path / "d"),
+                          "--checkpoints", str(taken))
+    assert_one_line_error(code, stderr, "is a file, not a folder")
+    assert not (tmp_path / "d").exists()

@@ -110,6 +110,8 @@ def compress(
     them from there."""
     check_counts(repeats, calib_samples)
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
+    if checkpoints is not None and Path(checkpoints).exists() and not Path(checkpoints).is_dir():
+        raise BitsmithError(f"--checkpoints {checkpoints} is a file, not a folder")
     if out is not None:
         prepare_output_dir(out)
     if text is not None:

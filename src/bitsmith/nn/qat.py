@@ -43,7 +43,6 @@ class FakeQuantLayer(nn.Module):
             self.weight_zero = nn.Parameter(zero.detach().float().clone())
         self.input_scale = nn.Parameter(torch.ones(())) if activations == "static" else None
         self.input_zero = nn.Parameter(torch.zeros(())) if activations == "static" else None
-        self.observing = False  # True: the float layer runs (static input ranges observed as PTQ does)
 
     def flat_weight(self) -> torch.Tensor:
         weight = self.layer.weight
@@ -76,8 +75,6 @@ class FakeQuantLayer(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observing:  # the float layer, as post-training quantization observes its ranges
-            return self.layer(x)
         x = self.quantized_input(x)
         weight = self.quantized_weight()
         if isinstance(self.layer, nn.Conv2d):

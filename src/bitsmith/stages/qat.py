@@ -7,13 +7,12 @@
 The ``qat`` recipe stage does all three, training by ``stages/training.py``: the model as the recipe was
 given is the teacher, the loss the distance of the student's output (and of ``match`` layers') to the
 teacher's, on the calibration batches (a held-out part reports the loss before and after). Ranges start from round-to-nearest (the rule's ``clip``); static input
-ranges from a min-max pass over the calibration data. ``convert_`` gives exactly the modules, kernels and
+ranges from the calibration data by the scheme's observer. ``convert_`` gives exactly the modules, kernels and
 saved layout of post-training quantization, with the trained codes and ranges.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
@@ -27,14 +26,14 @@ from bitsmith.errors import BitsmithError
 from bitsmith.formats.affine import IntFormat, block_size_for, choose_qparams_affine, fp16_scales
 from bitsmith.nn import Int8DynamicLinear
 from bitsmith.nn.qat import FakeQuantLayer
-from bitsmith.pipeline.calibration import calibration_batches, run_batch
+from bitsmith.pipeline.calibration import calibration_batches
 from bitsmith.pipeline.registry import register_stage
 from bitsmith.pipeline.report import StageReport
 from bitsmith.pipeline.run import Context
 from bitsmith.recipe.schemes import Scheme
 from bitsmith.recipe.stages import QATConfig
 from bitsmith.stages.quantize import plan
-from bitsmith.stages.static import relu_followers, static_module
+from bitsmith.stages.static import collect_activation_stats, relu_followers, static_module
 from bitsmith.stages.training import (check_match, checkpoints_for, keep_teacher, own_parameters_, sparsity_masks,
                                       teacher_for, train_to_teacher)
 from bitsmith.stages.weights import module_for, quantize_embedding
@@ -86,7 +85,7 @@ def _wrap(module: nn.Module, scheme: Scheme) -> FakeQuantLayer:
 
 def prepare_qat_(model: nn.Module, config: QATConfig, calibration: Iterable | None = None) -> dict[str, Scheme]:
     """Give every Linear / Conv2d the rules match its training form (ranges from round-to-nearest), in place;
-    static input ranges start from a min-max pass over ``calibration``. Returns layer -> scheme."""
+    static input ranges start from ``calibration`` by the scheme's observer. Returns layer -> scheme."""
     layers, _, _ = _trained(model, config)
     modules = dict(model.named_modules())
     for name, scheme in layers.items():
@@ -94,42 +93,19 @@ def prepare_qat_(model: nn.Module, config: QATConfig, calibration: Iterable | No
     static = [n for n, s in layers.items() if s.is_static]
     if static and calibration is None:
         raise BitsmithError("static activations start from observed ranges: give calibration data")
-    wrapped = {}
+    # input ranges of the float model, by the scheme's observer, exactly as post-training quantization takes them
+    stats = collect_activation_stats(model, {n: layers[n] for n in static}, calibration_batches(calibration)) \
+        if static else {}
     for name, scheme in layers.items():
-        wrapped[name] = _wrap(modules[name], scheme)
-        replace_module(model, name, wrapped[name])
-    if static:
-        _observe_inputs(model, [wrapped[n] for n in static], calibration_batches(calibration))
+        layer = _wrap(modules[name], scheme)
+        if name in stats:
+            scale, zero = qparams_u8(*stats[name].observer.range())
+            with torch.no_grad():
+                layer.input_scale.fill_(scale)
+                layer.input_zero.fill_(float(zero))
+        replace_module(model, name, layer)
     model.bitsmith_qat = {name: scheme.to_dict() for name, scheme in layers.items()}
     return layers
-
-
-def _observe_inputs(model: nn.Module, layers: list[FakeQuantLayer], batches: list) -> None:
-    ranges = {id(layer): [math.inf, -math.inf] for layer in layers}
-
-    def observe(module, args):
-        low, high = torch.aminmax(args[0].detach().float())
-        seen = ranges[id(module)]
-        seen[0], seen[1] = min(seen[0], low.item()), max(seen[1], high.item())
-
-    handles = [layer.register_forward_pre_hook(observe) for layer in layers]
-    every = [m for m in model.modules() if isinstance(m, FakeQuantLayer)]
-    for layer in every:  # all in float, static or not: the ranges of the float model, as PTQ observes them
-        layer.observing = True
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                run_batch(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for layer in every:
-            layer.observing = False
-    for layer in layers:
-        scale, zero = qparams_u8(*ranges[id(layer)])
-        with torch.no_grad():
-            layer.input_scale.fill_(scale)
-            layer.input_zero.fill_(float(zero))
 
 
 def _runtime(layer: FakeQuantLayer, scheme: Scheme, fuse_relu: bool) -> nn.Module:
