@@ -15,11 +15,14 @@ from bitsmith.formats.floats import (
     cast_float,
     dequantize_fp8,
     dequantize_mxfp4,
+    dequantize_absmax_double,
     dequantize_nf4,
     fp8_max,
     quantize_fp8,
     quantize_mxfp4,
+    quantize_absmax_double,
     quantize_nf4,
+    quantize_nf4_double,
 )
 from bitsmith.formats.packing import pack_codes, pack_int32, unpack_codes, unpack_int32
 from bitsmith.formats.ternary import dequantize_binary, dequantize_ternary, quantize_binary, quantize_ternary
@@ -43,6 +46,9 @@ __all__ = [
     "NF4_LEVELS",
     "quantize_nf4",
     "dequantize_nf4",
+    "quantize_nf4_double",
+    "quantize_absmax_double",
+    "dequantize_absmax_double",
     # binary / ternary
     "quantize_binary",
     "dequantize_binary",

@@ -85,9 +85,14 @@ def module_from_info(info: dict) -> nn.Module:
 
 
 def tensor_problems(module: nn.Module, positive: tuple[str, ...] = (), finite: tuple[str, ...] = (),
-                    codes: dict[str, int] | None = None) -> str | None:
+                    codes: dict[str, int] | None = None, nonnegative: tuple[str, ...] = ()) -> str | None:
     """What is wrong with a loaded module's tensors, or None: ``positive`` ones must be finite and > 0
-    (scales), ``finite`` ones finite (biases, 16-bit weights), ``codes`` name -> largest allowed value."""
+    (scales), ``nonnegative`` ones finite and >= 0, ``finite`` ones finite (biases, 16-bit weights), ``codes``
+    name -> largest allowed value."""
+    for name in nonnegative:
+        tensor = getattr(module, name, None)
+        if tensor is not None and not (torch.isfinite(tensor.float()).all() and (tensor.float() >= 0).all()):
+            return f"{name} holds NaN, infinite or negative values"
     for name in positive + finite:
         tensor = getattr(module, name, None)
         if tensor is None:

@@ -10,13 +10,17 @@ a scale is a 2-bit grid with zero point 1, stored and run by ``IntxWeightOnlyLin
     LookupWeightOnlyLinear  | weight_packed (N * K / 2) uint8, two 4-bit codes a byte;  | group_size inputs
                             | weight_scale (N, K / group) fp32 absmax (nf4) or uint8    |
                             | E8M0 exponent (mxfp4)                                     |
+                            | nf4-dq: weight_scale int8 codes of the absmax, less their |
+                            | mean (weight_scale_offset), weight_scale_scale fp32 per   |
+                            | 256 of them (QLoRA's double quantization)                 |
 """
 
 from __future__ import annotations
 
 import torch
 
-from bitsmith.formats.floats import dequantize_mxfp4, dequantize_nf4, quantize_fp8, quantize_mxfp4, quantize_nf4
+from bitsmith.formats.floats import (dequantize_absmax_double, dequantize_mxfp4, dequantize_nf4, quantize_fp8,
+                                    quantize_mxfp4, quantize_nf4, quantize_nf4_double)
 from bitsmith.formats.packing import pack_codes, packed_bytes, unpack_codes
 from bitsmith.nn import kernels
 from bitsmith.nn.kinds import tensor_problems
@@ -24,6 +28,7 @@ from bitsmith.nn.linear import _bf16_note, _QuantLinearBase
 
 __all__ = ["Fp8WeightOnlyLinear", "LookupWeightOnlyLinear"]
 
+_ABSMAX_BLOCK = 256  # nf4-dq: absmax values sharing one second-level scale (QLoRA's)
 _NO_KERNEL = "no CPU kernel computes on {} codes: dequantized per call (storage saving, no speed-up); {}"
 
 
@@ -89,15 +94,24 @@ class LookupWeightOnlyLinear(_QuantLinearBase):
         self.family = f"{fmt}-a16"
         self.scheme = f"{fmt} g{group_size} a16"
         groups = in_features // group_size
-        scale_dtype = torch.uint8 if fmt == "mxfp4" else torch.float32
+        scale_dtype = {"mxfp4": torch.uint8, "nf4-dq": torch.int8}.get(fmt, torch.float32)
         self.register_buffer("weight_packed", torch.zeros(packed_bytes(out_features * in_features, 4), dtype=torch.uint8))
         self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=scale_dtype))
+        if fmt == "nf4-dq":
+            blocks = -(-out_features * groups // _ABSMAX_BLOCK)
+            self.register_buffer("weight_scale_scale", torch.ones(blocks))
+            self.register_buffer("weight_scale_offset", torch.zeros(1))
 
     @classmethod
     def from_float(cls, linear: torch.nn.Linear, fmt: str, group_size: int) -> "LookupWeightOnlyLinear":
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, fmt, group_size)
         weight = linear.weight.detach()
-        codes, scale = quantize_mxfp4(weight, group_size) if fmt == "mxfp4" else quantize_nf4(weight, group_size)
+        if fmt == "nf4-dq":
+            codes, scale, second, offset = quantize_nf4_double(weight, group_size, _ABSMAX_BLOCK)
+            module.weight_scale_scale.copy_(second)
+            module.weight_scale_offset.copy_(offset)
+        else:
+            codes, scale = quantize_mxfp4(weight, group_size) if fmt == "mxfp4" else quantize_nf4(weight, group_size)
         module.weight_packed.copy_(pack_codes(codes.flatten(), 4))
         module.weight_scale.copy_(scale)
         if linear.bias is not None:
@@ -111,7 +125,14 @@ class LookupWeightOnlyLinear(_QuantLinearBase):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if self.fmt == "mxfp4":
             return dequantize_mxfp4(self.codes(), self.weight_scale, self.group_size, dtype)
-        return dequantize_nf4(self.codes(), self.weight_scale, self.group_size, dtype)
+        return dequantize_nf4(self.codes(), self.absmax(), self.group_size, dtype)
+
+    def absmax(self) -> torch.Tensor:
+        """nf4's absmax per group (N, K / group_size), float32 (double-quantized ones dequantized)."""
+        if self.fmt == "nf4-dq":
+            return dequantize_absmax_double(self.weight_scale, self.weight_scale_scale, self.weight_scale_offset,
+                                            _ABSMAX_BLOCK)
+        return self.weight_scale
 
     def candidates(self, x):
         return _dequant_candidates(self, x)
@@ -124,6 +145,10 @@ class LookupWeightOnlyLinear(_QuantLinearBase):
             if self.weight_scale.numel() and int(self.weight_scale.max()) == 255:
                 return "weight_scale holds E8M0 NaN exponents (255)"
             return tensor_problems(self, finite=("bias",))
+        if self.fmt == "nf4-dq":
+            if self.weight_scale.numel() and int(self.weight_scale.min()) < -127:
+                return "weight_scale holds -128, outside double quantization's [-127, 127]"
+            return tensor_problems(self, finite=("bias", "weight_scale_offset"), nonnegative=("weight_scale_scale",))
         scale = self.weight_scale
         if not torch.isfinite(scale).all() or (scale < 0).any():
             return "weight_scale holds NaN, infinite or negative absmax values"

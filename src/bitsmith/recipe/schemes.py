@@ -53,6 +53,7 @@ class WeightSpec(Strict):
     clip: Literal["minmax", "mse"] = "minmax"  # how each block's range is chosen (rtn)
     # gptq and awq need calibration data; their options are QuantizeConfig.gptq / .awq
     algorithm: Literal["rtn", "gptq", "awq"] = "rtn"
+    double_quant: bool = False  # nf4 only: QLoRA's double quantization of the absmax values (0.127 bits a weight)
 
     @property
     def bits(self) -> int | None:
@@ -103,6 +104,8 @@ class Scheme(Strict):
     @model_validator(mode="after")
     def _supported(self) -> "Scheme":
         w = self.weights
+        if w.double_quant and w.dtype != "nf4":
+            raise ValueError(f"double_quant applies to nf4's absmax values, not to {w.dtype}")
         if self.activations is not None:
             if w.bits is None or not w.symmetric:
                 # int2-int7 codes are held as int8 and run on the same W8A8 kernels (smaller steps, no speed-up)
@@ -143,7 +146,7 @@ class Scheme(Strict):
         w = self.weights
         if w.is_lookup:
             gran = f"g{w.granularity}" if isinstance(w.granularity, int) else f"per-{w.granularity}"
-            return f"{w.dtype.replace('_', ' ')} {gran} a16"
+            return f"{w.dtype.replace('_', ' ')} {gran}{' dq' if w.double_quant else ''} a16"
         if w.bits is None:
             return w.dtype
         gran = f"g{w.granularity}" if isinstance(w.granularity, int) else f"per-{w.granularity}"

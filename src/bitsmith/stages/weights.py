@@ -37,7 +37,8 @@ def _group(linear: nn.Linear, granularity: str | int) -> int:
 # the weight-only formats that are no integer grid (schemes.LOOKUP_DTYPES): dtype -> (linear, spec) -> module
 LOOKUP_BUILDERS = {
     "fp8_e4m3": lambda linear, w: Fp8WeightOnlyLinear.from_float(linear, _group(linear, w.granularity)),
-    "nf4": lambda linear, w: LookupWeightOnlyLinear.from_float(linear, "nf4", w.granularity),
+    "nf4": lambda linear, w: LookupWeightOnlyLinear.from_float(linear, "nf4-dq" if w.double_quant else "nf4",
+                                                               w.granularity),
     "mxfp4": lambda linear, w: LookupWeightOnlyLinear.from_float(linear, "mxfp4", w.granularity),
     "ternary": lambda linear, w: IntxWeightOnlyLinear.from_quantized(
         quantize_weight_ternary(linear.weight.detach(), w.granularity), linear.bias),
