@@ -45,7 +45,7 @@ chromium:
 		|| echo "chromium not installed: the report's browser test will skip"
 
 test: $(STAMP) zoo $(CT_SPARSE) chromium
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=25
 
 bench: $(STAMP)
 	$(PY) bench/bench_minilm.py

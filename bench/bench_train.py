@@ -19,8 +19,23 @@ split has only 544 paragraphs, which full-parameter training overfits); mean cos
 evaluation paragraphs (Python's reference topics: text not used for training). Target: distillation recovers at
 least half of the cosine pruning alone loses.
 
+Part ``smollm2-qlora``: SmolLM2-135M, every Linear but lm_head NF4 (groups of 64, double-quantized absmax):
+untuned (the ``quantize`` stage) against QLoRA (the built-in ``qlora-nf4``: rank-16 adapters trained on the
+next tokens of docs-lm's training text, ``--steps`` steps of ``--batch-size`` windows of 256 tokens), and full
+fine-tuning of the float model on the same text (``distill`` with ``loss: text``: every parameter, AdamW;
+``--ft-steps`` steps, run for its peak memory and time per step). Held-out perplexity on docs-lm's held-out
+split (Python documentation text not used for training). Targets: QLoRA's perplexity below the untuned NF4
+model's; its peak memory at most 60% of full fine-tuning's, both measured the same way (the whole ``compress``
+process: the float original for comparison included).
+
+Part ``smollm2-student``: SmolLM2-135M cut to 15 of its 30 blocks (every other one, the teacher's weights):
+before training, distilled from the full model (KL on the logits), and trained on the text alone (``loss:
+text``), the same steps, data and seed. Target: the distilled student's held-out perplexity below both.
+
     .venv/bin/python bench/bench_train.py --part digits
     .venv/bin/python bench/bench_train.py --part minilm-distill
+    .venv/bin/python bench/bench_train.py --part smollm2-qlora --steps 100 --calib-samples 256
+    .venv/bin/python bench/bench_train.py --part smollm2-student --steps 100 --calib-samples 256
 """
 
 from __future__ import annotations
@@ -104,6 +119,104 @@ def part_minilm(args) -> tuple[list[str], list[tuple[str, bool]]]:
                     recovered >= 0.5)]
 
 
+NF4_DQ = {"weights": {"dtype": "nf4", "granularity": 64, "double_quant": True}}
+
+
+def smollm2_recipes(args) -> dict[str, dict]:
+    import bitsmith
+
+    train = {"steps": args.steps, "lr": args.lr, "seed": args.seed, "batch_size": args.batch_size}
+    qlora = bitsmith.load_recipe("qlora-nf4").to_dict()
+    qlora["stages"][0]["qlora"].update(train)
+    nf4 = {"version": 2, "name": "nf4-dq", "stages": [{"quantize": {
+        "rules": [{"targets": ["Linear"], "scheme": NF4_DQ}], "ignore": ["lm_head"]}}]}
+
+    def distill(name, **options):
+        return {"version": 2, "name": name, "stages": [{"distill": {**train, **options}}]}
+
+    return {"nf4": nf4, "qlora": qlora, "full-ft": distill("full-ft", loss="text", steps=args.ft_steps),
+            "cut": distill("cut-15", keep_blocks=15, steps=0),
+            "student-distill": distill("student-15-distill", keep_blocks=15, loss="kl"),
+            "student-text": distill("student-15-text", keep_blocks=15, loss="text")}
+
+
+def smollm2_worker(args) -> int:
+    import bitsmith
+    from bitsmith.api.compress import compress
+
+    recipe = bitsmith.Recipe.model_validate(smollm2_recipes(args)[args.worker.split(":")[1]])
+    start = time.perf_counter()
+    result = compress("smollm2", recipe, out=None, calib_samples=args.calib_samples, repeats=1)
+    summary = result["stages"][-1]["summary"]
+    m = result["metrics"]
+    row = {"seconds": time.perf_counter() - start, "peak_bytes": peak_rss(), "summary": summary,
+           "perplexity": m["perplexity"], "float_perplexity": m["float_perplexity"], "bytes": m["bytes"]}
+    if summary.get("steps"):
+        row["step_seconds"] = summary["seconds"] / summary["steps"]
+    print(json.dumps(row))
+    return 0
+
+
+def _smollm2_rows(args, names) -> dict[str, dict]:
+    common = [sys.executable, __file__, "--threads", str(args.threads), "--calib-samples", str(args.calib_samples),
+              "--steps", str(args.steps), "--lr", str(args.lr), "--seed", str(args.seed), "--part", args.part,
+              "--batch-size", str(args.batch_size), "--ft-steps", str(args.ft_steps)]
+    rows = {}
+    for name in names:
+        rows[name] = run_child([*common, "--worker", f"smollm2:{name}"])
+        print(f"{name}: {rows[name]['seconds']:.0f} s, perplexity {rows[name]['perplexity']}", flush=True)
+    return rows
+
+
+def _smollm2_table(rows: dict[str, dict], labels: dict[str, str]) -> list[str]:
+    lines = ["| model | held-out perplexity | wall s | s / step | peak memory MB |", "|---|---|---|---|---|"]
+    first = next(iter(rows.values()))
+    lines.append(f"| float | {first['float_perplexity']} | | | |")
+    for name, label in labels.items():
+        row = rows[name]
+        lines.append(f"| {label} | {row['perplexity']} | {row['seconds']:.0f} | {row.get('step_seconds', 0):.2f} |"
+                     f" {row['peak_bytes'] / 2**20:.0f} |")
+    return lines
+
+
+def part_smollm2_qlora(args) -> tuple[list[str], list[tuple[str, bool]]]:
+    rows = _smollm2_rows(args, ("nf4", "qlora", "full-ft"))
+    s = rows["qlora"]["summary"]
+    plot({"qlora nf4 (adapters)": s["loss_curve"]}, args.plot, "training loss (next-token cross-entropy)")
+    lines = [f"SmolLM2-135M; {s['train_batches']} batches of {args.batch_size} windows of 256 tokens of docs-lm's"
+             f" training text, {s['held_out_batches']} held out; qlora: {args.steps} steps, lr {args.lr}, seed"
+             f" {args.seed}, {s['adapter_parameters']} adapter parameters; full fine-tuning: {args.ft_steps} steps",
+             *_smollm2_table(rows, {"nf4": "NF4 dq g64, untuned", "qlora": "NF4 dq g64 + QLoRA r16",
+                                    "full-ft": "float, full fine-tuning"}),
+             f"qlora held-out loss {s['held_out_loss_before']} -> {s['held_out_loss_after']}; training loss"
+             f" {s['train_loss_first']} -> {s['train_loss_last']}; peak memory qlora / full fine-tuning"
+             f" {rows['qlora']['peak_bytes'] / rows['full-ft']['peak_bytes']:.2f}; loss curve: {args.plot}"]
+    checks = [("smollm2 QLoRA: held-out perplexity below the untuned NF4 model's",
+               rows["qlora"]["perplexity"] < rows["nf4"]["perplexity"]),
+              ("smollm2 QLoRA: peak memory at most 60% of full fine-tuning's",
+               rows["qlora"]["peak_bytes"] <= 0.6 * rows["full-ft"]["peak_bytes"])]
+    return lines, checks
+
+
+def part_smollm2_student(args) -> tuple[list[str], list[tuple[str, bool]]]:
+    rows = _smollm2_rows(args, ("cut", "student-distill", "student-text"))
+    s, t = rows["student-distill"]["summary"], rows["student-text"]["summary"]
+    plot({"distilled (KL to the full model)": s["loss_curve"]}, args.plot, "training loss (KL)")
+    lines = [f"SmolLM2-135M cut to 15 of 30 blocks (indices {s['kept_blocks']['indices']}); {s['train_batches']}"
+             f" batches of {args.batch_size} windows of 256 tokens, {s['held_out_batches']} held out; {args.steps}"
+             f" steps, lr {args.lr}, seed {args.seed}",
+             *_smollm2_table(rows, {"cut": "15 blocks, before training", "student-distill": "15 blocks, distilled",
+                                    "student-text": "15 blocks, trained on the text alone"}),
+             f"distill held-out KL {s['held_out_loss_before']} -> {s['held_out_loss_after']}; text-only held-out"
+             f" cross-entropy {t['held_out_loss_before']} -> {t['held_out_loss_after']}; loss curve: {args.plot}"]
+    distilled = rows["student-distill"]["perplexity"]
+    checks = [("smollm2 half-blocks student: distilled perplexity below the student's before training",
+               distilled < rows["cut"]["perplexity"]),
+              ("smollm2 half-blocks student: distilled perplexity below training on the text alone",
+               distilled < rows["student-text"]["perplexity"])]
+    return lines, checks
+
+
 def worker(args) -> int:
     import torch
 
@@ -173,9 +286,13 @@ def part_digits(args) -> tuple[list[str], list[tuple[str, bool]]]:
     return lines, checks
 
 
+PARTS = {"digits": part_digits, "minilm-distill": part_minilm, "smollm2-qlora": part_smollm2_qlora,
+         "smollm2-student": part_smollm2_student}
+
+
 def main(argv=None) -> int:
     parser = bench_parser(__doc__, json_option=False)
-    parser.add_argument("--part", choices=("digits", "minilm-distill"), default="digits")
+    parser.add_argument("--part", choices=tuple(PARTS), default="digits")
     parser.add_argument("--calib-samples", type=int, default=1024, help="training samples (images or paragraphs)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, help="default: 1e-4 (digits), 5e-5 (minilm-distill)")
@@ -183,15 +300,18 @@ def main(argv=None) -> int:
     parser.add_argument("--calib", type=Path, help="minilm-distill: a text file, one sample per line (default: written)")
     parser.add_argument("--match", action="append", help="minilm-distill: a layer whose output is matched (repeat)")
     parser.add_argument("--plot", type=Path, help="the loss curve (default bench/plots/train-PART-loss.png)")
+    parser.add_argument("--batch-size", type=int, default=2, help="smollm2: windows of 256 tokens per step")
+    parser.add_argument("--ft-steps", type=int, default=10, help="smollm2-qlora: steps of full fine-tuning")
     parser.add_argument("--worker", help=argparse_hidden())
     args = parse(parser, argv)
     if args.lr is None:
-        args.lr = 1e-4 if args.part == "digits" else 5e-5
+        args.lr = {"digits": 1e-4, "smollm2-qlora": 2e-4}.get(args.part, 5e-5)
     if args.worker:
-        return minilm_worker(args) if args.worker.startswith("minilm:") else worker(args)
+        kind = args.worker.split(":")[0]
+        return {"minilm": minilm_worker, "smollm2": smollm2_worker}.get(kind, worker)(args)
     args.plot = args.plot or Path(f"bench/plots/train-{args.part}-loss.png")
     print(machine_line())
-    lines, checks = (part_digits if args.part == "digits" else part_minilm)(args)
+    lines, checks = PARTS[args.part](args)
     print("\n".join(["", f"## {args.part}", *lines]))
     return finish(checks)
 

@@ -18,6 +18,7 @@ from bitsmith.recipe import (
     FoldBatchNormConfig,
     PruneConfig,
     QATConfig,
+    QLoRAConfig,
     QuantizeConfig,
     Recipe,
     Rule,
@@ -28,7 +29,7 @@ from bitsmith.recipe import (
     builtin_recipes,
     load_recipe,
 )
-from bitsmith.stages import convert_, prepare_qat_, prune_, quantize_
+from bitsmith.stages import convert_, merge_lora_, prepare_qat_, prepare_qlora_, prune_, quantize_
 
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "FoldBatchNormConfig",
     "PruneConfig",
     "QATConfig",
+    "QLoRAConfig",
     "QuantizeConfig",
     "Recipe",
     "Rule",
@@ -54,6 +56,8 @@ __all__ = [
     "load",
     "load_recipe",
     "prepare_qat_",
+    "prepare_qlora_",
+    "merge_lora_",
     "prune_",
     "quantize_",
     "read_metadata",

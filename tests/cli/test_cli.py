@@ -284,3 +284,26 @@ def test_checkpoints_under_a_file_is_one_line(tmp_path):
                           "--checkpoints", str(taken))
     assert_one_line_error(code, stderr, "is a file, not a folder")
     assert not (tmp_path / "d").exists()
+
+
+def test_qlora_through_the_cli_writes_peft_adapters_and_merge_gives_a_plain_nf4_model(tmp_path):
+    recipe = tmp_path / "qlora.yaml"
+    from bitsmith.recipe import load_recipe
+
+    data = load_recipe("qlora-nf4").to_dict()
+    data["stages"][0]["qlora"].update(steps=2, batch_size=4)
+    recipe.write_text(json.dumps(data))  # YAML reads JSON
+    out = tmp_path / "merged"
+    code, stdout, stderr = run("compress", "docs-lm", "--recipe", str(recipe), "--out", str(out), "--merge",
+                               "--calib-samples", "8", "--repeats", "1", "--json")
+    assert code == 0, stderr
+    summary = json.loads(stdout)["stages"][-1]["summary"]
+    assert summary["steps"] == 2 and summary["loss"] == "text"
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 16 and config["peft_type"] == "LORA"
+    code, stdout, stderr = run("inspect", str(out), "--json")
+    modules = {row["module"] for row in json.loads(stdout)["layers"]}
+    assert modules == {"LookupWeightOnlyLinear"}  # merged: no adapters at run time
+    code, _, stderr = run("compress", "docs-lm", "--recipe", "w4a16", "--out", str(tmp_path / "e"), "--merge")
+    assert_one_line_error(code, stderr, "--merge folds LoRA adapters into the weights: the recipe 'w4a16' has no")
+    assert not (tmp_path / "e").exists()

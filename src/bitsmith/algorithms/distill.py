@@ -4,6 +4,7 @@
     kl      | logits (language models, classifiers)  | KL(softmax(t / T) || softmax(s / T)) * T^2, mean over positions
     cosine  | hidden states, embeddings              | 1 - cos(s, t) along the last dimension, mean
     mse     | anything                               | mean squared difference
+    text    | language models, no teacher            | cross-entropy of each next token of the batch's text
 
 ``auto`` reads the output: a ``logits`` field or a plain tensor (a classifier's) takes ``kl``; a
 ``last_hidden_state`` (an encoder's) takes ``cosine``, on the mean over each sequence's real tokens (the
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["output_tensor", "loss_kind", "distill_loss", "mean_pool"]
+__all__ = ["output_tensor", "loss_kind", "distill_loss", "mean_pool", "text_loss"]
 
 
 def output_tensor(output) -> torch.Tensor:
@@ -55,3 +56,13 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, T, H) hidden states averaged over the tokens ``mask`` (B, T) keeps: (B, H)."""
     weights = mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+def text_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy of each next token (B, T-1 predictions from (B, T, V) logits), padding left out."""
+    predicted = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    target = input_ids[:, 1:].reshape(-1)
+    if attention_mask is not None:
+        keep = (attention_mask[:, 1:] * attention_mask[:, :-1]).reshape(-1).bool()
+        predicted, target = predicted[keep], target[keep]
+    return F.cross_entropy(predicted, target)

@@ -89,6 +89,15 @@ def _own_measure(task, model, repeats: int) -> dict:
     return {"task": task.name, "evaluation": task.evaluation, "latency_s": round(latency["model"], 4), **figures}
 
 
+def merged_recipe(recipe: Recipe) -> Recipe:
+    """``recipe`` with every qlora stage's ``merge`` on (compress --merge)."""
+    try:
+        return recipe.with_options("qlora", merge=True)
+    except ValueError:
+        raise BitsmithError(f"--merge folds LoRA adapters into the weights: the recipe {recipe.name!r} has no"
+                            " qlora stage") from None
+
+
 def compress(
     model: str | nn.Module,
     recipe: str | Recipe = "w8a8-dynamic",
@@ -102,14 +111,17 @@ def compress(
     progress=None,
     checkpoints: str | Path | None = None,
     resume: bool = False,
+    merge: bool = False,
 ) -> dict:
     """Quantize ``model`` (a zoo name, a directory, or a module with its ``tokenizer``) by ``recipe``,
     measure size, latency and fidelity against the float original on the same input, and save to
     ``out`` (if given). Returns the metrics, also written to ``out/bitsmith.json``. Training stages with
     ``checkpoint_every`` keep checkpoints under ``checkpoints`` (default ``<out>.checkpoints``); ``resume`` starts
-    them from there."""
+    them from there. ``merge`` folds qlora stages' adapters into the float weights and quantizes again."""
     check_counts(repeats, calib_samples)
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
+    if merge:
+        recipe = merged_recipe(recipe)
     if checkpoints is not None and Path(checkpoints).exists() and not Path(checkpoints).is_dir():
         raise BitsmithError(f"--checkpoints {checkpoints} is a file, not a folder")
     if out is not None:

@@ -90,9 +90,10 @@ def inspect_checkpoint(path: str | Path) -> dict:
             continue
         if not isinstance(module, QUANTIZED_MODULES):
             continue
-        nbytes = sum(b.numel() * b.element_size() for b in module.buffers(recurse=False) if b is not None)
+        own = [*module.named_buffers(recurse=False), *module.named_parameters(recurse=False)]  # LoRA: its adapters
+        nbytes = sum(t.numel() * t.element_size() for _, t in own if t is not None)
         quantized_bytes += nbytes
-        quantized_names.update(f"{name}.{b}" for b, _ in module.named_buffers(recurse=False))
+        quantized_names.update(f"{name}.{key}" for key, _ in own)
         row = {"name": name, "module": type(module).__name__, "scheme": module.scheme, "bits": _bits(module),
                "bytes": nbytes, "kernel": module.kernel(), "why": module.kernel_why()}
         if hasattr(module, "kernel_names"):

@@ -108,6 +108,8 @@ def compress(
         None, "--checkpoints", help="Where training stages (qat, distill) with checkpoint_every keep their"
         " checkpoints (default: OUT.checkpoints)."),
     resume: bool = typer.Option(False, "--resume", help="Training stages start from their last checkpoint."),
+    merge: bool = typer.Option(False, "--merge", help="qlora: fold the trained adapters into the float weights and"
+                               " quantize again (a plain quantized model; the adapters are still written)."),
     as_json: bool = JSON_OPTION,
 ):
     """Quantize MODEL by a recipe, compare it with the original on this machine, and save it."""
@@ -119,6 +121,10 @@ def compress(
 
     check_counts(repeats, calib_samples)  # bad counts fail before the model loads
     recipe_name, recipe = recipe, load_recipe(recipe)  # a bad recipe fails before the model loads; read once
+    if merge:
+        from bitsmith.api.compress import merged_recipe
+
+        recipe = merged_recipe(recipe)
     if offload:
         with Progress(TextColumn("[bold]quantizing block by block"), TextColumn("{task.description}"),
                       TimeElapsedColumn(), console=err_console, disable=as_json, transient=True) as progress:

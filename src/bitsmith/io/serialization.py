@@ -41,6 +41,7 @@ from bitsmith.io.compressed_tensors import is_compressed_tensors_dir, load_compr
 from bitsmith.io.outputs import SAFETENSORS_METADATA, prepare_output_dir, publish, staging_dir
 from bitsmith.io.skeleton import float_skeleton, read_model_config
 from bitsmith.io.sparse_storage import STORAGE_KEY, compact, disk_layout, expand
+from bitsmith.io.adapters import ADAPTER_DIR, write_adapter
 from bitsmith.nn import QUANTIZED_MODULES, InfoError, module_from_info
 from bitsmith.pipeline.transaction import all_or_nothing
 
@@ -122,6 +123,8 @@ def save(
             config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if isinstance(getattr(model, "bitsmith_adapter", None), dict):  # a qlora stage's adapters, in peft's format
+            write_adapter(model.bitsmith_adapter, tmp / ADAPTER_DIR)
         meta = write_metadata(tmp, model, [WEIGHTS_FILE], metrics, extra)
         publish(tmp, out)
     except BaseException:
@@ -133,7 +136,11 @@ def save(
 def write_metadata(directory: Path, model: nn.Module, weight_files: list[str], metrics: dict | None = None,
                    extra: dict | None = None) -> dict:
     """Write bitsmith.json into ``directory`` (which already holds ``weight_files``) and return it."""
-    layers = {n: m.layer_info() for n, m in model.named_modules() if isinstance(m, QUANTIZED_MODULES)}
+    layers = {}
+    for name, module in model.named_modules():  # a layer inside another (LoRA's base) is in its description
+        parts = name.split(".")
+        if isinstance(module, QUANTIZED_MODULES) and not any(".".join(parts[:i]) in layers for i in range(1, len(parts))):
+            layers[name] = module.layer_info()
     # layers that quantization turned into Identity (folded BatchNorm, ReLU fused into a kernel)
     layers.update({n: {"module": "Identity"} for n, m in model.named_modules() if isinstance(m, nn.Identity)})
     meta = {

@@ -8,11 +8,13 @@ from bitsmith.nn.embedding import HalfEmbedding, QuantizedEmbedding
 from bitsmith.nn.kinds import KINDS, Field, InfoError, module_from_info, register_kind
 from bitsmith.nn.linear import HalfLinear, Int8DynamicLinear, Int8WeightOnlyLinear, IntxWeightOnlyLinear
 from bitsmith.nn.lookup import Fp8WeightOnlyLinear, LookupWeightOnlyLinear
+from bitsmith.nn.lora import LoRALinear
 from bitsmith.nn.static import StaticInt8Conv2d, StaticInt8Linear
 
 __all__ = [
     "Fp8WeightOnlyLinear",
     "LookupWeightOnlyLinear",
+    "LoRALinear",
     "HalfEmbedding",
     "HalfLinear",
     "Int8DynamicLinear",
@@ -35,6 +37,7 @@ QUANTIZED_MODULES = (
     Int8DynamicLinear,
     Int8WeightOnlyLinear,
     IntxWeightOnlyLinear,
+    LoRALinear,
     QuantizedEmbedding,
     StaticInt8Conv2d,
     StaticInt8Linear,
@@ -88,7 +91,7 @@ register_kind("IntxWeightOnlyLinear", {**_LINEAR, "bits": Field((2, 3, 4, 5, 6, 
               _intx)
 register_kind("Fp8WeightOnlyLinear", {**_LINEAR, "group_size": _POSITIVE}, lambda i: _grouped(
     i, lambda: Fp8WeightOnlyLinear(*_linear_args(i), group_size=i["group_size"])))
-register_kind("LookupWeightOnlyLinear", {**_LINEAR, "format": Field(("nf4", "mxfp4")), "group_size": _POSITIVE},
+register_kind("LookupWeightOnlyLinear", {**_LINEAR, "format": Field(("nf4", "nf4-dq", "mxfp4")), "group_size": _POSITIVE},
               lambda i: _grouped(i, lambda: LookupWeightOnlyLinear(*_linear_args(i), i["format"], i["group_size"])))
 register_kind("StaticInt8Linear", {**_LINEAR, "fused_relu": _FLAG, "input_smooth": Field(bool, optional=True)},
               lambda i: StaticInt8Linear(*_linear_args(i), i["fused_relu"], bool(i.get("input_smooth"))))
@@ -103,3 +106,18 @@ register_kind("QuantizedEmbedding", {**_TABLE, "bits": Field((2, 3, 4, 5, 6, 7, 
 register_kind("HalfEmbedding", {**_TABLE, "dtype": Field(("bf16", "fp16"))},
               lambda i: HalfEmbedding(*_table_args(i), i["dtype"], i.get("padding_idx")))
 register_kind("Identity", {}, lambda i: nn.Identity())
+
+
+def _lora(info: dict) -> nn.Module:
+    base = info["base"]
+    if base.get("module") == "LoRALinear":
+        raise InfoError("a LoRALinear's base is itself a LoRALinear")
+    inner = module_from_info(base)
+    if (getattr(inner, "in_features", None), getattr(inner, "out_features", None)) != (
+            info["in_features"], info["out_features"]):
+        raise InfoError("the base layer's shape is not the adapters' shape")
+    return LoRALinear(inner, info["rank"])
+
+
+register_kind("LoRALinear", {"in_features": _POSITIVE, "out_features": _POSITIVE, "rank": _POSITIVE,
+                             "base": Field(dict)}, _lora)

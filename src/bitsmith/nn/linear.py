@@ -56,6 +56,10 @@ class _QuantLinearBase(nn.Module):
         self.last_kernel: tuple[str, int] | None = None  # (candidate, rows) of the last forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            # training through a frozen quantized layer (LoRA on it, or layers before it): its output needs a
+            # gradient for x; the low-bit kernels have none, so the weight is dequantized, in backward too
+            return _FrozenLinear.apply(x, self)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (M, K) with M = prod(leading dims)
         if x2.dtype != torch.float32 or not x2.is_contiguous():
@@ -66,6 +70,12 @@ class _QuantLinearBase(nn.Module):
         self.last_kernel = (name, x2.shape[0])
         out = candidates[name]()
         return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def float_weight(self) -> torch.Tensor:
+        """The weight as float32 (N, K): what training through this layer multiplies by."""
+        if hasattr(self, "dequantize"):
+            return self.dequantize().float()
+        return self.weight.float()
 
     def candidates(self, x: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
         """Kernel name -> a call computing this layer on ``x`` (M, K) float32, in preference order."""
@@ -99,6 +109,23 @@ class _QuantLinearBase(nn.Module):
             "out_features": self.out_features,
             "has_bias": self.bias is not None,
         }
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """y = x W^T + b with the gradient for x only (the layer is frozen), W dequantized again in backward rather
+    than kept: memory holds the codes, never a float copy of every layer (bitsandbytes' 4-bit matmul does the same)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: "_QuantLinearBase") -> torch.Tensor:
+        ctx.module = module
+        weight = module.float_weight()
+        out = torch.nn.functional.linear(x.float(), weight, None if module.bias is None else module.bias.float())
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight = ctx.module.float_weight()
+        return (grad.float() @ weight).to(grad.dtype), None
 
 
 class HalfLinear(_QuantLinearBase):

@@ -14,6 +14,7 @@ from bitsmith.recipe.stages import (
     PruneConfig,
     PruneRule,
     QATConfig,
+    QLoRAConfig,
     QuantizeConfig,
     SmoothConfig,
     StageConfig,
@@ -23,7 +24,7 @@ from bitsmith.recipe.stages import (
 
 __all__ = [
     "ActivationSpec", "AWQOptions", "DistillConfig", "EqualizeConfig", "FoldBatchNormConfig", "GPTQOptions", "MappingSpec",
-    "PruneConfig", "PruneRule", "QATConfig", "QuantizeConfig", "Recipe", "Rule", "STAGE_CONFIGS", "Scheme", "SmoothConfig", "StageConfig",
+    "PruneConfig", "PruneRule", "QATConfig", "QLoRAConfig", "QuantizeConfig", "Recipe", "Rule", "STAGE_CONFIGS", "Scheme", "SmoothConfig", "StageConfig",
     "StructuredPruneConfig", "StructuredRule", "WeightSpec",
     "builtin_recipes", "config_from_dict", "config_from_yaml", "load_recipe", "target_matches",
 ]

@@ -116,6 +116,14 @@ class Recipe(Strict):
             data = {**data, "stages": [_stage(i, item) for i, item in enumerate(data["stages"])]}
         return data
 
+    def with_options(self, stage: str, **options) -> "Recipe":
+        """This recipe with ``options`` set on every stage named ``stage`` (compress --merge: qlora's merge);
+        a ValueError when it has no such stage."""
+        if not any(config.stage == stage for config in self.stages):
+            raise ValueError(f"the recipe {self.name!r} has no {stage} stage")
+        stages = [config.model_copy(update=options) if config.stage == stage else config for config in self.stages]
+        return self.model_copy(update={"stages": stages})
+
     @field_validator("stages")
     @classmethod
     def _ordered(cls, stages: list) -> list:

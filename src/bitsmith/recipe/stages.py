@@ -28,7 +28,7 @@ __all__ = [
     "StageConfig", "STAGE_CONFIGS", "register_stage_config", "REWRITE", "QUANTIZE",
     "GPTQOptions", "AWQOptions", "MappingSpec", "QuantizeConfig", "SmoothConfig", "FoldBatchNormConfig",
     "EqualizeConfig", "PruneRule", "SparseGPTOptions", "PruneConfig", "StructuredRule", "StructuredPruneConfig",
-    "QATConfig", "DistillConfig",
+    "QATConfig", "QLoRAConfig", "DistillConfig",
 ]
 
 MAX_RULES = 10_000  # a recipe is written by hand or a search; more rules than this is a mistake
@@ -349,11 +349,13 @@ class _TrainingConfig(StageConfig):
     steps: int = 200  # optimizer steps, one calibration batch each (the batches cycle in a seeded order)
     lr: float = 1e-4  # AdamW, cosine decay to 0
     weight_decay: float = 0.0
-    loss: Literal["auto", "kl", "cosine", "mse"] = "auto"  # on the output, against the teacher's (algorithms/distill.py)
+    # on the output, against the teacher's (algorithms/distill.py); text: the next tokens of the text, no teacher
+    loss: Literal["auto", "kl", "cosine", "mse", "text"] = "auto"
     temperature: float = 1.0  # kl: softmax temperature
     match: list[str] = []  # layers (by name) whose outputs also follow the teacher's, by MSE
     match_weight: float = 1.0
     held_out: float = 0.1  # fraction of the calibration batches kept out of training, to report the loss on
+    batch_size: int | None = None  # samples per step: the calibration batches split into batches of this many
     seed: int = 0
     checkpoint_every: int = 0  # steps between checkpoints (under --checkpoints; 0: none), for --resume
 
@@ -362,6 +364,13 @@ class _TrainingConfig(StageConfig):
     def _steps(cls, value: int) -> int:
         if value < 0:
             raise ValueError(f"must be at least 0, got {value}")
+        return value
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_size(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"must be at least 1, got {value}")
         return value
 
     @field_validator("lr", "temperature", "match_weight")
@@ -377,6 +386,12 @@ class _TrainingConfig(StageConfig):
         if not 0.0 <= value < 1.0:
             raise ValueError(f"must be in [0, 1), got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _text_alone(self):
+        if self.loss == "text" and self.match:
+            raise ValueError("match layers follow the teacher's; loss text trains on the text alone: drop match")
+        return self
 
     @property
     def needs_calibration(self) -> bool:
@@ -423,6 +438,76 @@ class QATConfig(_TrainingConfig):
             if w.algorithm != "rtn":
                 raise ValueError(f"rule {number}: qat starts from round-to-nearest ranges (clip: minmax or mse);"
                                  f" for {w.algorithm} ranges run a quantize stage instead")
+        return rules
+
+
+@register_stage_config
+class QLoRAConfig(_TrainingConfig):
+    """QLoRA: the Linear layers the rules match get a frozen low-bit base (the rule's weight-only scheme: NF4
+    with double-quantized absmax as QLoRA, int4, ...) and trainable LoRA adapters (``rank``, ``alpha``,
+    ``dropout``), trained on the calibration text (``loss: text``, the next tokens; or against the float model
+    as teacher with ``kl``). The adapters are written beside the model in peft's format (``adapter/``);
+    ``merge`` folds them into the float weights and quantizes those again by the same rules, for deployment.
+
+        qlora:
+          rules:
+            - targets: ["re:.*(q|k|v|o|gate|up|down)_proj"]
+              scheme: {weights: {dtype: nf4, granularity: 64, double_quant: true}}
+          rank: 16
+          alpha: 32
+          steps: 200
+          lr: 2.0e-4"""
+
+    stage: ClassVar[str] = "qlora"
+    phase: ClassVar[int] = QUANTIZE
+
+    rules: list[Rule]
+    ignore: list[str] = []
+    rank: int = 16
+    alpha: float = 32.0  # the adapters' update is scaled by alpha / rank (peft's lora_alpha)
+    dropout: float = 0.05  # on the adapters' input, while training
+    merge: bool = False  # fold the adapters into the float weights and quantize again (compress --merge)
+    loss: Literal["auto", "kl", "cosine", "mse", "text"] = "text"
+    lr: float = 2e-4  # QLoRA's
+
+    @field_validator("ignore")
+    @classmethod
+    def _valid_ignore(cls, targets: list[str]) -> list[str]:
+        return check_targets(targets)
+
+    @field_validator("rank")
+    @classmethod
+    def _rank(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"must be at least 1, got {value}")
+        return value
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, value: float) -> float:
+        if not value > 0 or value == float("inf"):
+            raise ValueError(f"must be a positive number, got {value}")
+        return value
+
+    @field_validator("dropout")
+    @classmethod
+    def _dropout(cls, value: float) -> float:
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"must be in [0, 1), got {value}")
+        return value
+
+    @field_validator("rules")
+    @classmethod
+    def _weight_only(cls, rules: list) -> list:
+        for number, rule in enumerate(rules, 1):
+            scheme = rule.scheme
+            if scheme is None:
+                continue
+            if scheme.activations is not None:
+                raise ValueError(f"rule {number}: a QLoRA base is weight-only (no activations)")
+            if scheme.weights.algorithm != "rtn":
+                raise ValueError(f"rule {number}: the QLoRA base is rounded to nearest; for a {scheme.weights.algorithm}"
+                                 " base, run a quantize stage and no qlora")
         return rules
 
 

@@ -3,7 +3,8 @@ written (safetensors for tensors, JSON for the rest: never pickle), so that ``--
 to the same final weights as an uninterrupted one with the same seed.
 
     <checkpoints>/<stage index>-<stage>/model.safetensors      every tensor of the model's state dict
-                                       /optimizer.safetensors  AdamW moments and steps, the order generator's state
+                                       /optimizer.safetensors  AdamW moments and steps, the order generator's
+                                       |                       and torch's RNG states
                                        /state.json             step, losses, batch order left, lr schedule, settings
 
 A checkpoint is written to a fresh directory, then renamed over the last one: a kill while writing leaves the
@@ -52,6 +53,7 @@ class Checkpoints:
         tensors = {f"{index}.{key}": value.detach().clone().contiguous()
                    for index, slots in state["state"].items() for key, value in slots.items()}
         tensors["generator"] = generator.get_state()
+        tensors["torch_rng"] = torch.get_rng_state()  # dropout (LoRA's): the same masks after a resume
         save_file(tensors, str(fresh / "optimizer.safetensors"))
         (fresh / "state.json").write_text(json.dumps({
             "settings": self.settings, "step": step, "losses": losses, "order": order,
@@ -77,10 +79,12 @@ class Checkpoints:
         model.load_state_dict(weights)
         slots: dict[int, dict] = {}
         for key, value in tensors.items():
-            if key != "generator":
+            if key not in ("generator", "torch_rng"):
                 index, _, name = key.partition(".")
                 slots.setdefault(int(index), {})[name] = value
         optimizer.load_state_dict({"state": slots, "param_groups": state["param_groups"]})
         schedule.load_state_dict(state["schedule"])
         generator.set_state(tensors["generator"])
+        if "torch_rng" in tensors:
+            torch.set_rng_state(tensors["torch_rng"])
         return state["step"], state["losses"], state["order"]

@@ -65,12 +65,13 @@ def _check(model: nn.Module, config: DistillConfig, context: Context) -> None:
             raise BitsmithError(f"distill: keep_blocks {config.keep_blocks} is not fewer than the model's"
                                 f" {len(blocks)} blocks")
     check_match(model, config.match, "distill")
-    keep_teacher(model, context)
+    if config.loss != "text":  # text: the model's own next tokens, no teacher
+        keep_teacher(model, context)
 
 
 @register_stage(DistillConfig, check=_check, why_not_offload="it trains the whole model in memory")
 def distill_stage(model: nn.Module, config: DistillConfig, context: Context, report: StageReport) -> None:
-    teacher = teacher_for(model, context)
+    teacher = teacher_for(model, context) if config.loss != "text" else None
     own_parameters_(model)
     if config.keep_blocks is not None:
         prefix, indices = cut_blocks_(model, config.keep_blocks)

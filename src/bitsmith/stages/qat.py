@@ -187,7 +187,8 @@ def _check(model: nn.Module, config: QATConfig, context: Context) -> None:
     if not layers:
         raise BitsmithError("qat: no Linear or Conv2d layer matches its rules")
     check_match(model, config.match, "qat")
-    keep_teacher(model, context)
+    if config.loss != "text":  # text: the model's own next tokens, no teacher
+        keep_teacher(model, context)
 
 
 @register_stage(QATConfig, check=_check, why_not_offload="it trains the whole model in memory")
@@ -195,7 +196,7 @@ def qat_stage(model: nn.Module, config: QATConfig, context: Context, report: Sta
     _, tables, skipped = _trained(model, config)
     for name, why in skipped.items():
         report.skip(name, why)
-    teacher = teacher_for(model, context)
+    teacher = teacher_for(model, context) if config.loss != "text" else None
     own_parameters_(model)
     followers = relu_followers(model)
     was_training = model.training

@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bitsmith.algorithms.distill import distill_loss, loss_kind, mean_pool, output_tensor
+from bitsmith.algorithms.distill import distill_loss, loss_kind, mean_pool, output_tensor, text_loss
 from bitsmith.errors import BitsmithError
 from bitsmith.pipeline.calibration import run_batch
 from bitsmith.pipeline.run import Context
 from bitsmith.stages.checkpoints import Checkpoints
 
 __all__ = ["keep_teacher", "teacher_for", "own_parameters_", "sparsity_masks", "train_to_teacher", "check_match",
-           "checkpoints_for"]
+           "check_text", "checkpoints_for"]
 
 _TEACHER = "teacher"  # Context.shared key
 
@@ -67,6 +67,23 @@ def _split(batches: list, held_out: float, seed: int) -> tuple[list, list]:
     return [batches[i] for i in order[count:]], [batches[i] for i in order[:count]]
 
 
+def rebatch(batches: list, size: int | None) -> list:
+    """``batches`` split into batches of ``size`` samples (tensors, or dicts of tensors, along dim 0)."""
+    if size is None:
+        return batches
+    split = []
+    for batch in batches:
+        if isinstance(batch, dict):
+            parts = {k: v.split(size) if isinstance(v, torch.Tensor) and v.dim() else None for k, v in batch.items()}
+            count = max((len(p) for p in parts.values() if p is not None), default=1)
+            split += [{k: (parts[k][i] if parts[k] is not None else v) for k, v in batch.items()} for i in range(count)]
+        elif isinstance(batch, torch.Tensor) and batch.dim():
+            split += list(batch.split(size))
+        else:
+            split.append(batch)
+    return split
+
+
 def _curve(losses: list[float], points: int = 50) -> list[list]:
     """[step, mean training loss of the steps since the last point], at most ``points`` of them."""
     every = max(-(-len(losses) // points), 1)
@@ -93,6 +110,19 @@ class _Taps:
             handle.remove()
 
 
+def check_text(model: nn.Module, batch, what: str) -> None:
+    """loss: text trains a language model on its input's next tokens: the batches must be token ids and the
+    model's output logits over them."""
+    if not (isinstance(batch, dict) and isinstance(batch.get("input_ids"), torch.Tensor)):
+        raise BitsmithError(f"{what}: loss text trains on token ids; this model's calibration batches are not text")
+    with torch.no_grad():
+        output = run_batch(model, batch)
+    logits = output.get("logits") if isinstance(output, dict) else getattr(output, "logits", None)
+    if not (isinstance(logits, torch.Tensor) and logits.dim() == 3 and logits.shape[:2] == batch["input_ids"].shape):
+        raise BitsmithError(f"{what}: loss text needs a language model (logits over each input token);"
+                            f" {type(model).__name__} does not give them")
+
+
 def check_match(model: nn.Module, names: list[str], what: str) -> None:
     modules = dict(model.named_modules())
     missing = [name for name in names if name not in modules]
@@ -107,10 +137,12 @@ class _Objective:
         self.model, self.teacher, self.options, self.kind = model, teacher, options, kind
         match = list(getattr(options, "match", []) or [])
         self.student_taps = _Taps(model, match, detach=False)
-        self.teacher_taps = _Taps(teacher, match, detach=True)
+        self.teacher_taps = _Taps(teacher, match, detach=True) if teacher is not None else _Taps(model, [], True)
         self.match = match
 
     def __call__(self, batch) -> torch.Tensor:
+        if self.kind == "text":  # the batch's own next tokens: no teacher
+            return text_loss(output_tensor(run_batch(self.model, batch)), batch["input_ids"], batch.get("attention_mask"))
         with torch.no_grad():
             target = output_tensor(run_batch(self.teacher, batch))
         student = output_tensor(run_batch(self.model, batch))
@@ -145,9 +177,13 @@ def train_to_teacher(model: nn.Module, teacher: nn.Module, options, batches: lis
                      what: str, progress=None, masks: list | None = None, checkpoints: Checkpoints | None = None) -> dict:
     """``options.steps`` AdamW steps (cosine decay) on ``params``, the zeros of ``masks`` (``sparsity_masks``) kept
     after every step, from and to ``checkpoints`` where given; returns the figures the report shows."""
-    train, held = _split(batches, options.held_out, options.seed)
-    with torch.no_grad():
-        kind = loss_kind(run_batch(teacher, train[0]), options.loss)
+    train, held = _split(rebatch(batches, options.batch_size), options.held_out, options.seed)
+    if options.loss == "text":
+        check_text(model, train[0], what)
+        kind = "text"
+    else:
+        with torch.no_grad():
+            kind = loss_kind(run_batch(teacher, train[0]), options.loss)
     objective = _Objective(model, teacher, options, kind)
     flags = {id(p): p.requires_grad for p in model.parameters()}
     wanted = {id(p) for p in params}
