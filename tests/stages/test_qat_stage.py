@@ -112,7 +112,7 @@ def test_a_diverging_run_stops_with_one_line_and_leaves_the_model_alone():
 @pytest.mark.parametrize("rules,message", [
     ([{"targets": ["Linear"], "scheme": {"weights": {"dtype": "fp16"}}}], "qat trains integer grids"),
     ([{"targets": ["Linear"], "scheme": {"weights": {"dtype": "int4", "granularity": 16, "algorithm": "gptq"}}}],
-     "qat starts from round-to-nearest"),
+     "put a quantize stage with it before qat"),
 ])
 def test_schemes_qat_cannot_train_are_refused(rules, message):
     with pytest.raises(BitsmithError, match=message):
@@ -167,3 +167,58 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
     other = _recipe("qat", W4_G16, steps=12, lr=2e-3, checkpoint_every=4)
     with pytest.raises(BitsmithError, match="is of another run"):
         bitsmith.run_stages(_mlp(), other, batches, checkpoints=tmp_path, resume=True)
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def _token_batches(count=8):
+    generator = torch.Generator().manual_seed(1)
+    return [{"input_ids": torch.randint(0, 64, (4, 16), generator=generator)} for _ in range(count)]
+
+
+W4_G32_GPTQ = {"weights": {"dtype": "int4", "granularity": 32, "symmetric": False, "algorithm": "gptq"}}
+W4_G32 = {"weights": {"dtype": "int4", "granularity": 32, "symmetric": False}}
+
+
+def _gptq_then_qat(qat_scheme, **options) -> Recipe:
+    quantize = {"rules": [{"targets": ["Linear"], "scheme": W4_G32_GPTQ}], "ignore": ["lm_head"]}
+    qat = {"rules": [{"targets": ["Linear"], "scheme": qat_scheme}], "ignore": ["lm_head"], **options}
+    return Recipe.model_validate({"version": 2, "name": "g", "stages": [{"quantize": quantize}, {"qat": qat}]})
+
+
+def test_qat_starts_from_an_earlier_gptq_result():
+    batches = _token_batches()
+    gptq = _llama()
+    bitsmith.run_stages(gptq, Recipe.model_validate({"version": 2, "name": "g", "stages": [
+        {"quantize": {"rules": [{"targets": ["Linear"], "scheme": W4_G32_GPTQ}], "ignore": ["lm_head"]}}]}), batches)
+    untrained = _llama()
+    report = bitsmith.run_stages(untrained, _gptq_then_qat(W4_G32, steps=0), batches)
+    assert report.stages[1].layers["model.layers.0.mlp.up_proj"]["done"] == "w4 g32 asym a16 qat"
+    for (name, a), b in zip(untrained.state_dict().items(), gptq.state_dict().values()):
+        assert torch.equal(a, b), name  # at 0 steps: GPTQ's codes, scales and zero points exactly
+    rtn = _llama()
+    bitsmith.run_stages(rtn, _recipe("qat", W4_G32, steps=0, ignore=["lm_head"]), batches)
+    assert not torch.equal(rtn.model.layers[0].mlp.up_proj.weight_packed, gptq.model.layers[0].mlp.up_proj.weight_packed)
+
+    # trained from there (whether it helps is the bench's question: this random model's KL is noise-sized)
+    trained = _llama()
+    bitsmith.run_stages(trained, _gptq_then_qat(W4_G32, steps=5, lr=1e-3), batches)
+    layer, start = trained.model.layers[1].self_attn.o_proj, gptq.model.layers[1].self_attn.o_proj
+    assert isinstance(layer, IntxWeightOnlyLinear)
+    assert not (torch.equal(layer.weight_packed, start.weight_packed) and torch.equal(layer.weight_scale, start.weight_scale))
+
+
+def test_qat_on_an_earlier_result_of_another_grid_is_one_line():
+    model = _llama()
+    w3 = {"weights": {"dtype": "int3", "granularity": 32, "symmetric": False}}
+    with pytest.raises(BitsmithError, match=r"layer 'model.layers.0.self_attn.q_proj' was quantized by an earlier stage"
+                                            r" \(.*\); qat's rule gives it w3 g32 asym a16"):
+        bitsmith.run_stages(model, _gptq_then_qat(w3, steps=1), _token_batches())
+    assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear  # the model as it was

@@ -437,7 +437,7 @@ class QATConfig(_TrainingConfig):
                 raise ValueError(f"rule {number}: qat trains integer grids (int2-int8), not {w.dtype}")
             if w.algorithm != "rtn":
                 raise ValueError(f"rule {number}: qat starts from round-to-nearest ranges (clip: minmax or mse);"
-                                 f" for {w.algorithm} ranges run a quantize stage instead")
+                                 f" to start from {w.algorithm}'s, put a quantize stage with it before qat")
         return rules
 
 

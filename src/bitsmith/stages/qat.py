@@ -8,7 +8,9 @@ The ``qat`` recipe stage does all three, training by ``stages/training.py``: the
 given is the teacher, the loss the distance of the student's output (and of ``match`` layers') to the
 teacher's, on the calibration batches (a held-out part reports the loss before and after). Ranges start from round-to-nearest (the rule's ``clip``); static input
 ranges from the calibration data by the scheme's observer. ``convert_`` gives exactly the modules, kernels and
-saved layout of post-training quantization, with the trained codes and ranges.
+saved layout of post-training quantization, with the trained codes and ranges. A layer an earlier ``quantize``
+stage made weight-only integer (RTN, GPTQ, AWQ) starts from that result instead: its dequantized weight, scales
+and zero points (a recipe of ``quantize`` with ``algorithm: gptq``, then ``qat`` with the same scheme).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from bitsmith.algorithms.qat import codes_of
 from bitsmith.algorithms.rtn import QuantizedWeight, weight_format
 from bitsmith.errors import BitsmithError
 from bitsmith.formats.affine import IntFormat, block_size_for, choose_qparams_affine, fp16_scales
-from bitsmith.nn import Int8DynamicLinear
+from bitsmith.nn import Int8DynamicLinear, Int8WeightOnlyLinear, IntxWeightOnlyLinear
 from bitsmith.nn.qat import FakeQuantLayer
 from bitsmith.pipeline.calibration import calibration_batches
 from bitsmith.pipeline.registry import register_stage
@@ -61,6 +63,44 @@ def _layout(module: nn.Module, scheme: Scheme) -> tuple[IntFormat, int, bool]:
     return weight_format(w.bits, w.symmetric), group, not int8
 
 
+_WEIGHT_ONLY_INT = (IntxWeightOnlyLinear, Int8WeightOnlyLinear)
+
+
+def _float_again_(model: nn.Module) -> dict[str, nn.Module]:
+    """Every weight-only integer layer (an earlier stage's RTN, GPTQ or AWQ result) becomes an nn.Linear holding
+    its dequantized weight, in place; returns name -> the quantized module, whose ranges QAT starts from."""
+    earlier = {}
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, _WEIGHT_ONLY_INT)]:
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(module.dequantize())
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
+        replace_module(model, name, linear)
+        earlier[name] = module
+    return earlier
+
+
+def _earlier_ranges(name: str, module: nn.Module, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero point) of an earlier stage's quantized layer, in the grid ``_layout`` gives ``scheme``;
+    one line if the scheme asks for another grid."""
+    w = scheme.weights
+    if isinstance(module, IntxWeightOnlyLinear):
+        group = w.granularity if isinstance(w.granularity, int) else module.in_features
+        same = w.bits == module.bits and module.group_size == group and (w.bits < 8 or not w.symmetric)
+        ranges = module.weight_scale.float(), module.weight_zero_point.float()
+    else:  # Int8WeightOnlyLinear: signed codes, an fp32 scale per channel
+        same = w.bits == 8 and w.symmetric
+        ranges = module.weight_scale.float(), torch.zeros_like(module.weight_scale.float())
+    same = same and w.granularity != "tensor" and scheme.activations is None
+    if same and w.symmetric and w.bits < 8:
+        same = bool((ranges[1] == 2 ** (w.bits - 1)).all())
+    if not same:
+        raise BitsmithError(f"layer '{name}' was quantized by an earlier stage ({module.scheme}); qat's rule gives it"
+                            f" {scheme.describe()}: give qat the same scheme to start from that result")
+    return ranges
+
+
 def _check_layer(name: str, module: nn.Module, scheme: Scheme) -> None:
     w = scheme.weights
     if not torch.isfinite(module.weight).all():
@@ -72,24 +112,30 @@ def _check_layer(name: str, module: nn.Module, scheme: Scheme) -> None:
         raise BitsmithError(f"layer '{name}' carries a SmoothQuant input scale; qat does not train through it")
 
 
-def _wrap(module: nn.Module, scheme: Scheme) -> FakeQuantLayer:
+def _wrap(module: nn.Module, scheme: Scheme, ranges: tuple | None = None) -> FakeQuantLayer:
     w = scheme.weights
     fmt, group, fp16 = _layout(module, scheme)
     flat = module.weight.detach().reshape(module.weight.shape[0], -1)
     symmetric = w.symmetric or scheme.activations is not None
     block = block_size_for(tuple(flat.shape), "tensor" if w.granularity == "tensor" else group)
-    scale, zero = choose_qparams_affine(flat, block, fmt, symmetric=symmetric, clip=w.clip)
+    scale, zero = ranges if ranges is not None else choose_qparams_affine(flat, block, fmt, symmetric=symmetric,
+                                                                           clip=w.clip)
     activations = None if scheme.activations is None else "dynamic" if scheme.activations.dynamic else "static"
     return FakeQuantLayer(module, fmt, group, scale, zero, symmetric, activations, fp16)
 
 
 def prepare_qat_(model: nn.Module, config: QATConfig, calibration: Iterable | None = None) -> dict[str, Scheme]:
     """Give every Linear / Conv2d the rules match its training form (ranges from round-to-nearest), in place;
-    static input ranges start from ``calibration`` by the scheme's observer. Returns layer -> scheme."""
+    static input ranges start from ``calibration`` by the scheme's observer; layers an earlier stage quantized
+    (weight-only integer) start from that result. Returns layer -> scheme."""
+    earlier = _float_again_(model)
     layers, _, _ = _trained(model, config)
+    for name in set(earlier) - set(layers):  # not qat's: back as they were
+        replace_module(model, name, earlier[name])
     modules = dict(model.named_modules())
     for name, scheme in layers.items():
         _check_layer(name, modules[name], scheme)
+    ranges = {name: _earlier_ranges(name, earlier[name], layers[name]) for name in layers if name in earlier}
     static = [n for n, s in layers.items() if s.is_static]
     if static and calibration is None:
         raise BitsmithError("static activations start from observed ranges: give calibration data")
@@ -97,7 +143,7 @@ def prepare_qat_(model: nn.Module, config: QATConfig, calibration: Iterable | No
     stats = collect_activation_stats(model, {n: layers[n] for n in static}, calibration_batches(calibration)) \
         if static else {}
     for name, scheme in layers.items():
-        layer = _wrap(modules[name], scheme)
+        layer = _wrap(modules[name], scheme, ranges.get(name))
         if name in stats:
             scale, zero = qparams_u8(*stats[name].observer.range())
             with torch.no_grad():
