@@ -293,9 +293,11 @@ def test_qlora_through_the_cli_writes_peft_adapters_and_merge_gives_a_plain_nf4_
     data = load_recipe("qlora-nf4").to_dict()
     data["stages"][0]["qlora"].update(steps=2, batch_size=4)
     recipe.write_text(json.dumps(data))  # YAML reads JSON
+    text = tmp_path / "eval.txt"  # one window of 256 tokens to evaluate on: the test is about the files
+    text.write_text(" ".join(["The json module encodes and decodes JSON documents into Python objects."] * 40))
     out = tmp_path / "merged"
     code, stdout, stderr = run("compress", "docs-lm", "--recipe", str(recipe), "--out", str(out), "--merge",
-                               "--calib-samples", "8", "--repeats", "1", "--json")
+                               "--calib-samples", "8", "--repeats", "1", "--text", str(text), "--json")
     assert code == 0, stderr
     summary = json.loads(stdout)["stages"][-1]["summary"]
     assert summary["steps"] == 2 and summary["loss"] == "text"
@@ -306,4 +308,23 @@ def test_qlora_through_the_cli_writes_peft_adapters_and_merge_gives_a_plain_nf4_
     assert modules == {"LookupWeightOnlyLinear"}  # merged: no adapters at run time
     code, _, stderr = run("compress", "docs-lm", "--recipe", "w4a16", "--out", str(tmp_path / "e"), "--merge")
     assert_one_line_error(code, stderr, "--merge folds LoRA adapters into the weights: the recipe 'w4a16' has no")
+    assert not (tmp_path / "e").exists()
+
+
+def test_nproc_runs_training_data_parallel_and_rank_0_writes(tmp_path):
+    recipe = tmp_path / "qat.yaml"
+    recipe.write_text(
+        "version: 2\nname: qat-w8\nstages:\n  - qat:\n      rules:\n        - targets: [Linear, Conv2d]\n"
+        "          scheme: {weights: {dtype: int8}}\n      steps: 2\n")
+    out = tmp_path / "d"
+    code, stdout, stderr = run("compress", "digits-cnn", "--recipe", str(recipe), "--out", str(out), "--nproc", "2",
+                               "--calib-samples", "64", "--repeats", "1", "--json")
+    assert code == 0, stderr
+    summary = json.loads(stdout)["stages"][-1]["summary"]  # one report: rank 0's
+    assert summary["steps"] == 2 and (out / "bitsmith.json").exists()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(recipe.read_text().replace("steps: 2", "steps: 2\n      batch_size: 3"))
+    code, _, stderr = run("compress", "digits-cnn", "--recipe", str(bad), "--out", str(tmp_path / "e"),
+                          "--nproc", "2", "--calib-samples", "64", "--repeats", "1")
+    assert_one_line_error(code, stderr, "rows does not split evenly over 2 processes")
     assert not (tmp_path / "e").exists()

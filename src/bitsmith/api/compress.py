@@ -18,6 +18,7 @@ from bitsmith.io.serialization import prepare_output_dir, save
 from bitsmith.io.sparse_storage import zero_mask
 from bitsmith.nn import cpu, dispatch, native
 from bitsmith.pipeline import run_stages
+from bitsmith.pipeline.distributed import is_main, world
 from bitsmith.recipe import Recipe, load_recipe
 from bitsmith.zoo import ZOO, zoo_model_dir
 
@@ -144,6 +145,8 @@ def compress(
         checkpoints = Path(f"{out}.checkpoints")
     report = run_stages(quant_model, recipe, calibration, progress=progress, checkpoints=checkpoints, resume=resume)
     quant_model.bitsmith_source = source
+    if not is_main():  # data parallel (--nproc): every process trained the same model; rank 0 measures and saves
+        return {"rank": world()[0], "model": quant_model, "stages": report.as_list()}
     metrics = {
         "recipe": recipe.name,
         "original_bytes": state_bytes(float_model),

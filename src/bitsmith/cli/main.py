@@ -108,6 +108,9 @@ def compress(
         None, "--checkpoints", help="Where training stages (qat, distill) with checkpoint_every keep their"
         " checkpoints (default: OUT.checkpoints)."),
     resume: bool = typer.Option(False, "--resume", help="Training stages start from their last checkpoint."),
+    nproc: int = typer.Option(1, "--nproc", help="Data parallel: run the training stages (qat, distill, qlora) in"
+                              " this many processes on torch.distributed (gloo on CPU), each on a share of every"
+                              " batch."),
     merge: bool = typer.Option(False, "--merge", help="qlora: fold the trained adapters into the float weights and"
                                " quantize again (a plain quantized model; the adapters are still written)."),
     as_json: bool = JSON_OPTION,
@@ -120,6 +123,13 @@ def compress(
     from bitsmith.api.compress import check_counts
 
     check_counts(repeats, calib_samples)  # bad counts fail before the model loads
+    if nproc < 1:
+        raise BitsmithError(f"--nproc must be at least 1, got {nproc}")
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        sys.exit(_launch(nproc))
+    from bitsmith.pipeline.distributed import init_from_env, is_main
+
+    init_from_env()
     recipe_name, recipe = recipe, load_recipe(recipe)  # a bad recipe fails before the model loads; read once
     if merge:
         from bitsmith.api.compress import merged_recipe
@@ -153,6 +163,8 @@ def compress(
         )
         bars.finish()
     result.pop("model")
+    if not is_main():  # data parallel: rank 0 reports
+        return
     if as_json:
         _emit_json(result)
         return
@@ -689,6 +701,34 @@ def _error_line(message: str) -> None:
 def _usage_error(err: BaseException) -> bool:
     """Click's usage errors, from whichever click the installed typer uses (its own vendored copy or click)."""
     return callable(getattr(err, "format_message", None)) and isinstance(getattr(err, "exit_code", None), int)
+
+
+def _launch(nproc: int) -> int:
+    """``bitsmith compress ... --nproc N``: the same command in N processes under torch.distributed's launcher
+    (torchrun, on this machine); rank 0 writes and prints. Returns the exit status."""
+    import subprocess
+
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            argv.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "bitsmith.cli.main", *argv]
+    threads = str(max(1, (os.cpu_count() or 1) // nproc))
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
+    # the launcher's own messages (and its report of a failed process) are not the user's: keep stderr, show
+    # the processes' one-line errors from it
+    run = subprocess.run(command, env=env, stderr=subprocess.PIPE, text=True)
+    if run.returncode == 0:
+        return 0
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    sys.stderr.write((errors[0] if errors else f"error: --nproc {nproc}: a process failed (exit"
+                      f" {run.returncode}); run without --nproc to see it") + "\n")
+    return 2 if errors else 1
 
 
 def main() -> None:

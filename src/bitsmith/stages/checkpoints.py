@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from bitsmith.errors import BitsmithError
+from bitsmith.pipeline.distributed import barrier, is_main
 
 __all__ = ["Checkpoints"]
 
@@ -43,6 +44,14 @@ class Checkpoints:
 
     def write(self, step: int, model: nn.Module, optimizer, schedule, generator: torch.Generator, order: list[int],
               losses: list[float]) -> None:
+        if not is_main():  # data parallel: every process holds the same state; rank 0 writes it
+            barrier()
+            return
+        self._write(step, model, optimizer, schedule, generator, order, losses)
+        barrier()
+
+    def _write(self, step: int, model: nn.Module, optimizer, schedule, generator: torch.Generator, order: list[int],
+               losses: list[float]) -> None:
         fresh = self.folder.with_name(self.folder.name + ".writing")
         shutil.rmtree(fresh, ignore_errors=True)
         fresh.mkdir(parents=True)

@@ -24,6 +24,7 @@ from torch import nn
 from bitsmith.algorithms.distill import distill_loss, loss_kind, mean_pool, output_tensor, text_loss
 from bitsmith.errors import BitsmithError
 from bitsmith.pipeline.calibration import run_batch
+from bitsmith.pipeline.distributed import average_gradients_, local_part, mean_across
 from bitsmith.pipeline.run import Context
 from bitsmith.stages.checkpoints import Checkpoints
 
@@ -225,18 +226,20 @@ def train_to_teacher(model: nn.Module, teacher: nn.Module, options, batches: lis
 
 
 def _step(objective: _Objective, batch, optimizer, schedule, masks, what: str, step: int, options) -> float:
-    loss = objective(batch)
-    if not torch.isfinite(loss):
-        raise BitsmithError(f"{what}: the loss became {loss.item()} at step {step + 1}; lower lr"
+    loss = objective(local_part(batch))  # data parallel: this process's share of the batch
+    value = mean_across(loss.item())  # every process sees the same loss, so all stop together
+    if not math.isfinite(value):
+        raise BitsmithError(f"{what}: the loss became {value} at step {step + 1}; lower lr"
                             f" (now {options.lr:g}) and run again")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    average_gradients_(optimizer.param_groups[0]["params"])
     optimizer.step()
     schedule.step()
     with torch.no_grad():
         for weight, keep in masks or ():
             weight.mul_(keep)
-    return loss.item()
+    return value
 
 
 def checkpoints_for(context: Context, options, what: str, params: list[nn.Parameter], batches: list) -> Checkpoints | None:
@@ -253,5 +256,5 @@ def _held_out_loss(objective: _Objective, batches: list) -> float | None:
     if not batches:
         return None
     with torch.no_grad():
-        losses = [objective(batch).item() for batch in batches]
+        losses = [mean_across(objective(local_part(batch)).item()) for batch in batches]
     return _figure(sum(losses) / len(losses))

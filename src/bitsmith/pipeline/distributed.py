@@ -1,0 +1,86 @@
+"""Data parallel training on torch.distributed: N processes (``bitsmith compress --nproc N``, or any launcher
+that sets RANK / WORLD_SIZE, such as ``torchrun``) each take an equal slice of every global batch; after each
+backward the gradients are averaged across them (an all-reduce, as DistributedDataParallel does), so every
+process takes the same optimizer step as one process on the whole batch. gloo on CPU, nccl where GPUs are.
+
+    world()                    -> (rank, size); (0, 1) when not distributed
+    local_part(batch)          -> this process's rows of a global batch (tensors and dicts of tensors, dim 0)
+    average_gradients_(params) -> every gradient the mean over the processes
+    mean_across(value)         -> a float averaged over the processes (losses: every process reports the same)
+
+Only rank 0 writes outputs and checkpoints. Calibration statistics of the post-training stages (GPTQ's
+Hessians, observers) are not yet summed across processes: those stages run on every process alike.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from bitsmith.errors import BitsmithError
+
+__all__ = ["world", "is_main", "init_from_env", "local_part", "average_gradients_", "mean_across", "barrier"]
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    return world()[0] == 0
+
+
+def init_from_env() -> bool:
+    """Join the process group a launcher describes (WORLD_SIZE > 1 in the environment); True if distributed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+        return world()[1] > 1
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    return True
+
+
+def local_part(batch):
+    """This process's equal share of the rows of ``batch``; one line if they do not split evenly."""
+    rank, size = world()
+    if size == 1:
+        return batch
+
+    def part(tensor):
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() == 0:
+            return tensor
+        if tensor.shape[0] % size:
+            raise BitsmithError(f"a training batch of {tensor.shape[0]} rows does not split evenly over {size}"
+                                f" processes: give a batch_size that {size} divides")
+        return tensor.chunk(size)[rank]
+
+    if isinstance(batch, dict):
+        return {key: part(value) for key, value in batch.items()}
+    return part(batch)
+
+
+def average_gradients_(params) -> None:
+    _, size = world()
+    if size == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(size)
+
+
+def mean_across(value: float) -> float:
+    _, size = world()
+    if size == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return float(tensor.item() / size)
+
+
+def barrier() -> None:
+    if world()[1] > 1:
+        dist.barrier()

@@ -1,0 +1,64 @@
+"""Data parallel training: 2 processes on torch.distributed (gloo), each on half of every batch, end where one
+process on the whole batches ends."""
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import bitsmith
+from bitsmith import BitsmithError, Recipe
+from bitsmith.pipeline.distributed import local_part, world
+
+QAT_W4 = {"qat": {"rules": [{"targets": ["Linear"], "scheme": {"weights": {"dtype": "int4", "granularity": 16,
+                                                                          "symmetric": False}}}],
+                  "steps": 12, "lr": 1e-3, "held_out": 0.2}}
+
+
+def _train(rank: int, size: int, init: str, out: str) -> None:
+    torch.set_num_threads(1)
+    if size > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=size)
+    assert world() == (rank, size)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+        generator = torch.Generator().manual_seed(1)
+        batches = [torch.randn(8, 32, generator=generator) for _ in range(10)]
+        report = bitsmith.run_stages(model, Recipe.model_validate({"version": 2, "name": "q", "stages": [QAT_W4]}),
+                                     batches)
+        if rank == 0:
+            state = {k: v.float() for k, v in model.state_dict().items()}
+            state["held_out_loss_after"] = torch.tensor([report.stages[0].summary["held_out_loss_after"]])
+            save_file(state, out)
+    finally:
+        if size > 1:
+            dist.destroy_process_group()
+
+
+def test_two_processes_end_where_one_does(tmp_path):
+    _train(0, 1, "", str(tmp_path / "one.safetensors"))
+    mp.start_processes(_train, args=(2, str(tmp_path / "init"), str(tmp_path / "two.safetensors")), nprocs=2,
+                       start_method="spawn")
+    one, two = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
+    assert one.keys() == two.keys()
+    for key in one:
+        # the same steps; the gradient's sum is taken in another order (two halves, then the all-reduce)
+        assert torch.allclose(one[key], two[key], rtol=1e-4, atol=1e-5), key
+    scale = "0.weight_scale"
+    assert not torch.equal(one[scale], torch.zeros_like(one[scale]))
+
+
+def test_a_batch_that_does_not_split_is_one_line(monkeypatch):
+    monkeypatch.setattr("bitsmith.pipeline.distributed.world", lambda: (1, 2))
+    assert torch.equal(local_part(torch.arange(8).reshape(4, 2)), torch.tensor([[4, 5], [6, 7]]))
+    part = local_part({"input_ids": torch.arange(4), "flag": 1})
+    assert part["input_ids"].tolist() == [2, 3] and part["flag"] == 1
+    try:
+        local_part(torch.zeros(3, 2))
+    except BitsmithError as err:
+        assert "3 rows does not split evenly over 2 processes" in str(err)
+    else:
+        raise AssertionError("no error")
+    assert world() == (0, 1)  # the real one: not distributed here
