@@ -18,7 +18,7 @@ from bitsmith.io.serialization import prepare_output_dir, save
 from bitsmith.io.sparse_storage import zero_mask
 from bitsmith.nn import cpu, dispatch, native
 from bitsmith.pipeline import run_stages
-from bitsmith.pipeline.distributed import is_main, world
+from bitsmith.pipeline.distributed import init_from_env, is_main, world  # noqa: F401 (the CLI's --nproc)
 from bitsmith.recipe import Recipe, load_recipe
 from bitsmith.zoo import ZOO, zoo_model_dir
 

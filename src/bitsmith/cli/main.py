@@ -127,7 +127,7 @@ def compress(
         raise BitsmithError(f"--nproc must be at least 1, got {nproc}")
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         sys.exit(_launch(nproc))
-    from bitsmith.pipeline.distributed import init_from_env, is_main
+    from bitsmith.api.compress import init_from_env, is_main
 
     init_from_env()
     recipe_name, recipe = recipe, load_recipe(recipe)  # a bad recipe fails before the model loads; read once
