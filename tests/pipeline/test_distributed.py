@@ -50,6 +50,44 @@ def test_two_processes_end_where_one_does(tmp_path):
     assert not torch.equal(one[scale], torch.zeros_like(one[scale]))
 
 
+def _gptq(rank: int, size: int, init: str, out: str) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.set_num_threads(1)
+    if size > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=size)
+    try:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).eval()
+        generator = torch.Generator().manual_seed(1)
+        batches = [{"input_ids": torch.randint(0, 64, (2, 16), generator=generator)} for _ in range(6)]
+        scheme = {"weights": {"dtype": "int4", "granularity": 32, "symmetric": False, "algorithm": "gptq"}}
+        bitsmith.run_stages(model, Recipe.model_validate({"version": 2, "name": "g", "stages": [{"quantize": {
+            "rules": [{"targets": ["Linear"], "scheme": scheme}], "ignore": ["lm_head"]}}]}), batches)
+        if rank == 0:
+            save_file({k: v.contiguous() for k, v in model.state_dict().items() if "weight_" in k}, out)
+    finally:
+        if size > 1:
+            dist.destroy_process_group()
+
+
+def test_gptq_hessians_of_two_processes_shares_are_those_of_one_process(tmp_path):
+    _gptq(0, 1, "", str(tmp_path / "one.safetensors"))
+    mp.start_processes(_gptq, args=(2, str(tmp_path / "init"), str(tmp_path / "two.safetensors")), nprocs=2,
+                       start_method="spawn")
+    one, two = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
+    packed = [k for k in one if k.endswith("weight_packed")]
+    assert len(packed) == 14  # 7 Linears a block, 2 blocks
+    same = sum(int((one[k] == two[k]).sum()) for k in packed) / sum(one[k].numel() for k in packed)
+    # each process accumulates the Hessian of 3 of the 6 batches; merged, they are the 6-batch Hessian up to the
+    # order of float sums, which can move a code whose value sits on a rounding boundary
+    assert same > 0.999, same
+    for k in one:
+        if k.endswith("weight_scale"):
+            assert torch.allclose(one[k].float(), two[k].float(), rtol=1e-3), k
+
+
 def test_a_batch_that_does_not_split_is_one_line(monkeypatch):
     monkeypatch.setattr("bitsmith.pipeline.distributed.world", lambda: (1, 2))
     assert torch.equal(local_part(torch.arange(8).reshape(4, 2)), torch.tensor([[4, 5], [6, 7]]))

@@ -22,6 +22,7 @@ from torch import nn
 from bitsmith.algorithms.gptq import accumulate_hessian
 from bitsmith.errors import BitsmithError
 from bitsmith.pipeline.calibration import call_on_calibration
+from bitsmith.pipeline.distributed import merge_means, merge_sums, world
 
 __all__ = [
     "BlockSource", "run_blocks", "find_blocks", "block_targets", "capture_inputs", "run_block",
@@ -183,9 +184,11 @@ def input_statistics(block: nn.Module, locals_: dict[str, str], inputs: list, ab
                 raise _Stop
 
         handles.append(block.get_submodule(local).register_forward_pre_hook(hook))
+    rank, size = world()
+    shard = size > 1 and len(inputs) >= size  # data parallel: a share of the batches each, merged below
     try:
         with torch.inference_mode():
-            for args, kwargs in inputs:
+            for args, kwargs in (inputs[rank::size] if shard else inputs):
                 fired.clear()
                 readers.clear()
                 try:
@@ -196,6 +199,13 @@ def input_statistics(block: nn.Module, locals_: dict[str, str], inputs: list, ab
     finally:
         for handle in handles:
             handle.remove()
+    if shard:
+        for local, full in locals_.items():
+            if full not in same_input:
+                width = block.get_submodule(local).in_features
+                state[full] = merge_means(*state[full], width)
+                if absmean:
+                    sums[full] = merge_sums(sums.get(full), width)
     for full, source in same_input.items():
         state[full] = state[source]
         if source in sums:

@@ -8,8 +8,12 @@ process takes the same optimizer step as one process on the whole batch. gloo on
     average_gradients_(params) -> every gradient the mean over the processes
     mean_across(value)         -> a float averaged over the processes (losses: every process reports the same)
 
-Only rank 0 writes outputs and checkpoints. Calibration statistics of the post-training stages (GPTQ's
-Hessians, observers) are not yet summed across processes: those stages run on every process alike.
+Calibration of the block-wise post-training stages (GPTQ's and SparseGPT's Hessians, AWQ's input means): each
+process accumulates the statistics of its share of the batches and they are merged (``merge_means``: the mean
+weighted by rows, summed across processes), so every process quantizes with the statistics of all of them.
+The rest of each block's run (its outputs for the next block) covers every batch on every process. Observers of
+static activation ranges still see every batch on every process (the same ranges, no time saved).
+Only rank 0 writes outputs and checkpoints.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import torch.distributed as dist
 
 from bitsmith.errors import BitsmithError
 
-__all__ = ["world", "is_main", "init_from_env", "local_part", "average_gradients_", "mean_across", "barrier"]
+__all__ = ["world", "is_main", "init_from_env", "local_part", "average_gradients_", "mean_across", "barrier",
+           "merge_means", "merge_sums"]
 
 
 def world() -> tuple[int, int]:
@@ -84,3 +89,23 @@ def mean_across(value: float) -> float:
 def barrier() -> None:
     if world()[1] > 1:
         dist.barrier()
+
+
+def merge_means(mean: torch.Tensor | None, rows: int, width: int) -> tuple[torch.Tensor | None, int]:
+    """A (width, width) mean over ``rows`` rows on each process -> the mean over all processes' rows, and their
+    count; (None, 0) when no process saw a row (GPTQ then rounds to nearest, as with one process)."""
+    total = torch.tensor([float(rows)], dtype=torch.float64)
+    dist.all_reduce(total)
+    weighted = (mean.double() * rows) if mean is not None else torch.zeros(width, width, dtype=torch.float64)
+    dist.all_reduce(weighted)
+    if total.item() == 0:
+        return None, 0
+    dtype = mean.dtype if mean is not None else torch.float32
+    return (weighted / total.item()).to(dtype), int(total.item())
+
+
+def merge_sums(values: torch.Tensor | None, width: int) -> torch.Tensor:
+    """Per-channel sums across processes (a process that saw nothing adds zeros)."""
+    tensor = values.double() if values is not None else torch.zeros(width, dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return tensor.float()
