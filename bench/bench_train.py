@@ -32,6 +32,11 @@ Part ``smollm2-student``: SmolLM2-135M cut to 15 of its 30 blocks (every other o
 before training, distilled from the full model (KL on the logits), and trained on the text alone (``loss:
 text``), the same steps, data and seed. Target: the distilled student's held-out perplexity below both.
 
+Part ``smollm2-qat``: SmolLM2-135M at int3 asymmetric weights in groups of 128 (lm_head kept): round-to-nearest
+(MSE ranges), GPTQ, and QAT with distillation started from GPTQ's result (a ``quantize`` stage with GPTQ, then
+``qat`` with the same scheme: KL to the float model's logits, ``--steps`` steps). Targets (the issue's): QAT
+recovers at least half of the held-out perplexity increase round-to-nearest leaves, and ends below GPTQ.
+
     .venv/bin/python bench/bench_train.py --part digits
     .venv/bin/python bench/bench_train.py --part minilm-distill
     .venv/bin/python bench/bench_train.py --part smollm2-qlora --steps 100 --calib-samples 256
@@ -134,7 +139,17 @@ def smollm2_recipes(args) -> dict[str, dict]:
     def distill(name, **options):
         return {"version": 2, "name": name, "stages": [{"distill": {**train, **options}}]}
 
-    return {"nf4": nf4, "qlora": qlora, "full-ft": distill("full-ft", loss="text", steps=args.ft_steps),
+    w3 = {"weights": {"dtype": "int3", "granularity": 128, "symmetric": False, "clip": "mse"}}
+    gptq = {"quantize": {"rules": [{"targets": ["Linear"], "scheme": {"weights": {**w3["weights"], "clip": "minmax",
+                                                                                  "algorithm": "gptq"}}}],
+                         "ignore": ["lm_head"]}}
+    rtn = {"version": 2, "name": "rtn-w3-g128", "stages": [{"quantize": {
+        "rules": [{"targets": ["Linear"], "scheme": w3}], "ignore": ["lm_head"]}}]}
+    qat = {"qat": {"rules": [{"targets": ["Linear"], "scheme": {"weights": {**w3["weights"], "clip": "minmax"}}}],
+                   "ignore": ["lm_head"], "loss": "kl", **train}}
+    return {"rtn-w3": rtn, "gptq-w3": {"version": 2, "name": "gptq-w3-g128", "stages": [gptq]},
+            "qat-w3": {"version": 2, "name": "gptq-qat-w3-g128", "stages": [gptq, qat]},
+            "nf4": nf4, "qlora": qlora, "full-ft": distill("full-ft", loss="text", steps=args.ft_steps),
             "cut": distill("cut-15", keep_blocks=15, steps=0),
             "student-distill": distill("student-15-distill", keep_blocks=15, loss="kl"),
             "student-text": distill("student-15-text", keep_blocks=15, loss="text")}
@@ -195,6 +210,24 @@ def part_smollm2_qlora(args) -> tuple[list[str], list[tuple[str, bool]]]:
                rows["qlora"]["perplexity"] < rows["nf4"]["perplexity"]),
               ("smollm2 QLoRA: peak memory at most 60% of full fine-tuning's",
                rows["qlora"]["peak_bytes"] <= 0.6 * rows["full-ft"]["peak_bytes"])]
+    return lines, checks
+
+
+def part_smollm2_qat(args) -> tuple[list[str], list[tuple[str, bool]]]:
+    rows = _smollm2_rows(args, ("rtn-w3", "gptq-w3", "qat-w3"))
+    s = rows["qat-w3"]["summary"]
+    plot({"qat w3 g128 from gptq": s["loss_curve"]}, args.plot, "training loss (KL to float)")
+    base = rows["rtn-w3"]["float_perplexity"]
+    increase = {name: row["perplexity"] - base for name, row in rows.items()}
+    recovered = (increase["rtn-w3"] - increase["qat-w3"]) / increase["rtn-w3"]
+    lines = [f"SmolLM2-135M, int3 asymmetric g128 (lm_head kept); {s['train_batches']} batches of {args.batch_size}"
+             f" windows of 256 tokens, {s['held_out_batches']} held out; qat: {args.steps} steps, lr {args.lr},"
+             f" seed {args.seed}, from GPTQ's result",
+             *_smollm2_table(rows, {"rtn-w3": "RTN (MSE ranges)", "gptq-w3": "GPTQ", "qat-w3": "GPTQ + QAT (KL)"}),
+             f"qat held-out KL {s['held_out_loss_before']} -> {s['held_out_loss_after']}; recovered"
+             f" {100 * recovered:.1f}% of RTN's perplexity increase; loss curve: {args.plot}"]
+    checks = [("smollm2 W3 g128: QAT recovers at least half of RTN's perplexity increase", recovered >= 0.5),
+              ("smollm2 W3 g128: QAT ends below GPTQ", rows["qat-w3"]["perplexity"] < rows["gptq-w3"]["perplexity"])]
     return lines, checks
 
 
@@ -287,7 +320,7 @@ def part_digits(args) -> tuple[list[str], list[tuple[str, bool]]]:
 
 
 PARTS = {"digits": part_digits, "minilm-distill": part_minilm, "smollm2-qlora": part_smollm2_qlora,
-         "smollm2-student": part_smollm2_student}
+         "smollm2-student": part_smollm2_student, "smollm2-qat": part_smollm2_qat}
 
 
 def main(argv=None) -> int:
