@@ -46,6 +46,12 @@ class StageConfig(Strict):
     def needs_calibration(self) -> bool:
         return False
 
+    # the stages whose layers are chosen by rules leave out the ``ignore`` targets: one check for all of them
+    @field_validator("ignore", check_fields=False)
+    @classmethod
+    def _valid_ignore(cls, targets: list[str]) -> list[str]:
+        return check_targets(targets)
+
 
 STAGE_CONFIGS: dict[str, type[StageConfig]] = {}
 
@@ -149,11 +155,6 @@ class QuantizeConfig(StageConfig):
                     raise ValueError(f"'{key}' is the stage '{stage}' since recipe version 2: list it in the"
                                      " recipe's stages before quantize (a version-1 recipe file is converted)")
         return data
-
-    @field_validator("ignore")
-    @classmethod
-    def _valid_ignore(cls, targets: list[str]) -> list[str]:
-        return check_targets(targets)
 
     @field_validator("rules")
     @classmethod
@@ -271,11 +272,6 @@ class PruneConfig(StageConfig):
     ignore: list[str] = []
     sparsegpt: SparseGPTOptions = SparseGPTOptions()
 
-    @field_validator("ignore")
-    @classmethod
-    def _valid_ignore(cls, targets: list[str]) -> list[str]:
-        return check_targets(targets)
-
     @model_validator(mode="after")
     def _scope(self) -> "PruneConfig":
         if self.scope == "global" and (self.method != "magnitude" or any(r.nm for r in self.rules)):
@@ -324,11 +320,6 @@ class StructuredPruneConfig(StageConfig):
     # what the consumers get with activations: refit (Linear: kept columns and bias by least squares on the
     # calibration inputs; Conv2d: mean), mean (the removed channels' mean contribution into the bias), none
     update: Literal["refit", "mean", "none"] = "refit"
-
-    @field_validator("ignore")
-    @classmethod
-    def _valid_ignore(cls, targets: list[str]) -> list[str]:
-        return check_targets(targets)
 
     @field_validator("multiple_of")
     @classmethod
@@ -421,11 +412,6 @@ class QATConfig(_TrainingConfig):
     ignore: list[str] = []
     trainable: Literal["all", "quantized"] = "all"  # every float parameter, or only the quantized layers'
 
-    @field_validator("ignore")
-    @classmethod
-    def _valid_ignore(cls, targets: list[str]) -> list[str]:
-        return check_targets(targets)
-
     @field_validator("rules")
     @classmethod
     def _integer_schemes(cls, rules: list) -> list:
@@ -469,11 +455,6 @@ class QLoRAConfig(_TrainingConfig):
     merge: bool = False  # fold the adapters into the float weights and quantize again (compress --merge)
     loss: Literal["auto", "kl", "cosine", "mse", "text"] = "text"
     lr: float = 2e-4  # QLoRA's
-
-    @field_validator("ignore")
-    @classmethod
-    def _valid_ignore(cls, targets: list[str]) -> list[str]:
-        return check_targets(targets)
 
     @field_validator("rank")
     @classmethod
