@@ -52,6 +52,13 @@ class StageConfig(Strict):
     def _valid_ignore(cls, targets: list[str]) -> list[str]:
         return check_targets(targets)
 
+    @field_validator("rules", check_fields=False, mode="before")
+    @classmethod
+    def _some_rules(cls, rules):
+        if isinstance(rules, list) and len(rules) > MAX_RULES:
+            raise ValueError(f"{len(rules)} rules; at most {MAX_RULES} (group targets into fewer rules)")
+        return rules
+
 
 STAGE_CONFIGS: dict[str, type[StageConfig]] = {}
 
@@ -155,13 +162,6 @@ class QuantizeConfig(StageConfig):
                     raise ValueError(f"'{key}' is the stage '{stage}' since recipe version 2: list it in the"
                                      " recipe's stages before quantize (a version-1 recipe file is converted)")
         return data
-
-    @field_validator("rules")
-    @classmethod
-    def _some_rules(cls, rules: list) -> list:
-        if len(rules) > MAX_RULES:
-            raise ValueError(f"{len(rules)} rules; at most {MAX_RULES} (group targets into fewer rules)")
-        return rules
 
     @property
     def needs_calibration(self) -> bool:
