@@ -164,6 +164,9 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
     for a, b in zip(resumed.state_dict().values(), whole.state_dict().values()):
         assert torch.equal(a, b)  # the same codes, scales and biases as the run never killed
 
+    fresh = bitsmith.run_stages(_mlp(), recipe, batches, checkpoints=tmp_path / "none", resume=True)
+    assert fresh.stages[0].summary["resume"].startswith("no checkpoint in ")  # said, not silent
+
     other = _recipe("qat", W4_G16, steps=12, lr=2e-3, checkpoint_every=4)
     with pytest.raises(BitsmithError, match="is of another run"):
         bitsmith.run_stages(_mlp(), other, batches, checkpoints=tmp_path, resume=True)

@@ -222,6 +222,8 @@ def train_to_teacher(model: nn.Module, teacher: nn.Module, options, batches: lis
                "seconds": round(time.perf_counter() - start, 1)}
     if done:
         figures["resumed_at_step"] = done
+    elif checkpoints is not None and checkpoints.resume:  # --resume with nothing to resume from: said, not silent
+        figures["resume"] = f"no checkpoint in {checkpoints.folder}: started from step 0"
     return figures
 
 
