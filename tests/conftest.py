@@ -8,6 +8,17 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 torch.set_num_threads(2)
 
 
+def tiny_llama():
+    """A 2-block Llama (hidden 64, vocab 64) with seeded random weights, in eval mode: for training and
+    data-parallel tests that need a real causal LM but no real one's cost."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB."""
     noise = (reference.float() - approx.float()).pow(2).mean()

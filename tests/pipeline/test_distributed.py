@@ -1,6 +1,8 @@
 """Data parallel training: 2 processes on torch.distributed (gloo), each on half of every batch, end where one
 process on the whole batches ends."""
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -10,18 +12,29 @@ from torch import nn
 import bitsmith
 from bitsmith import BitsmithError, Recipe
 from bitsmith.pipeline.distributed import local_part, world
+from conftest import tiny_llama
 
 QAT_W4 = {"qat": {"rules": [{"targets": ["Linear"], "scheme": {"weights": {"dtype": "int4", "granularity": 16,
                                                                           "symmetric": False}}}],
                   "steps": 12, "lr": 1e-3, "held_out": 0.2}}
 
 
-def _train(rank: int, size: int, init: str, out: str) -> None:
+@contextlib.contextmanager
+def _group(rank: int, size: int, init: str):
+    """A gloo process group of ``size`` (none for 1), on one thread a process."""
     torch.set_num_threads(1)
     if size > 1:
         dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=size)
     assert world() == (rank, size)
     try:
+        yield
+    finally:
+        if size > 1:
+            dist.destroy_process_group()
+
+
+def _train(rank: int, size: int, init: str, out: str) -> None:
+    with _group(rank, size, init):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
         generator = torch.Generator().manual_seed(1)
@@ -32,9 +45,6 @@ def _train(rank: int, size: int, init: str, out: str) -> None:
             state = {k: v.float() for k, v in model.state_dict().items()}
             state["held_out_loss_after"] = torch.tensor([report.stages[0].summary["held_out_loss_after"]])
             save_file(state, out)
-    finally:
-        if size > 1:
-            dist.destroy_process_group()
 
 
 def test_two_processes_end_where_one_does(tmp_path):
@@ -51,15 +61,8 @@ def test_two_processes_end_where_one_does(tmp_path):
 
 
 def _gptq(rank: int, size: int, init: str, out: str) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.set_num_threads(1)
-    if size > 1:
-        dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=size)
-    try:
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
-                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).eval()
+    with _group(rank, size, init):
+        model = tiny_llama()
         generator = torch.Generator().manual_seed(1)
         batches = [{"input_ids": torch.randint(0, 64, (2, 16), generator=generator)} for _ in range(6)]
         scheme = {"weights": {"dtype": "int4", "granularity": 32, "symmetric": False, "algorithm": "gptq"}}
@@ -67,9 +70,6 @@ def _gptq(rank: int, size: int, init: str, out: str) -> None:
             "rules": [{"targets": ["Linear"], "scheme": scheme}], "ignore": ["lm_head"]}}]}), batches)
         if rank == 0:
             save_file({k: v.contiguous() for k, v in model.state_dict().items() if "weight_" in k}, out)
-    finally:
-        if size > 1:
-            dist.destroy_process_group()
 
 
 def test_gptq_hessians_of_two_processes_shares_are_those_of_one_process(tmp_path):

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import bitsmith
+from conftest import tiny_llama
 from bitsmith import BitsmithError, QATConfig, Recipe
 from bitsmith.nn import Int8DynamicLinear, Int8WeightOnlyLinear, IntxWeightOnlyLinear, StaticInt8Conv2d, StaticInt8Linear
 
@@ -173,12 +174,7 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
 
 
 def _llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama()
 
 
 def _token_batches(count=8):

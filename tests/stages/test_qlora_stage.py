@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import tiny_llama
 
 import bitsmith
 from bitsmith import BitsmithError, Recipe
@@ -15,11 +15,8 @@ NF4_DQ = {"weights": {"dtype": "nf4", "granularity": 64, "double_quant": True}}
 INT4 = {"weights": {"dtype": "int4", "granularity": 32, "symmetric": False}}
 
 
-def _llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(config).eval()
+def _llama():
+    return tiny_llama()
 
 
 def _batches(count=12):

@@ -46,21 +46,24 @@ def _adapted(model: nn.Module, config: QLoRAConfig) -> tuple[dict[str, Scheme], 
     return layers, skipped
 
 
-def _check_layer(name: str, linear: nn.Linear) -> None:
-    if not torch.isfinite(linear.weight).all():
-        raise BitsmithError(f"layer '{name}' has NaN or infinite weights; fix the model before quantizing")
+def _checked_layers(model: nn.Module, config: QLoRAConfig) -> dict[str, Scheme]:
+    """``_adapted``'s layers, each with finite weights; one line if there are none or one is not finite."""
+    layers, _ = _adapted(model, config)
+    if not layers:
+        raise BitsmithError("qlora: no Linear layer matches its rules")
+    modules = dict(model.named_modules())
+    for name in layers:
+        if not torch.isfinite(modules[name].weight).all():
+            raise BitsmithError(f"layer '{name}' has NaN or infinite weights; fix the model before quantizing")
+    return layers
 
 
 def prepare_qlora_(model: nn.Module, config: QLoRAConfig, generator: torch.Generator | None = None
                    ) -> dict[str, Scheme]:
     """Every Linear the rules match becomes its frozen base (the rule's scheme, rounded to nearest) with LoRA
     adapters of ``config.rank`` (B = 0: the model computes exactly the base at first), in place."""
-    layers, _ = _adapted(model, config)
-    if not layers:
-        raise BitsmithError("qlora: no Linear layer matches its rules")
+    layers = _checked_layers(model, config)
     modules = dict(model.named_modules())
-    for name in layers:
-        _check_layer(name, modules[name])
     generator = generator if generator is not None else torch.Generator().manual_seed(config.seed)
     with torch.no_grad():
         for name, scheme in layers.items():
@@ -113,12 +116,7 @@ def adapter_record(model: nn.Module, rank: int, alpha: float, dropout: float, la
 def _check(model: nn.Module, config: QLoRAConfig, context: Context) -> None:
     if context.offloaded:
         raise BitsmithError("qlora trains adapters on the whole model in memory; run it without --offload")
-    layers, _ = _adapted(model, config)
-    if not layers:
-        raise BitsmithError("qlora: no Linear layer matches its rules")
-    modules = dict(model.named_modules())
-    for name in layers:
-        _check_layer(name, modules[name])
+    _checked_layers(model, config)
     if config.loss != "text":
         keep_teacher(model, context)
 
