@@ -704,9 +704,13 @@ def _usage_error(err: BaseException) -> bool:
 
 
 def _launch(nproc: int) -> int:
-    """``bitsmith compress ... --nproc N``: the same command in N processes under torch.distributed's launcher
-    (torchrun, on this machine); rank 0 writes and prints. Returns the exit status."""
+    """``bitsmith compress ... --nproc N``: the same command in N processes on this machine, joined by
+    torch.distributed over the loopback address (no host name is looked up: a sandbox's or container's host name
+    may not resolve); rank 0 writes and prints. Returns the exit status."""
+    import socket
     import subprocess
+    import tempfile
+    import time
 
     argv, skip = [], False
     for arg in sys.argv[1:]:
@@ -716,19 +720,60 @@ def _launch(nproc: int) -> int:
             skip = True
         elif not arg.startswith("--nproc="):
             argv.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "bitsmith.cli.main", *argv]
-    threads = str(max(1, (os.cpu_count() or 1) // nproc))
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
-    # the launcher's own messages (and its report of a failed process) are not the user's: keep stderr, show
-    # the processes' one-line errors from it
-    run = subprocess.run(command, env=env, stderr=subprocess.PIPE, text=True)
-    if run.returncode == 0:
+    with socket.socket() as probe:  # a free port for rank 0's store
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(nproc),
+           "LOCAL_WORLD_SIZE": str(nproc),
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    with tempfile.TemporaryDirectory(prefix="bitsmith-nproc-") as tmp:
+        logs = [open(os.path.join(tmp, f"{rank}.err"), "w+") for rank in range(nproc)]
+        procs = [subprocess.Popen([sys.executable, "-m", "bitsmith.cli.main", *argv],
+                                  env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                                  stdout=None if rank == 0 else subprocess.DEVNULL, stderr=logs[rank])
+                 for rank in range(nproc)]
+        try:
+            while any(p.poll() is None for p in procs):
+                if any(p.returncode not in (None, 0) for p in procs):
+                    break  # one failed: the others would wait for it in their next all-reduce
+                time.sleep(0.1)
+        except KeyboardInterrupt:
+            _stop(procs)
+            return 130
+        _stop(procs)
+        texts = []
+        for log in logs:
+            log.seek(0)
+            texts.append(log.read())
+            log.close()
+    failed = [rank for rank, p in enumerate(procs) if p.returncode != 0]
+    if not failed:
+        sys.stderr.write(texts[0])
         return 0
-    errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
-    sys.stderr.write((errors[0] if errors else f"error: --nproc {nproc}: a process failed (exit"
-                      f" {run.returncode}); run without --nproc to see it") + "\n")
-    return 2 if errors else 1
+    errors = [line for text in texts for line in text.splitlines() if line.startswith("error: ")]
+    if errors:
+        sys.stderr.write(errors[0] + "\n")
+        return 2
+    rank = failed[0]
+    last = [line.strip() for line in texts[rank].splitlines() if line.strip()]
+    sys.stderr.write(f"error: --nproc {nproc}: process {rank} failed (exit {procs[rank].returncode})"
+                     + (f": {last[-1]}" if last else "") + "\n")
+    return 1
+
+
+def _stop(procs) -> None:
+    """End the processes still running (SIGTERM, then SIGKILL after 10 s)."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except Exception:
+            p.kill()
+            p.wait()
 
 
 def main() -> None:
