@@ -120,11 +120,25 @@ def test_schemes_qat_cannot_train_are_refused(rules, message):
         bitsmith.recipe.config_from_dict({"version": 2, "name": "q", "stages": [{"qat": {"rules": rules}}]}, Recipe)
 
 
-def test_groups_that_do_not_divide_the_inputs_are_refused():
-    model = nn.Sequential(nn.Linear(24, 4))
-    with pytest.raises(BitsmithError, match="qat groups of 16 must divide its 24 inputs"):
-        bitsmith.quantize_(model, _recipe("qat", W4_G16, steps=1), calibration=_batches((2, 24)))
-    assert isinstance(model[0], nn.Linear)
+def test_a_partial_last_group_trains_and_converts_as_post_training_quantization_pads_it():
+    """24 inputs in groups of 16 (smollm2's 576 in groups of 128 alike): the last group has 8 inputs."""
+    torch.manual_seed(0)
+    model, batches = nn.Sequential(nn.Linear(24, 4)), _batches((8, 24))
+    ptq, qat, trained = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
+    bitsmith.quantize_(ptq, _recipe("quantize", W4_G16), calibration=batches)
+    bitsmith.quantize_(qat, _recipe("qat", W4_G16, steps=0), calibration=batches)
+    assert qat[0].weight_scale.shape == ptq[0].weight_scale.shape == (4, 2)
+    assert torch.equal(qat[0].weight_scale, ptq[0].weight_scale)
+    assert (qat[0].codes() != ptq[0].codes()).float().mean() < 0.05
+    config = QATConfig.model_validate({"rules": [{"targets": ["Linear"], "scheme": W4_G16}]})
+    bitsmith.prepare_qat_(trained, config)
+    fake = trained[0].quantized_weight()
+    assert fake.shape == (4, 24)
+    fake.sum().backward()
+    assert trained[0].weight_scale.grad is not None and torch.isfinite(trained[0].weight_scale.grad).all()
+    bitsmith.convert_(trained)
+    assert isinstance(trained[0], IntxWeightOnlyLinear)
+    assert torch.allclose(trained[0].float_weight(), fake.detach(), atol=1e-3)  # the fp16 scale: within rounding
 
 
 def test_the_report_carries_a_loss_curve():

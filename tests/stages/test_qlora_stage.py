@@ -183,3 +183,22 @@ def test_a_loss_gone_nan_stops_with_one_line_and_keeps_the_last_good_checkpoint(
     assert state["step"] == 4  # the last good one, whole
     report = bitsmith.run_stages(_llama(), recipe, batches, checkpoints=tmp_path, resume=True)
     assert report.stages[0].summary["resumed_at_step"] == 4
+
+
+@pytest.mark.parametrize("undo", [True, False])
+def test_without_undo_the_replaced_float_layers_are_freed_before_training(undo):
+    """compress runs on its own copy with undo=False: QLoRA's float weights must not live through the steps."""
+    import gc
+    import weakref
+
+    model = _llama()
+    original = weakref.ref(model.model.layers[0].mlp.up_proj.weight)
+    alive = []
+
+    def progress(message):
+        if isinstance(message, str) and " step " in message:
+            gc.collect()
+            alive.append(original() is not None)
+
+    bitsmith.run_stages(model, _recipe(steps=2), _batches(), progress=progress, undo=undo)
+    assert alive and all(alive) == undo and not any(alive) != undo

@@ -43,19 +43,28 @@ def lsq_factor(values_per_scale: int, qmax: int) -> float:
 
 
 def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(N, K) -> (N, K / group_size, group_size); group_size divides K (checked by the caller)."""
+    """(N, K) -> (N, ceil(K / group_size), group_size); a partial last group is zero-padded, as post-training
+    quantization pads it (zero is always on the grid, so the padding quantizes exactly and is cut off again)."""
+    pad = -x.shape[1] % group_size
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
     return x.reshape(x.shape[0], -1, group_size)
+
+
+def _ungrouped(blocks: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``_grouped`` undone: (N, G, g) -> ``shape`` (N, K), the padding cut off."""
+    return blocks.reshape(shape[0], -1)[:, :shape[1]]
 
 
 def fake_quantize_groups(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int,
                          group_size: int) -> torch.Tensor:
     """``w`` (N, K) quantized and dequantized per group of ``group_size`` inputs (K for per channel);
-    ``scale`` and ``zero`` (N, K / group_size), ``zero`` a float rounded straight through."""
+    ``scale`` and ``zero`` (N, ceil(K / group_size)), ``zero`` a float rounded straight through."""
     blocks = _grouped(w, group_size)  # (N, G, g)
     s = scale.unsqueeze(-1)  # (N, G, 1)
     z = torch.clamp(round_ste(zero), qmin, qmax).unsqueeze(-1)  # stored as a code: inside the code range
     q = torch.clamp(round_ste(blocks / s) + z, qmin, qmax)
-    return ((q - z) * s).reshape(w.shape)
+    return _ungrouped((q - z) * s, w.shape)
 
 
 def codes_of(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int,
@@ -64,7 +73,7 @@ def codes_of(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int
     blocks = _grouped(w.detach().float(), group_size)
     zero = torch.clamp(torch.round(zero), qmin, qmax).unsqueeze(-1)
     q = torch.clamp(torch.round(blocks / scale.unsqueeze(-1)) + zero, qmin, qmax)
-    return q.reshape(w.shape).to(torch.int32)
+    return _ungrouped(q, w.shape).to(torch.int32)
 
 
 def fake_quantize_per_token(x: torch.Tensor) -> torch.Tensor:

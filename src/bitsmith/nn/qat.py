@@ -52,7 +52,7 @@ class FakeQuantLayer(nn.Module):
         """(N, G) scale as the runtime module keeps it, rounded straight through where that is fp16."""
         flat = self.flat_weight()
         scale = self.weight_scale.abs().clamp(min=1e-12)
-        scale = scale.expand(flat.shape[0], flat.shape[1] // self.group_size)
+        scale = scale.expand(flat.shape[0], -(-flat.shape[1] // self.group_size))  # a partial last group too
         if self.fp16_scale:
             scale = scale + (fp16_scales(scale.detach()).float() - scale).detach()
         return scale

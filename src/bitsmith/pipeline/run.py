@@ -6,7 +6,9 @@
 2. Every stage's handler is found in the registry and its ``check`` runs on the model as given: a recipe
    that cannot work on this model fails before anything changes.
 3. Each handler runs in recipe order, filling its ``StageReport``; a failure in any stage puts the model
-   back exactly as it was (``transaction.all_or_nothing``).
+   back exactly as it was (``transaction.all_or_nothing``). A caller running on its own copy, which it throws
+   away on a failure (``compress``), passes ``undo=False``: the record would keep every replaced float layer
+   alive until the recipe ends (QLoRA's training would carry the whole float model beside its NF4 one).
 4. What the stages did is recorded on the model (``bitsmith_recipe``, ``bitsmith_stages``,
    ``bitsmith_quantized`` / ``_skipped`` / ``_notes``), which ``save`` writes to ``bitsmith.json``.
 
@@ -21,6 +23,7 @@ same inputs, before block i+1 sees its outputs); otherwise the offered work runs
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -154,16 +157,18 @@ def check_stages(model: nn.Module, recipe: Recipe, calibration: Iterable | None 
 
 
 def run_stages(model: nn.Module, recipe: Recipe, calibration: Iterable | None = None, *,
-               blocks: BlockSource | None = None, progress=None, checkpoints=None, resume: bool = False) -> Report:
+               blocks: BlockSource | None = None, progress=None, checkpoints=None, resume: bool = False,
+               undo: bool = True) -> Report:
     """Run every stage of ``recipe`` on ``model`` in place (see the module docstring); training stages keep
-    checkpoints under ``checkpoints`` and, with ``resume``, start from them."""
+    checkpoints under ``checkpoints`` and, with ``resume``, start from them. ``undo=False``: a failure leaves
+    ``model`` half done (for a caller that drops it then), and replaced layers are freed as the stages go."""
     steps = check_stages(model, recipe, calibration, blocks=blocks, progress=progress, checkpoints=checkpoints,
                          resume=resume)
     report = Report()
     for _, _, context in steps:
         context.earlier = report.stages  # grows as the stages run: stage i sees stages 0 .. i-1
     announce = getattr(progress, "stage", None)  # a progress that shows one bar per stage (the CLI's)
-    with all_or_nothing(model):
+    with all_or_nothing(model) if undo else contextlib.nullcontext():
         for stage, handler, context in steps:
             if announce is not None:
                 announce(context.index, len(steps), stage.stage)

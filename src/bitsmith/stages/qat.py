@@ -105,9 +105,6 @@ def _check_layer(name: str, module: nn.Module, scheme: Scheme) -> None:
     w = scheme.weights
     if not torch.isfinite(module.weight).all():
         raise BitsmithError(f"layer '{name}' has NaN or infinite weights; fix the model before quantizing")
-    if isinstance(w.granularity, int) and module.weight[0].numel() % w.granularity:
-        raise BitsmithError(f"layer '{name}': qat groups of {w.granularity} must divide its"
-                            f" {module.weight[0].numel()} inputs")
     if getattr(module, "input_smooth", None) is not None:
         raise BitsmithError(f"layer '{name}' carries a SmoothQuant input scale; qat does not train through it")
 

@@ -127,8 +127,8 @@ def qlora_stage(model: nn.Module, config: QLoRAConfig, context: Context, report:
     for name, why in skipped.items():
         report.skip(name, why)
     teacher = teacher_for(model, context) if config.loss != "text" else None
-    modules = dict(model.named_modules())
-    floats = {name: modules[name].weight.detach() for name in layers} if config.merge else None
+    # only merge keeps the float weights; otherwise nothing here may hold the float layers prepare_qlora_ replaces
+    floats = {name: model.get_submodule(name).weight.detach() for name in layers} if config.merge else None
     was_training = model.training
     model.eval()  # dropout of the model off; the adapters' own dropout acts in training steps
     torch.manual_seed(config.seed)
