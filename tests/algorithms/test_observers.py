@@ -75,3 +75,30 @@ def test_entropy_is_not_pulled_down_by_exact_zeros():
     observer.update(torch.cat([torch.zeros(180_000), nonzero]))
     low, high = observer.range()
     assert low == 0.0 and high > 0.5 * nonzero.max().item()
+
+
+@pytest.mark.parametrize("name", ["minmax", "percentile", "entropy", "mse"])
+def test_observers_of_two_shares_merge_into_the_observer_of_all(name):
+    """Data parallel calibration: each process observes some batches, then the observers are merged."""
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(64, 32, generator=generator) * (1 + i) for i in range(6)]  # later batches widen the range
+    whole, first, second = make_observer(name), make_observer(name), make_observer(name)
+    for i, x in enumerate(batches):
+        whole.update(x)
+        (first if i % 2 == 0 else second).update(x)
+    first.merge(second)
+    low, high = whole.range()
+    merged = first.range()
+    if name == "minmax":
+        assert merged == (low, high)
+    else:
+        # a histogram is re-binned each time a batch widens its range, so one observer's range already depends
+        # on the order of the batches (entropy here: -19.7 in this order, -21.7 in reverse); the merged one is
+        # within what the two orders give, give or take 2%
+        reverse = make_observer(name)
+        for x in reversed(batches):
+            reverse.update(x)
+        for side in (0, 1):
+            ends = sorted((whole.range()[side], reverse.range()[side]))
+            assert ends[0] - 0.02 * abs(ends[0]) <= merged[side] <= ends[1] + 0.02 * abs(ends[1])
+    assert first.mergeable and not make_observer("moving_average").mergeable

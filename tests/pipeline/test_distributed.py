@@ -88,6 +88,44 @@ def test_gptq_hessians_of_two_processes_shares_are_those_of_one_process(tmp_path
             assert torch.allclose(one[k].float(), two[k].float(), rtol=1e-3), k
 
 
+def _static(rank: int, size: int, init: str, out: str) -> None:
+    """SmoothQuant, then static W8A8 with min-max observers on the attention and percentile ones on the MLP."""
+    with _group(rank, size, init):
+        model = tiny_llama()
+        generator = torch.Generator().manual_seed(2)
+        batches = [{"input_ids": torch.randint(0, 64, (2, 16), generator=generator)} for _ in range(5)]
+
+        def scheme(observer):
+            return {"weights": {"dtype": "int8"}, "activations": {"granularity": "tensor", "dynamic": False,
+                                                                  "observer": observer}}
+
+        bitsmith.run_stages(model, Recipe.model_validate({"version": 2, "name": "s", "stages": [
+            {"smooth": {"alpha": 0.5}},
+            {"quantize": {"rules": [{"targets": [r"re:.*self_attn\..*"], "scheme": scheme("minmax")},
+                                    {"targets": [r"re:.*mlp\..*"], "scheme": scheme("percentile")}],
+                          "ignore": ["lm_head"]}}]}), batches)
+        if rank == 0:
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out)
+
+
+def test_observers_and_smoothquant_maxima_of_two_processes_shares_are_those_of_one_process(tmp_path):
+    """5 batches: one process takes 3, the other 2; their observers and input maxima are merged."""
+    _static(0, 1, "", str(tmp_path / "one.safetensors"))
+    mp.start_processes(_static, args=(2, str(tmp_path / "init"), str(tmp_path / "two.safetensors")), nprocs=2,
+                       start_method="spawn")
+    one, two = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
+    assert one.keys() == two.keys()
+    inputs = [k for k in one if k.endswith("input_scale")]
+    assert len(inputs) == 14
+    for key in one:
+        if "self_attn" in key or not key.endswith(("input_scale", "input_zero_point")):
+            # min-max ranges and the smoothed weights (maxima of maxima) are exact
+            assert torch.equal(one[key], two[key]), key
+        else:
+            # percentile over merged histograms: the two shares' bins re-binned to one edge, within 2 bins of 2048
+            assert torch.allclose(one[key].float(), two[key].float(), rtol=2e-3, atol=1), key
+
+
 def test_a_batch_that_does_not_split_is_one_line(monkeypatch):
     monkeypatch.setattr("bitsmith.pipeline.distributed.world", lambda: (1, 2))
     assert torch.equal(local_part(torch.arange(8).reshape(4, 2)), torch.tensor([[4, 5], [6, 7]]))

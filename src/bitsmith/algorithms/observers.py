@@ -43,6 +43,12 @@ class MinMax:
         low, high = torch.aminmax(x.detach().float())
         self.low, self.high = min(self.low, low.item()), max(self.high, high.item())
 
+    mergeable = True  # observers of shares of the calibration batches combine into the observer of them all
+
+    def merge(self, other: "MinMax") -> None:
+        """Add what ``other`` saw (data parallel calibration: another process's share of the batches)."""
+        self.low, self.high = min(self.low, other.low), max(self.high, other.high)
+
     def range(self) -> tuple[float, float]:
         if self.low > self.high:
             raise BitsmithError("an observer saw no calibration data")
@@ -50,6 +56,8 @@ class MinMax:
 
 
 class MovingAverageMinMax(MinMax):
+    mergeable = False  # depends on the order of the batches: every process sees them all
+
     def __init__(self, momentum: float = 0.9):
         super().__init__()
         self.momentum = momentum
@@ -61,6 +69,15 @@ class MovingAverageMinMax(MinMax):
         else:
             self.low = self.momentum * self.low + (1 - self.momentum) * low
             self.high = self.momentum * self.high + (1 - self.momentum) * high
+
+
+def _rebinned(counts: torch.Tensor, edge: float, wider: float) -> torch.Tensor:
+    """Counts of bins over [0, edge) moved, by their centres, into bins over [0, wider)."""
+    if edge <= 0 or edge == wider or counts.sum() == 0:
+        return counts
+    centres = (torch.arange(_BINS, dtype=torch.float64) + 0.5) * (edge / _BINS)
+    index = (centres / wider * _BINS).long().clamp(max=_BINS - 1)
+    return torch.zeros(_BINS, dtype=torch.float64).index_add_(0, index, counts)
 
 
 class _Histogram:
@@ -82,13 +99,19 @@ class _Histogram:
         self.counts += torch.histc(magnitude, bins=_BINS, min=0.0, max=self.edge).double()
         self.zeros += float((magnitude == 0).sum())
 
+    mergeable = True
+
+    def merge(self, other: "_Histogram") -> None:
+        """Add ``other``'s counts: both are re-binned to the wider edge first (as one observer re-bins when a
+        batch widens its range), so the result matches one observer of every batch to within a bin's re-binning."""
+        if other.edge > self.edge:
+            self._grow(other.edge)
+        self.counts = self.counts + _rebinned(other.counts, other.edge, self.edge)
+        self.zeros += other.zeros
+        self.minmax.merge(other.minmax)
+
     def _grow(self, edge: float) -> None:
-        if self.edge > 0 and self.counts.sum() > 0:  # re-bin old counts into the wider range
-            centres = (torch.arange(_BINS, dtype=torch.float64) + 0.5) * (self.edge / _BINS)
-            index = (centres / edge * _BINS).long().clamp(max=_BINS - 1)
-            counts = torch.zeros(_BINS, dtype=torch.float64)
-            counts.index_add_(0, index, self.counts)
-            self.counts = counts
+        self.counts = _rebinned(self.counts, self.edge, edge)  # old counts into the wider range
         self.edge = edge
 
     def to_range(self, threshold: float) -> tuple[float, float]:

@@ -12,8 +12,10 @@ Calibration of the block-wise post-training stages (GPTQ's and SparseGPT's Hessi
 process accumulates the statistics of its share of the batches and they are merged (``merge_means``: the mean
 weighted by rows, summed across processes), so every process quantizes with the statistics of all of them.
 The rest of each block's run (its outputs for the next block) covers every batch on every process. Observers of
-static activation ranges still see every batch on every process (the same ranges, no time saved).
-Only rank 0 writes outputs and checkpoints.
+static activation ranges (min-max, and the histograms of percentile, entropy and MSE) and SmoothQuant's
+per-channel input maxima are gathered the same way (``local_batches``, then ``gathered``: every process merges
+every process's observers, in rank order, so all end with the same ranges). The moving-average observer depends
+on the order of the batches: it sees every batch on every process. Only rank 0 writes outputs and checkpoints.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch.distributed as dist
 from bitsmith.errors import BitsmithError
 
 __all__ = ["world", "is_main", "init_from_env", "local_part", "average_gradients_", "mean_across", "barrier",
-           "merge_means", "merge_sums"]
+           "merge_means", "merge_sums", "local_batches", "gathered"]
 
 
 def world() -> tuple[int, int]:
@@ -109,3 +111,24 @@ def merge_sums(values: torch.Tensor | None, width: int) -> torch.Tensor:
     tensor = values.double() if values is not None else torch.zeros(width, dtype=torch.float64)
     dist.all_reduce(tensor)
     return tensor.float()
+
+
+def local_batches(batches, mergeable: bool = True) -> tuple[list, bool]:
+    """This process's share of calibration ``batches`` (every size-th, from its rank) and True, when what is
+    computed on them merges (``gathered``); else all of them and False (one process; fewer batches than
+    processes; statistics that depend on the order of the batches)."""
+    rank, size = world()
+    batches = list(batches)
+    if size == 1 or not mergeable or len(batches) < size:
+        return batches, False
+    return batches[rank::size], True
+
+
+def gathered(value) -> list:
+    """``value`` of every process, in rank order (statistics objects: observers, dicts of tensors)."""
+    _, size = world()
+    if size == 1:
+        return [value]
+    values = [None] * size
+    dist.all_gather_object(values, value)
+    return values

@@ -14,6 +14,7 @@ from bitsmith.algorithms.smooth import fold_scales_, smoothquant_scales
 from bitsmith.errors import BitsmithError
 from bitsmith.pipeline.blocks import find_blocks
 from bitsmith.pipeline.calibration import run_calibration
+from bitsmith.pipeline.distributed import gathered, local_batches
 from bitsmith.pipeline.families import family_of, resolve_block
 from bitsmith.pipeline.registry import register_stage
 from bitsmith.pipeline.report import StageReport
@@ -58,7 +59,12 @@ def smoothquant_(
         for group in plan.unfoldable:
             key = block_prefix + group[0]
             handles.append(block.get_submodule(group[0]).register_forward_pre_hook(_absmax_hook(absmax, key)))
-    run_calibration(model, batches, handles, "smoothquant", progress)
+    mine, shared = local_batches(batches)  # data parallel: a share each, then the maxima of them all
+    run_calibration(model, mine, handles, "smoothquant", progress)
+    if shared:
+        everyone = gathered(absmax)
+        absmax = {key: torch.stack([amaxes[key] for amaxes in everyone if key in amaxes]).amax(dim=0)
+                  for key in sorted({key for amaxes in everyone for key in amaxes})}
     alpha = config.alpha
     done = {"family": family.name, "alpha": alpha, "smoothed": [], "notes": [], "layer_notes": {}, "layer_done": {}}
     for block_prefix, block, plan in plans:

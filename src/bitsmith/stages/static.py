@@ -13,6 +13,7 @@ from bitsmith.algorithms.bias_correction import bias_shift
 from bitsmith.algorithms.observers import make_observer, qparams_u8
 from bitsmith.algorithms.rtn import quantize_weight_signed
 from bitsmith.pipeline.calibration import run_calibration
+from bitsmith.pipeline.distributed import gathered, local_batches
 from bitsmith.recipe.schemes import Scheme
 from bitsmith.formats.affine import dequantize_affine
 from bitsmith.nn.static import StaticInt8Conv2d, StaticInt8Linear
@@ -28,6 +29,13 @@ class ActivationStats:
 
     def channel_mean(self) -> torch.Tensor:
         return self.channel_sum / max(self.count, 1)
+
+    def merge(self, other: "ActivationStats") -> None:
+        """Add what ``other`` saw (another process's share of the calibration batches)."""
+        self.observer.merge(other.observer)
+        if other.channel_sum is not None:
+            self.channel_sum = other.channel_sum if self.channel_sum is None else self.channel_sum + other.channel_sum
+        self.count += other.count
 
 
 def _hook(stats: ActivationStats, channel_dim: int):
@@ -52,7 +60,15 @@ def collect_activation_stats(
         stats[name] = ActivationStats(make_observer(scheme.activations.observer))
         channel_dim = 1 if isinstance(modules[name], nn.Conv2d) else -1
         handles.append(modules[name].register_forward_pre_hook(_hook(stats[name], channel_dim)))
-    run_calibration(model, batches, handles, "static quantization", progress)
+    # data parallel: each process observes its share of the batches, then every process merges them all
+    mine, shared = local_batches(batches, all(s.observer.mergeable for s in stats.values()))
+    run_calibration(model, mine, handles, "static quantization", progress)
+    if shared:
+        everyone = gathered(stats)
+        stats = everyone[0]
+        for other in everyone[1:]:
+            for name in stats:
+                stats[name].merge(other[name])
     return stats
 
 
