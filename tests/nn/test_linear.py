@@ -266,6 +266,21 @@ def test_bf16_and_fp16_layers_of_one_shape_decide_their_kernels_apart(monkeypatc
     dispatch.reset()
 
 
+def test_a_candidate_far_slower_than_the_fastest_is_out_after_one_timed_call():
+    """An emulated bf16 GEMM on an AVX2 CPU is 9x the fp32 one: one warm-up and one timed call tell it."""
+    import time
+
+    dispatch.reset()
+    calls = []
+    candidates = {"preferred": lambda: (calls.append("preferred"), time.sleep(0.006)),
+                  "crawl": lambda: (calls.append("crawl"), time.sleep(0.06)),
+                  "close": lambda: (calls.append("close"), time.sleep(0.007))}
+    assert dispatch.choose("test-family", "M<=8", candidates) == "preferred"
+    assert calls.count("crawl") == 2 and calls.count("preferred") == calls.count("close") == 4
+    assert dispatch.decisions("test-family")[0].timings_ms["crawl"] > 50
+    dispatch.reset()
+
+
 def test_one_burst_of_load_does_not_move_a_layer_off_its_preferred_kernel():
     """The preferred kernel is slow only while it is first timed (another process had the cores): the switch
     is confirmed by a second measurement, which keeps it (once a burst put a MiniLM layer on a 3x slower one)."""
