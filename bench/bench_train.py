@@ -38,10 +38,17 @@ Part ``smollm2-qat``: SmolLM2-135M at int3 asymmetric weights in groups of 128 (
 ``qat`` with the same scheme: KL to the float model's logits, ``--steps`` steps). Targets (the issue's): QAT
 recovers at least half of the held-out perplexity increase round-to-nearest leaves, and ends below GPTQ.
 
+Part ``smollm2-memory``: QLoRA's and full fine-tuning's memory in training alone, as a user's script runs it
+(``run_stages`` on the loaded model: no evaluation and no float original beside it, which ``compress`` keeps
+and the smollm2-qlora part's peaks include). Target: QLoRA's training-steps peak at most 60% of full
+fine-tuning's.
+
     .venv/bin/python bench/bench_train.py --part digits
     .venv/bin/python bench/bench_train.py --part minilm-distill
     .venv/bin/python bench/bench_train.py --part smollm2-qlora --steps 100 --calib-samples 256
     .venv/bin/python bench/bench_train.py --part smollm2-student --steps 100 --calib-samples 256
+    .venv/bin/python bench/bench_train.py --part smollm2-qat --steps 100 --calib-samples 128 --lr 1e-5
+    .venv/bin/python bench/bench_train.py --part smollm2-memory --steps 10 --ft-steps 10 --calib-samples 256
 """
 
 from __future__ import annotations
@@ -164,23 +171,28 @@ def _reset_peak() -> None:
         pass
 
 
+def _training_peak(training: dict):
+    """A progress callback keeping in ``training["peak"]`` the peak of the training steps alone: from after the
+    first step (the model and its training state in place) to the last."""
+    def progress(message) -> None:
+        if isinstance(message, str) and " step " in message:
+            if not training:
+                _reset_peak()
+            training["peak"] = peak_rss()
+
+    return progress
+
+
 def smollm2_worker(args) -> int:
     import bitsmith
     from bitsmith.api.compress import compress
 
     recipe = bitsmith.Recipe.model_validate(smollm2_recipes(args)[args.worker.split(":")[1]])
     training = {}
-
-    def progress(message) -> None:
-        # the peak of the training steps alone: from after the first step (both models loaded, the stage set
-        # up) to the last; the process's peak also counts compress's evaluation of the float and the result
-        if isinstance(message, str) and " step " in message:
-            if not training:
-                _reset_peak()
-            training["peak"] = peak_rss()
-
     start = time.perf_counter()
-    result = compress("smollm2", recipe, out=None, calib_samples=args.calib_samples, repeats=1, progress=progress)
+    # the process's peak also counts compress's float original and its evaluation of both models
+    result = compress("smollm2", recipe, out=None, calib_samples=args.calib_samples, repeats=1,
+                      progress=_training_peak(training))
     summary = result["stages"][-1]["summary"]
     m = result["metrics"]
     row = {"seconds": time.perf_counter() - start, "peak_bytes": peak_rss(), "summary": summary,
@@ -192,14 +204,34 @@ def smollm2_worker(args) -> int:
     return 0
 
 
-def _smollm2_rows(args, names) -> dict[str, dict]:
+def smollm2_memory_worker(args) -> int:
+    """Fine-tuning alone, as a user's training script runs it: smollm2 loaded, the recipe's training stage run on
+    the calibration text (``run_stages``), nothing evaluated and no float original kept beside it."""
+    import bitsmith
+    from bitsmith.evaluation.tasks import task_for
+    from bitsmith.io.models import load_model
+
+    recipe = bitsmith.Recipe.model_validate(smollm2_recipes(args)[args.worker.split(":")[1]])
+    loaded = load_model("smollm2")
+    task = task_for(loaded.source, loaded.tokenizer, None, model=loaded.model)
+    calibration = task.calibration(None, args.calib_samples)
+    training = {}
+    start = time.perf_counter()
+    report = bitsmith.run_stages(loaded.model, recipe, calibration, progress=_training_peak(training))
+    summary = report.stages[-1].summary
+    print(json.dumps({"seconds": time.perf_counter() - start, "peak_bytes": peak_rss(), "summary": summary,
+                      "training_peak_bytes": training.get("peak"), "step_seconds": summary["seconds"] / summary["steps"]}))
+    return 0
+
+
+def _smollm2_rows(args, names, kind: str = "smollm2") -> dict[str, dict]:
     common = [sys.executable, __file__, "--threads", str(args.threads), "--calib-samples", str(args.calib_samples),
               "--steps", str(args.steps), "--lr", str(args.lr), "--seed", str(args.seed), "--part", args.part,
               "--batch-size", str(args.batch_size), "--ft-steps", str(args.ft_steps)]
     rows = {}
     for name in names:
-        rows[name] = run_child([*common, "--worker", f"smollm2:{name}"])
-        print(f"{name}: {rows[name]['seconds']:.0f} s, perplexity {rows[name]['perplexity']}", flush=True)
+        rows[name] = run_child([*common, "--worker", f"{kind}:{name}"])
+        print(f"{name}: {rows[name]['seconds']:.0f} s, perplexity {rows[name].get('perplexity')}", flush=True)
     return rows
 
 
@@ -234,6 +266,23 @@ def part_smollm2_qlora(args) -> tuple[list[str], list[tuple[str, bool]]]:
                rows["qlora"]["perplexity"] < rows["nf4"]["perplexity"]),
               ("smollm2 QLoRA: peak memory of the training steps at most 60% of full fine-tuning's", ratio <= 0.6)]
     return lines, checks
+
+
+def part_smollm2_memory(args) -> tuple[list[str], list[tuple[str, bool]]]:
+    rows = _smollm2_rows(args, ("qlora", "full-ft"), kind="memory")
+    ratio = rows["qlora"]["training_peak_bytes"] / rows["full-ft"]["training_peak_bytes"]
+    lines = [f"SmolLM2-135M, training alone (loaded, then the stage: no evaluation, no float original kept);"
+             f" qlora {args.steps} steps, full fine-tuning (AdamW on every parameter) {args.ft_steps} steps, batches"
+             f" of {args.batch_size} windows of 256 tokens",
+             "| run | s / step | process peak MB | training-steps peak MB |", "|---|---|---|---|"]
+    for name, label in (("qlora", "NF4 dq g64 + QLoRA r16"), ("full-ft", "float, full fine-tuning")):
+        row = rows[name]
+        lines.append(f"| {label} | {row['step_seconds']:.2f} | {row['peak_bytes'] / 2**20:.0f} |"
+                     f" {row['training_peak_bytes'] / 2**20:.0f} |")
+    lines.append(f"training-steps peak qlora / full fine-tuning {ratio:.2f} (whole process:"
+                 f" {rows['qlora']['peak_bytes'] / rows['full-ft']['peak_bytes']:.2f})")
+    return lines, [("smollm2 QLoRA, training alone: training-steps peak at most 60% of full fine-tuning's",
+                    ratio <= 0.6)]
 
 
 def part_smollm2_qat(args) -> tuple[list[str], list[tuple[str, bool]]]:
@@ -343,7 +392,8 @@ def part_digits(args) -> tuple[list[str], list[tuple[str, bool]]]:
 
 
 PARTS = {"digits": part_digits, "minilm-distill": part_minilm, "smollm2-qlora": part_smollm2_qlora,
-         "smollm2-student": part_smollm2_student, "smollm2-qat": part_smollm2_qat}
+         "smollm2-student": part_smollm2_student, "smollm2-qat": part_smollm2_qat,
+         "smollm2-memory": part_smollm2_memory}
 
 
 def main(argv=None) -> int:
@@ -361,10 +411,11 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", help=argparse_hidden())
     args = parse(parser, argv)
     if args.lr is None:
-        args.lr = {"digits": 1e-4, "smollm2-qlora": 2e-4}.get(args.part, 5e-5)
+        args.lr = {"digits": 1e-4, "smollm2-qlora": 2e-4, "smollm2-memory": 2e-4}.get(args.part, 5e-5)
     if args.worker:
         kind = args.worker.split(":")[0]
-        return {"minilm": minilm_worker, "smollm2": smollm2_worker}.get(kind, worker)(args)
+        return {"minilm": minilm_worker, "smollm2": smollm2_worker, "memory": smollm2_memory_worker}.get(
+            kind, worker)(args)
     args.plot = args.plot or Path(f"bench/plots/train-{args.part}-loss.png")
     print(machine_line())
     lines, checks = PARTS[args.part](args)
