@@ -19,8 +19,7 @@ LAYER0 = r"encoder\.layer\.0\."
 @pytest.fixture(scope="module")
 def minilm_table(tmp_path_factory):
     cache = tmp_path_factory.mktemp("sensitivity")
-    # no latency here: the rows' times are tested on their own (embedding tables, the CLI); these test the harm
-    return analyze_sensitivity("minilm", ["w4a16", "wanda-50"], layers=LAYER0, cache=cache, latency=False), cache
+    return analyze_sensitivity("minilm", ["w4a16", "wanda-50"], layers=LAYER0, cache=cache), cache
 
 
 def test_every_layer_and_candidate_is_measured_and_the_fisher_proxy_ranks_it(minilm_table):
