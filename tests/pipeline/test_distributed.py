@@ -33,6 +33,14 @@ def _group(rank: int, size: int, init: str):
             dist.destroy_process_group()
 
 
+def _one_and_two(worker, tmp_path) -> tuple[dict, dict]:
+    """What ``worker`` saved from one process, and from two processes (spawned, joined through a file)."""
+    worker(0, 1, "", str(tmp_path / "one.safetensors"))
+    mp.start_processes(worker, args=(2, str(tmp_path / "init"), str(tmp_path / "two.safetensors")), nprocs=2,
+                       start_method="spawn")
+    return load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
+
+
 def _train(rank: int, size: int, init: str, out: str) -> None:
     with _group(rank, size, init):
         torch.manual_seed(0)
@@ -48,10 +56,7 @@ def _train(rank: int, size: int, init: str, out: str) -> None:
 
 
 def test_two_processes_end_where_one_does(tmp_path):
-    _train(0, 1, "", str(tmp_path / "one.safetensors"))
-    mp.start_processes(_train, args=(2, str(tmp_path / "init"), str(tmp_path / "two.safetensors")), nprocs=2,
-                       start_method="spawn")
-    one, two = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
+    one, two = _one_and_two(_train, tmp_path)
     assert one.keys() == two.keys()
     for key in one:
         # the same steps; the gradient's sum is taken in another order (two halves, then the all-reduce)
@@ -73,10 +78,7 @@ def _gptq(rank: int, size: int, init: str, out: str) -> None:
 
 
 def test_gptq_hessians_of_two_processes_shares_are_those_of_one_process(tmp_path):
-    _gptq(0, 1, "", str(tmp_path / "one.safetensors"))
-    mp.start_processes(_gptq, args=(2, str(tmp_path / "init"), str(tmp_path / "two.safetensors")), nprocs=2,
-                       start_method="spawn")
-    one, two = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
+    one, two = _one_and_two(_gptq, tmp_path)
     packed = [k for k in one if k.endswith("weight_packed")]
     assert len(packed) == 14  # 7 Linears a block, 2 blocks
     same = sum(int((one[k] == two[k]).sum()) for k in packed) / sum(one[k].numel() for k in packed)
@@ -110,10 +112,7 @@ def _static(rank: int, size: int, init: str, out: str) -> None:
 
 def test_observers_and_smoothquant_maxima_of_two_processes_shares_are_those_of_one_process(tmp_path):
     """5 batches: one process takes 3, the other 2; their observers and input maxima are merged."""
-    _static(0, 1, "", str(tmp_path / "one.safetensors"))
-    mp.start_processes(_static, args=(2, str(tmp_path / "init"), str(tmp_path / "two.safetensors")), nprocs=2,
-                       start_method="spawn")
-    one, two = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
+    one, two = _one_and_two(_static, tmp_path)
     assert one.keys() == two.keys()
     inputs = [k for k in one if k.endswith("input_scale")]
     assert len(inputs) == 14

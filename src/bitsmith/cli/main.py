@@ -765,13 +765,15 @@ def _launch(nproc: int) -> int:
 
 def _stop(procs) -> None:
     """End the processes still running (SIGTERM, then SIGKILL after 10 s)."""
+    import subprocess
+
     for p in procs:
         if p.poll() is None:
             p.terminate()
     for p in procs:
         try:
             p.wait(timeout=10)
-        except Exception:
+        except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
 
