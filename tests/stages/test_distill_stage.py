@@ -79,6 +79,7 @@ def test_matching_an_intermediate_layer_adds_its_error():
     ({"keep_blocks": 6}, "keep_blocks 6 is not fewer than the model's 6 blocks"),
     ({"match": ["layers.9"]}, "match layer 'layers.9' is not a module of the model"),
     ({"keep_blocks": 3, "match": ["layers.1.0"], "steps": 1}, None),
+    ({"gradient_checkpointing": True, "steps": 1}, None),
 ])
 def test_bad_options_fail_before_the_model_changes(options, message):
     model = _stack()
@@ -88,4 +89,12 @@ def test_bad_options_fail_before_the_model_changes(options, message):
         return
     with pytest.raises(BitsmithError, match=message):
         bitsmith.run_stages(model, _recipe({"distill": options}), _batches(4))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_gradient_checkpointing_needs_blocks_and_says_so_before_the_model_changes():
+    model = nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 10)).eval()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(BitsmithError, match="distill: gradient_checkpointing needs a model made of repeated blocks"):
+        bitsmith.run_stages(model, _recipe({"distill": {"steps": 1, "gradient_checkpointing": True}}), _batches(4))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

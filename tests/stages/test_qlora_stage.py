@@ -202,3 +202,21 @@ def test_without_undo_the_replaced_float_layers_are_freed_before_training(undo):
 
     bitsmith.run_stages(model, _recipe(steps=2), _batches(), progress=progress, undo=undo)
     assert alive and all(alive) == undo and not any(alive) != undo
+
+
+def test_gradient_checkpointing_recomputes_each_block_and_trains_to_the_same_adapters():
+    """Each block's inside runs again in the backward (its attention is called once more per step), dropout's mask
+    replayed: the adapters end as without it; afterwards the blocks and the config's use_cache are as they were."""
+    batches, calls = _batches(), {}
+    models = {}
+    for checkpointing in (False, True):
+        model = models[checkpointing] = _llama()
+        for block in model.model.layers:
+            block.self_attn.register_forward_hook(
+                lambda *_, key=checkpointing: calls.__setitem__(key, calls.get(key, 0) + 1))
+        bitsmith.run_stages(model, _recipe(steps=6, dropout=0.3, gradient_checkpointing=checkpointing), batches)
+    assert calls[True] - calls[False] == 6 * len(models[True].model.layers)
+    assert all("forward" not in block.__dict__ for block in models[True].model.layers)
+    assert models[True].config.use_cache is True
+    for (name, a), b in zip(models[True].state_dict().items(), models[False].state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name

@@ -349,6 +349,9 @@ class _TrainingConfig(StageConfig):
     batch_size: int | None = None  # samples per step: the calibration batches split into batches of this many
     seed: int = 0
     checkpoint_every: int = 0  # steps between checkpoints (under --checkpoints; 0: none), for --resume
+    # recompute each block's inside in the backward instead of keeping it (torch.utils.checkpoint): less memory,
+    # about one more forward a step; needs a model of repeated blocks
+    gradient_checkpointing: bool = False
 
     @field_validator("steps", "checkpoint_every")
     @classmethod

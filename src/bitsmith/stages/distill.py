@@ -22,7 +22,7 @@ from bitsmith.pipeline.registry import register_stage
 from bitsmith.pipeline.report import StageReport
 from bitsmith.pipeline.run import Context
 from bitsmith.recipe.stages import DistillConfig
-from bitsmith.stages.training import (check_match, checkpoints_for, keep_teacher, own_parameters_, sparsity_masks,
+from bitsmith.stages.training import (check_training, checkpoints_for, own_parameters_, sparsity_masks,
                                       teacher_for, train_to_teacher)
 
 __all__ = ["kept_blocks", "cut_blocks_"]
@@ -64,9 +64,7 @@ def _check(model: nn.Module, config: DistillConfig, context: Context) -> None:
         if config.keep_blocks >= len(blocks):
             raise BitsmithError(f"distill: keep_blocks {config.keep_blocks} is not fewer than the model's"
                                 f" {len(blocks)} blocks")
-    check_match(model, config.match, "distill")
-    if config.loss != "text":  # text: the model's own next tokens, no teacher
-        keep_teacher(model, context)
+    check_training(model, config, context, "distill")
 
 
 @register_stage(DistillConfig, check=_check, why_not_offload="it trains the whole model in memory")

@@ -36,7 +36,7 @@ from bitsmith.recipe.schemes import Scheme
 from bitsmith.recipe.stages import QATConfig
 from bitsmith.stages.quantize import plan
 from bitsmith.stages.static import collect_activation_stats, relu_followers, static_module
-from bitsmith.stages.training import (check_match, checkpoints_for, keep_teacher, own_parameters_, sparsity_masks,
+from bitsmith.stages.training import (check_training, checkpoints_for, own_parameters_, sparsity_masks,
                                       teacher_for, train_to_teacher)
 from bitsmith.stages.weights import module_for, quantize_embedding
 
@@ -229,9 +229,7 @@ def _check(model: nn.Module, config: QATConfig, context: Context) -> None:
         _check_layer(name, modules[name], scheme)
     if not layers:
         raise BitsmithError("qat: no Linear or Conv2d layer matches its rules")
-    check_match(model, config.match, "qat")
-    if config.loss != "text":  # text: the model's own next tokens, no teacher
-        keep_teacher(model, context)
+    check_training(model, config, context, "qat")
 
 
 @register_stage(QATConfig, check=_check, why_not_offload="it trains the whole model in memory")

@@ -25,7 +25,7 @@ from bitsmith.pipeline.run import Context
 from bitsmith.recipe.schemes import Scheme
 from bitsmith.recipe.stages import QLoRAConfig
 from bitsmith.stages.quantize import plan
-from bitsmith.stages.training import checkpoints_for, keep_teacher, teacher_for, train_to_teacher
+from bitsmith.stages.training import check_training, checkpoints_for, teacher_for, train_to_teacher
 from bitsmith.stages.weights import quantize_linear
 
 __all__ = ["prepare_qlora_", "merge_lora_", "adapter_record"]
@@ -117,8 +117,7 @@ def _check(model: nn.Module, config: QLoRAConfig, context: Context) -> None:
     if context.offloaded:
         raise BitsmithError("qlora trains adapters on the whole model in memory; run it without --offload")
     _checked_layers(model, config)
-    if config.loss != "text":
-        keep_teacher(model, context)
+    check_training(model, config, context, "qlora")
 
 
 @register_stage(QLoRAConfig, check=_check, why_not_offload="it trains adapters on the whole model in memory")

@@ -13,6 +13,7 @@ checkpoint (``checkpoint_every``, ``stages/checkpoints.py``) stays, for ``--resu
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -20,16 +21,19 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from bitsmith.algorithms.distill import distill_loss, loss_kind, mean_pool, output_tensor, text_loss
 from bitsmith.errors import BitsmithError
+from bitsmith.pipeline.blocks import find_blocks
 from bitsmith.pipeline.calibration import run_batch
 from bitsmith.pipeline.distributed import average_gradients_, local_part, mean_across
 from bitsmith.pipeline.run import Context
 from bitsmith.stages.checkpoints import Checkpoints
 
 __all__ = ["keep_teacher", "teacher_for", "own_parameters_", "sparsity_masks", "train_to_teacher", "check_match",
-           "check_text", "checkpoints_for"]
+           "check_text", "checkpoints_for", "checkpointed_blocks",
+           "check_training"]
 
 _TEACHER = "teacher"  # Context.shared key
 
@@ -124,6 +128,16 @@ def check_text(model: nn.Module, batch, what: str) -> None:
                             f" {type(model).__name__} does not give them")
 
 
+def check_training(model: nn.Module, options, context: Context, what: str) -> None:
+    """What every training stage's check does, on the model as given: its ``match`` layers exist, it has blocks
+    to recompute if ``gradient_checkpointing`` asks, and the teacher is kept (unless ``loss: text``)."""
+    check_match(model, options.match, what)
+    if options.gradient_checkpointing:
+        find_blocks(model, [name for name, _ in model.named_modules()], f"{what}: gradient_checkpointing")
+    if options.loss != "text":  # text: the model's own next tokens, no teacher
+        keep_teacher(model, context)
+
+
 def check_match(model: nn.Module, names: list[str], what: str) -> None:
     modules = dict(model.named_modules())
     missing = [name for name in names if name not in modules]
@@ -164,6 +178,41 @@ class _Objective:
         self.teacher_taps.close()
 
 
+@contextlib.contextmanager
+def checkpointed_blocks(model: nn.Module, what: str):
+    """Inside: each block (the model's repeated layers, ``find_blocks``) keeps only its inputs for the backward and
+    runs its forward again there (``torch.utils.checkpoint``, non-reentrant; the random state of dropout is
+    replayed), so what a block computes inside is not held across the step. A model config's ``use_cache`` is
+    off meanwhile: a key/value cache written in the forward would be written twice."""
+    _, blocks = find_blocks(model, [name for name, _ in model.named_modules()], f"{what}: gradient_checkpointing")
+
+    def recomputed(forward):
+        def run(*args, **kwargs):
+            if not torch.is_grad_enabled():  # the teacher, held-out losses: nothing to keep
+                return forward(*args, **kwargs)
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+        return run
+
+    before = [block.__dict__.get("forward") for block in blocks]
+    config = getattr(model, "config", None)
+    cache = getattr(config, "use_cache", None)
+    for block in blocks:
+        block.forward = recomputed(block.forward)
+    if cache:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        for block, forward in zip(blocks, before):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
+        if cache:
+            config.use_cache = cache
+
+
 def sparsity_masks(model: nn.Module, sparse: set[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(weight, nonzero mask) of the layers an earlier stage pruned: training keeps their zeros."""
     masks = []
@@ -189,7 +238,10 @@ def train_to_teacher(model: nn.Module, teacher: nn.Module, options, batches: lis
     flags = {id(p): p.requires_grad for p in model.parameters()}
     wanted = {id(p) for p in params}
     start = time.perf_counter()
+    recompute = contextlib.ExitStack()
     try:
+        if options.gradient_checkpointing:
+            recompute.enter_context(checkpointed_blocks(model, what))
         before = _held_out_loss(objective, held)
         for p in model.parameters():
             p.requires_grad_(id(p) in wanted)
@@ -211,6 +263,7 @@ def train_to_teacher(model: nn.Module, teacher: nn.Module, options, batches: lis
                              f" lr {schedule.get_last_lr()[0]:.3g} ~{left:.0f}s left")
         after = _held_out_loss(objective, held)
     finally:
+        recompute.close()
         objective.close()
         for p in model.parameters():
             p.requires_grad_(flags.get(id(p), True))
