@@ -681,6 +681,38 @@ def zoo_build(name: str = typer.Argument(..., help="Zoo entry to build (train) a
 
 
 @app.command()
+def generate(
+    model: str = typer.Argument(..., help="Zoo name (docs-lm, smollm2), transformers directory, or bitsmith directory."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The text to continue (a user turn under a chat template)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Tokens to generate at most."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0: greedy; above 0: sampling at this temperature."),
+    top_k: int = typer.Option(0, "--top-k", help="Sampling: keep the k likeliest tokens (0: all)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Sampling: keep the likeliest tokens up to this probability."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    chat: Optional[bool] = typer.Option(None, "--chat/--raw", help="Use the tokenizer's chat template (default:"
+                                        " when it has one) or give the prompt as raw text."),
+    as_json: bool = JSON_OPTION,
+):
+    """Generate text with a causal language model, float or compressed, on bitsmith's kernels."""
+    from bitsmith.api.generate import generate as run
+
+    def show(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    result = run(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                 seed=seed, chat=chat, on_text=None if as_json else show)
+    if as_json:
+        _emit_json(result)
+        return
+    sys.stdout.write("\n")
+    speed = result["decode_tokens_per_second"]
+    err_console.print(f"{result['new_tokens']} tokens after a prompt of {result['prompt_tokens']};"
+                      f" prefill {result['prefill_seconds']} s"
+                      + (f", decode {speed} tokens/s" if speed else ""), highlight=False)
+
+
+@app.command()
 def recipes(as_json: bool = JSON_OPTION):
     """List the built-in recipes."""
     from bitsmith.recipe import builtin_recipes, load_recipe
