@@ -98,3 +98,16 @@ def test_gradient_checkpointing_needs_blocks_and_says_so_before_the_model_change
     with pytest.raises(BitsmithError, match="distill: gradient_checkpointing needs a model made of repeated blocks"):
         bitsmith.run_stages(model, _recipe({"distill": {"steps": 1, "gradient_checkpointing": True}}), _batches(4))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_the_callers_unchanged_original_is_the_teacher_when_given_in_eval_mode(training):
+    """compress keeps the float model anyway: the training stages learn from it instead of a copy of their own
+    (one model's memory less); one in training mode is left alone and copied, its mode the caller's."""
+    model, original = _stack(), _stack().train(training)
+    calls = []
+    original.register_forward_hook(lambda *_: calls.append(1))
+    report = bitsmith.run_stages(model, _recipe({"distill": {"steps": 3, "lr": 1e-3, "loss": "mse"}}), _batches(6),
+                                 original=original)
+    assert report.stages[0].summary["steps"] == 3
+    assert bool(calls) is not training and original.training is training

@@ -145,7 +145,7 @@ def compress(
         checkpoints = Path(f"{out}.checkpoints")
     # quant_model is this call's own copy, dropped on a failure: no undo record (it would keep the float layers)
     report = run_stages(quant_model, recipe, calibration, progress=progress, checkpoints=checkpoints, resume=resume,
-                        undo=False)
+                        undo=False, original=float_model)
     quant_model.bitsmith_source = source
     if not is_main():  # data parallel (--nproc): every process trained the same model; rank 0 measures and saves
         return {"rank": world()[0], "model": quant_model, "stages": report.as_list()}

@@ -73,6 +73,8 @@ class Context:
     shared: dict = field(default_factory=dict)  # one dict for every stage of a run: the pending offer
     checkpoints: str | None = None  # where training stages keep their checkpoints (None: nowhere)
     resume: bool = False  # training stages start from their last checkpoint there
+    original: nn.Module | None = None  # the model as given, held unchanged by the caller (compress's float model):
+    #                                    training stages learn from it instead of copying the model
 
     def offer(self, prefix: str, blocks: nn.ModuleList, work: Work, finish: Callable[[bool], None]) -> bool:
         """Leave this stage's calibrated block work to the next stage's pass; False: run it yourself."""
@@ -134,7 +136,8 @@ def _check_offload(recipe: Recipe, handlers: list) -> None:
 
 
 def check_stages(model: nn.Module, recipe: Recipe, calibration: Iterable | None = None, *,
-                 blocks: BlockSource | None = None, progress=None, checkpoints=None, resume: bool = False) -> list[tuple]:
+                 blocks: BlockSource | None = None, progress=None, checkpoints=None, resume: bool = False,
+                 original: nn.Module | None = None) -> list[tuple]:
     """Steps 1 and 2 of ``run_stages``: (stage, handler, context) for every stage, all checked."""
     source = blocks if blocks is not None else BlockSource()
     if calibration is not None:
@@ -146,7 +149,7 @@ def check_stages(model: nn.Module, recipe: Recipe, calibration: Iterable | None 
     shared: dict = {}
     folder = None if checkpoints is None else str(checkpoints)
     steps = [(stage, handler, Context(recipe.stages, index, calibration, source, progress, shared=shared,
-                                      checkpoints=folder, resume=resume))
+                                      checkpoints=folder, resume=resume, original=original))
              for index, (stage, handler) in enumerate(zip(recipe.stages, handlers))]
     for stage, handler, context in steps:  # first: what each stage says of this model (the closer reason)
         if handler.check is not None:
@@ -158,12 +161,14 @@ def check_stages(model: nn.Module, recipe: Recipe, calibration: Iterable | None 
 
 def run_stages(model: nn.Module, recipe: Recipe, calibration: Iterable | None = None, *,
                blocks: BlockSource | None = None, progress=None, checkpoints=None, resume: bool = False,
-               undo: bool = True) -> Report:
+               undo: bool = True, original: nn.Module | None = None) -> Report:
     """Run every stage of ``recipe`` on ``model`` in place (see the module docstring); training stages keep
     checkpoints under ``checkpoints`` and, with ``resume``, start from them. ``undo=False``: a failure leaves
-    ``model`` half done (for a caller that drops it then), and replaced layers are freed as the stages go."""
+    ``model`` half done (for a caller that drops it then), and replaced layers are freed as the stages go.
+    ``original``: an unchanged copy of ``model`` as given that the caller keeps anyway; training stages take it
+    as their teacher instead of copying ``model``."""
     steps = check_stages(model, recipe, calibration, blocks=blocks, progress=progress, checkpoints=checkpoints,
-                         resume=resume)
+                         resume=resume, original=original)
     report = Report()
     for _, _, context in steps:
         context.earlier = report.stages  # grows as the stages run: stage i sees stages 0 .. i-1

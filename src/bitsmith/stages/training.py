@@ -39,9 +39,13 @@ _TEACHER = "teacher"  # Context.shared key
 
 
 def keep_teacher(model: nn.Module, context: Context) -> None:
-    """From a training stage's check (the model as given, before any stage runs): keep it as the teacher."""
+    """From a training stage's check (the model as given, before any stage runs): keep it as the teacher, or the
+    caller's unchanged copy of it (``context.original``) where there is one in eval mode (the caller's mode stays
+    the caller's)."""
     if _TEACHER not in context.shared:
-        context.shared[_TEACHER] = copy.deepcopy(model).eval()
+        original = context.original
+        usable = original is not None and not original.training
+        context.shared[_TEACHER] = original if usable else copy.deepcopy(model).eval()
 
 
 def teacher_for(model: nn.Module, context: Context) -> nn.Module:
