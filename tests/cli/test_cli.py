@@ -270,6 +270,9 @@ def test_qat_recipe_through_the_cli_saves_its_training_report(tmp_path):
     inspected = json.loads(stdout)
     assert set(inspected["quantized"].values()) == {"w4 per-channel sym a8 static (minmax) qat"}
     assert {row["module"] for row in inspected["layers"]} == {"StaticInt8Conv2d", "StaticInt8Linear"}  # PTQ's modules
+    assert {(row["bits"], row.get("held_as")) for row in inspected["layers"]} == {(4, "int8")}
+    code, stdout, _ = run("inspect", str(out))
+    assert code == 0 and "4 in int8" in stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text(recipe.read_text().replace("steps: 4", "stepz: 4"))
     code, stdout, stderr = run("compress", "digits-cnn", "--recipe", str(bad), "--out", str(tmp_path / "e"))

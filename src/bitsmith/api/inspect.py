@@ -11,6 +11,8 @@ measures torch's sparse CPU kernels against dense). Float Linears get a row of t
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 
 import torch
@@ -29,12 +31,16 @@ SPARSE_MIN = 0.01  # a float Linear with at least 1% of its weights exactly 0 is
 SPARSE_KERNEL = "none: computed by the dense kernels (sparsity saves storage, not time)"
 
 
-def _bits(module) -> int:
+def _bits(module, label: str) -> dict:
+    """{"bits"} of a layer's codes, and {"held_as"} where they are narrower than its storage: int4 codes on the
+    int8 kernels (QAT's and PTQ's w4a8) are held as int8, and only the recorded label (``w4 ...``) says 4."""
     if hasattr(module, "bits"):
-        return module.bits
+        return {"bits": module.bits}
     if hasattr(module, "weight_codes"):
-        return 8
-    return 16  # fp16 / bf16
+        recorded = re.match(r"w(\d) ", label)
+        bits = int(recorded.group(1)) if recorded else 8
+        return {"bits": bits, **({"held_as": "int8"} if bits < 8 else {})}
+    return {"bits": 16}  # fp16 / bf16
 
 
 def _sparsity(module: nn.Module, stored: dict | None, pruned: bool) -> dict:
@@ -94,8 +100,8 @@ def inspect_checkpoint(path: str | Path) -> dict:
         nbytes = sum(t.numel() * t.element_size() for _, t in own if t is not None)
         quantized_bytes += nbytes
         quantized_names.update(f"{name}.{key}" for key, _ in own)
-        row = {"name": name, "module": type(module).__name__, "scheme": module.scheme, "bits": _bits(module),
-               "bytes": nbytes, "kernel": module.kernel(), "why": module.kernel_why()}
+        row = {"name": name, "module": type(module).__name__, "scheme": module.scheme,
+               **_bits(module, meta.get("quantized", {}).get(name, "")), "bytes": nbytes, "kernel": module.kernel(), "why": module.kernel_why()}
         if hasattr(module, "kernel_names"):
             row["kernels_here"] = module.kernel_names()
         row.update(_sparsity(module, storage.get(name), name in pruned))

@@ -284,7 +284,8 @@ def inspect(
             ran = row["ran_at_compress"]
             kernel = f"{' | '.join(row.get('kernels_here', []))}; at compress: {ran['kernel']} ({ran['rows']} rows)"
         sparsity = f"{row['sparsity']:.0%} {row['pattern']}" if row.get("sparse_kernel") else ""
-        table.add_row(row["name"], row["module"], quantized.get(row["name"], row["scheme"]), str(row["bits"]),
+        table.add_row(row["name"], row["module"], quantized.get(row["name"], row["scheme"]),
+                      f"{row['bits']} in {row['held_as']}" if "held_as" in row else str(row["bits"]),
                       f"{row['bytes']:,}", sparsity, kernel)
     out_console.print(table)
     _print_machine_inspect(info["machine"])
