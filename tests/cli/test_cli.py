@@ -331,3 +331,19 @@ def test_nproc_runs_training_data_parallel_and_rank_0_writes(tmp_path):
                           "--nproc", "2", "--calib-samples", "64", "--repeats", "1")
     assert_one_line_error(code, stderr, "rows does not split evenly over 2 processes")
     assert not (tmp_path / "e").exists()
+
+
+def test_ctrl_c_while_torch_loads_is_one_line_and_130():
+    """The entry point imports no torch: the heavy imports happen inside main's handler, so a Ctrl-C at start-up
+    prints "interrupted", not a traceback."""
+    code = "import sys, bitsmith.cli.main; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "bitsmith.cli.main", "eval", "docs-lm", "--repeats", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # Python is up; torch, transformers or the model is loading
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and stderr.strip() == "error: interrupted", stderr

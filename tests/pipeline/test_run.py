@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import bitsmith
+import bitsmith.stages  # noqa: F401  (the built-in stage handlers, registered on import)
 from bitsmith import BitsmithError
 from bitsmith.pipeline import STAGES, BlockSource, register_stage, run_stages
 from bitsmith.recipe import STAGE_CONFIGS, Recipe, StageConfig, config_from_dict

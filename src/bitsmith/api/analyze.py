@@ -10,6 +10,7 @@ from bitsmith.algorithms.observers import OBSERVERS
 from bitsmith.errors import BitsmithError
 from bitsmith.evaluation.tasks import task_for
 from bitsmith.io.models import load_model
+import bitsmith.stages  # noqa: F401  (registers every stage handler run_stages looks up)
 from bitsmith.pipeline import run_stages
 from bitsmith.recipe import QuantizeConfig, Recipe, load_recipe
 
