@@ -452,7 +452,7 @@ def test_bad_output(capsys, tiny_bert, tmp_path, case, monkeypatch):
 
 
 @pytest.mark.parametrize("args,fragment", [
-    (["--format", "gguf", "--out", "OUT/x.gguf"], "unknown export format 'gguf'"),
+    (["--format", "nonesuch", "--out", "OUT/x.bin"], "unknown export format 'nonesuch'"),
     (["--format", "onnx", "--out", "OUT/x.txt"], "should be a .onnx file"),
     (["--format", "onnx", "--out", "EXISTING"], "already exists"),
     (["--format", "compressed-tensors", "--out", "EXISTING_DIR"], "already exists and is not an empty directory"),

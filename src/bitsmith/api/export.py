@@ -13,6 +13,7 @@ from pathlib import Path
 from bitsmith.errors import BitsmithError
 from bitsmith.evaluation.tasks import task_for
 from bitsmith.export.ct_sparse import check_choice
+from bitsmith.export.gguf import check_gguf_type
 from bitsmith.io.models import LoadedModel, load_model
 from bitsmith.io.outputs import prepare_output_dir, prepare_output_file
 from bitsmith.nn import cpu
@@ -69,26 +70,38 @@ def _transformers_dir(writer_name: str):
     return write
 
 
+def _gguf(loaded: LoadedModel, out: Path, options: dict) -> dict:
+    from bitsmith.export.gguf import export_gguf
+
+    path = loaded.source.get("path")
+    name = loaded.source.get("name") or (Path(path).name if isinstance(path, str) else None)  # never a local path
+    return export_gguf(loaded.model, loaded.tokenizer, out, name=name, **options)
+
+
 register_export_format(ExportFormat("onnx", ".onnx", _onnx, ("dynamic_activations", "activation_type")))
 register_export_format(ExportFormat("compressed-tensors", None, _transformers_dir("compressed-tensors"), ("sparse",)))
 register_export_format(ExportFormat("gptq", None, _transformers_dir("gptq")))
+register_export_format(ExportFormat("gguf", ".gguf", _gguf, ("gguf_type",)))
 FORMATS = tuple(EXPORT_FORMATS)
 
 
 def export_checkpoint(
     path: str | Path, fmt: str, out: str | Path, dynamic_activations: str = "token", activation_type: str = "u8",
-    sparse: str = "dense",
+    sparse: str = "dense", gguf_type: str = "q8_0",
 ) -> dict:
     if fmt not in EXPORT_FORMATS:
         raise BitsmithError(f"unknown export format '{fmt}'; available: {', '.join(EXPORT_FORMATS)}")
     export_format = EXPORT_FORMATS[fmt]
     if "sparse" in export_format.options:
         check_choice(sparse)
+    if "gguf_type" in export_format.options:
+        check_gguf_type(gguf_type)
     out = prepare_output_file(out, export_format.suffix) if export_format.suffix else prepare_output_dir(out)
     loaded = load_model(path)
     if not loaded.compressed:
         raise BitsmithError(f"{path} is not a bitsmith checkpoint; compress the model first")
-    given = {"dynamic_activations": dynamic_activations, "activation_type": activation_type, "sparse": sparse}
+    given = {"dynamic_activations": dynamic_activations, "activation_type": activation_type, "sparse": sparse,
+             "gguf_type": gguf_type}
     options = {name: given[name] for name in export_format.options}
     result = export_format.write(loaded, out, options)
     result["source"] = loaded.source

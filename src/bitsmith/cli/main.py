@@ -575,25 +575,32 @@ def _print_tune(model: str, target: str, objective: str, result: dict) -> None:
 @app.command()
 def export(
     path: Path = typer.Argument(..., help="A bitsmith model directory."),
-    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx, compressed-tensors or gptq."),
-    out: Path = typer.Option(..., "--out", "-o", help="File to write (e.g. model.onnx)."),
+    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx, compressed-tensors, gptq or gguf."),
+    out: Path = typer.Option(..., "--out", "-o", help="File to write (e.g. model.onnx, model.gguf)."),
     dynamic: str = typer.Option("token", "--dynamic", help="W8A8-dynamic pattern in ONNX: token, tensor or block."),
     activations: str = typer.Option("u8", "--activations", help="Static int8 QDQ activations: u8 (U8S8) or s8 (S8S8)."),
     sparse: str = typer.Option("dense", "--sparse", help="compressed-tensors: pruned float layers dense, or as"
                                " sparse-bitmask (read by compressed-tensors <= 0.14 and bitsmith only)."),
+    gguf_type: str = typer.Option("q8_0", "--gguf-type", help="GGUF: block type of the layers whose codes are no GGUF"
+                                  " block already (q8_0, q4_0, q4_1, q4_k, q6_k); int4/int8 g32 codes are written as"
+                                  " they are."),
     as_json: bool = JSON_OPTION,
 ):
     """Export a compressed model for another runtime: ONNX (QDQ, MatMulNBits) for ONNX Runtime;
-    compressed-tensors or GPTQ transformers directories for transformers and vLLM."""
+    compressed-tensors or GPTQ transformers directories for transformers and vLLM; GGUF for llama.cpp."""
     from bitsmith.api.export import export_checkpoint
 
-    result = export_checkpoint(path, fmt, out, dynamic_activations=dynamic, activation_type=activations, sparse=sparse)
+    result = export_checkpoint(path, fmt, out, dynamic_activations=dynamic, activation_type=activations, sparse=sparse,
+                               gguf_type=gguf_type)
     if as_json:
         _emit_json(result)
         return
     if "layers" in result:
         layers = ", ".join(f"{n} {k}" for k, n in result["layers"].items())
         out_console.print(f"wrote {result['path']} ({_mb(result['bytes'])}, opset {result['opset']}): {layers}")
+    elif "tensors" in result:
+        tensors = ", ".join(f"{n} {kind}" for kind, n in result["tensors"].items())
+        out_console.print(f"wrote {result['path']} ({_mb(result['bytes'])}), a GGUF file for llama.cpp: {tensors}")
     else:
         out_console.print(f"wrote {result['path']} ({_mb(result['bytes'])}), a {fmt} transformers model directory")
     for note in result.get("notes", []):
