@@ -67,7 +67,7 @@ def each_kernel(module, x: torch.Tensor, monkeypatch):
 
     variable = "BITSMITH_KERNEL_" + module.family.upper().replace("-", "_")
     outputs = {}
-    for name in module.kernel_names():
+    for name in module.kernel_names(rows=x.numel() // x.shape[-1]):
         monkeypatch.setenv(variable, name)
         dispatch.reset()
         with torch.inference_mode():

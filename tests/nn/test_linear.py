@@ -7,7 +7,7 @@ from torch import nn
 
 from bitsmith.algorithms.rtn import quantize_weight_rtn
 from bitsmith.errors import BitsmithError
-from bitsmith.nn import cpu, dispatch, kernels
+from bitsmith.nn import cpu, dispatch, kernels, native
 from bitsmith.nn.linear import HalfLinear, Int8DynamicLinear, Int8WeightOnlyLinear, IntxWeightOnlyLinear
 from conftest import OpCounter, each_kernel, sqnr_db
 
@@ -47,9 +47,12 @@ def test_int4_group_every_kernel_matches_dequantized_weight(linear, rows, monkey
     qweight = quantize_weight_rtn(linear.weight, 4, 128, symmetric=False)
     module = IntxWeightOnlyLinear.from_quantized(qweight, linear.bias)
     outputs = each_kernel(module, x, monkeypatch)
-    assert set(outputs) == {"int4pack-bf16", "dequant-bf16", "dequant-fp32"}
+    native_rows = native.available() and rows <= native.INT4_MAX_ROWS  # decoding: bitsmith's own int4 kernel too
+    assert set(outputs) == {"int4pack-bf16", "dequant-bf16", "dequant-fp32"} | ({"native-int4"} if native_rows else set())
     exact = nn.functional.linear(x, module.dequantize(), linear.bias)
     assert torch.allclose(outputs["dequant-fp32"], exact, atol=1e-5)
+    if native_rows:
+        assert torch.allclose(outputs["native-int4"], exact, atol=1e-5)  # fp32 throughout: sums in another order
     for name in ("int4pack-bf16", "dequant-bf16"):
         assert sqnr_db(exact, outputs[name]) > 47.0, name  # 49.6 .. 51.0: bf16 activation rounding
     assert sqnr_db(linear(x), outputs["dequant-fp32"]) > 21.0  # 23.1 .. 23.6: the int4 g128 error itself
@@ -90,6 +93,25 @@ def test_partial_last_group_pads_for_the_int4_kernel(monkeypatch):
     exact = nn.functional.linear(x, module.dequantize(), layer.bias)
     assert "int4pack-bf16" in outputs and sqnr_db(exact, outputs["int4pack-bf16"]) > 47.0
     assert sqnr_db(layer(x), exact) > 21.0
+    if native.available():  # the vector loop takes the whole groups, plain C the last 8 columns
+        assert torch.allclose(outputs["native-int4"], exact, atol=1e-5)
+
+
+@pytest.mark.skipif(not native.available(), reason="needs bitsmith's native library (a C compiler)")
+@pytest.mark.parametrize("shape,group", [((48, 96), 32), ((40, 100), 50), ((16, 64), 2), ((33, 160), 16)])
+def test_native_int4_kernel_equals_the_dequantized_weight_for_every_row_count(shape, group):
+    """bitsmith's int4 kernel reads the packed codes: groups of a multiple of 16 take the AVX2 loop (one row: its
+    own registers), others plain C; odd row counts, every row count up to 16, symmetric and asymmetric codes."""
+    torch.manual_seed(0)
+    layer = nn.Linear(shape[1], shape[0])
+    for symmetric in (False, True):
+        module = IntxWeightOnlyLinear.from_quantized(
+            quantize_weight_rtn(layer.weight, 4, group, symmetric), layer.bias)
+        for rows in (1, 2, 5, 16):
+            x = torch.randn(rows, shape[1])
+            out = native.int4_matmul(x, module.weight_packed, shape[0], group, module.weight_scale.float(),
+                                     module.weight_zero_point, module.bias)
+            assert torch.allclose(out, nn.functional.linear(x, module.dequantize(), layer.bias), atol=1e-5)
 
 
 def test_int4_shape_the_kernel_refuses_is_dequantized_and_said():
@@ -195,7 +217,9 @@ def test_each_kernel_runs_the_op_it_claims(linear, monkeypatch):
             with torch.inference_mode(), OpCounter() as ops:
                 module(x)
             expected = KERNEL_OP.get(name)
-            if expected is None:
+            if name.startswith("native-"):  # bitsmith's own C: neither a packed op nor a float matmul
+                assert not (PACKED_OPS | {"aten.linear", "aten.addmm", "aten.mm"}) & set(ops.names), (name, ops.names)
+            elif expected is None:
                 assert not PACKED_OPS & set(ops.names), (name, ops.names)
                 assert {"aten.linear", "aten.addmm", "aten.mm"} & set(ops.names), (name, ops.names)
             else:

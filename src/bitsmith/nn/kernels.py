@@ -8,7 +8,9 @@ shows the same comparison as a table):
     w8a8-dynamic  | onednn-u8s8, onednn-u8s8-split, fp32-dequant        | onednn-u8s8 only where its int8 sums are exact (cpu.py)
     w8a8-static   | the same three, with the calibrated zero point      | ReLU and bias inside the oneDNN kernel
     w8a16         | int8pack-bf16, dequant-bf16, dequant-fp32           | torch's packed kernel takes bf16 activations
-    w4a16         | int4pack-bf16, dequant-bf16, dequant-fp32           | 2- and 3-bit codes are widened to int4 exactly
+    w4a16         | int4pack-bf16, native-int4, dequant-bf16,           | 2- and 3-bit codes are widened to int4 exactly;
+                  | dequant-fp32                                        | native-int4 (csrc/quant.c, AVX2): at most 16 rows,
+                  |                                                     | fp32 activations, reads the packed codes (decoding)
     bf16          | bf16, upcast-fp32                                   | bf16 is emulated (slow) without AVX512-BF16/AMX
 
 W8A8 stores per-token symmetric codes as uint8 with zero point 128, because oneDNN's s8-activation path is a

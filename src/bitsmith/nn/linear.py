@@ -81,8 +81,9 @@ class _QuantLinearBase(nn.Module):
         """Kernel name -> a call computing this layer on ``x`` (M, K) float32, in preference order."""
         raise NotImplementedError
 
-    def kernel_names(self) -> list[str]:
-        return list(self.candidates(torch.zeros(1, self.in_features)))
+    def kernel_names(self, rows: int = 1) -> list[str]:
+        """The kernels that can run this layer here on ``rows`` rows of input (some serve only a few rows)."""
+        return list(self.candidates(torch.zeros(rows, self.in_features)))
 
     def kernel(self) -> str:
         """Which kernels can run this layer here, chosen how, and (after a forward) which one ran."""
@@ -267,6 +268,7 @@ class IntxWeightOnlyLinear(_QuantLinearBase):
         self.register_buffer("weight_zero_point", torch.zeros(out_features, groups, dtype=torch.uint8))
         self._int4pack: tuple[torch.Tensor, torch.Tensor, int] | None = None
         self._int4pack_failed = False
+        self._scale_fp32: torch.Tensor | None = None  # native int4 kernel's scales
         if bits > 4:
             self.family = "wxa16"
 
@@ -285,7 +287,7 @@ class IntxWeightOnlyLinear(_QuantLinearBase):
         return module
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._int4pack, self._int4pack_failed = None, False
+        self._int4pack, self._int4pack_failed, self._scale_fp32 = None, False, None
         super()._load_from_state_dict(*args, **kwargs)
 
     def codes(self) -> torch.Tensor:
@@ -313,23 +315,37 @@ class IntxWeightOnlyLinear(_QuantLinearBase):
     def _uses_int4pack(self) -> bool:
         return self.bits <= 4 and self.group_size in (32, 64, 128, 256) and self._runtime_int4pack() is not None
 
+    def _native_int4(self, rows: int) -> bool:
+        """bitsmith's own kernel reads the packed 4-bit codes directly: decoding's few rows, whole bytes a group."""
+        return (native.available() and self.bits == 4 and rows <= native.INT4_MAX_ROWS
+                and self.in_features % 2 == 0 and self.group_size % 2 == 0)
+
     def candidates(self, x):
         found = {}
         if self._uses_int4pack():
             packed, scales_and_zeros, padded_k = self._int4pack
             found["int4pack-bf16"] = lambda: kernels.int4pack_bf16(
                 x, packed, self.group_size, scales_and_zeros, padded_k, self.bias)
+        if self._native_int4(x.shape[0]):
+            if self._scale_fp32 is None:
+                self._scale_fp32 = self.weight_scale.float().contiguous()
+            found["native-int4"] = lambda: native.int4_matmul(
+                x, self.weight_packed, self.out_features, self.group_size, self._scale_fp32,
+                self.weight_zero_point.contiguous(), self.bias)
         found["dequant-bf16"] = lambda: kernels.matmul_bf16(x, self.dequantize(torch.bfloat16), self.bias)
         found["dequant-fp32"] = lambda: kernels.matmul_fp32(x, self.dequantize(), self.bias)
         return found
 
     def kernel_why(self) -> str:
+        native_note = (f"; at most {native.INT4_MAX_ROWS} rows (decoding): also bitsmith's native int4 kernel, fp32"
+                       " activations, reading the packed codes") if self._native_int4(1) else ""
         if self._uses_int4pack():
             widened = f"{self.bits}-bit codes widened to int4; " if self.bits < 4 else ""
-            return f"{widened}{_bf16_note()}"
+            return f"{widened}{_bf16_note()}{native_note}"
         if self.bits > 4:
             return f"no {self.bits}-bit kernel: dequantized per call; {_bf16_note()}"
-        return f"int4pack does not take this shape (N={self.out_features}, group {self.group_size}): dequantized per call"
+        return (f"int4pack does not take this shape (N={self.out_features}, group {self.group_size}): dequantized per"
+                f" call{native_note}")
 
     def storage_problem(self) -> str | None:
         return tensor_problems(self, positive=("weight_scale",), finite=("bias",),

@@ -35,11 +35,13 @@ __all__ = [
     "quantize_static_split_u8",
     "scale_rows_add_bias",
     "dequantize_packed",
+    "int4_matmul",
+    "INT4_MAX_ROWS",
 ]
 
 _SOURCE = Path(__file__).parent / "csrc" / "quant.c"
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
-ABI = 2  # must equal bitsmith_native_abi() in csrc/quant.c
+ABI = 3  # must equal bitsmith_native_abi() in csrc/quant.c
 
 _status = "not loaded yet"
 
@@ -114,6 +116,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.bitsmith_quantize_static_channel_u8.argtypes = [ptr, i64, i64, ptr, i32, ptr, num]
     lib.bitsmith_quantize_static_split_u8.argtypes = [ptr, i64, i64, i64, ptr, f32, i32, ptr, num]
     lib.bitsmith_dequantize_packed.argtypes = [ptr, i64, num, i64, i64, i64, ptr, ptr, ptr, num]
+    lib.bitsmith_int4_matmul.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, num]
     lib.bitsmith_native_abi.restype = num
 
 
@@ -236,6 +239,25 @@ def dequantize_packed(packed: torch.Tensor, bits: int, rows: int, cols: int, gro
     _library().bitsmith_dequantize_packed(
         packed.data_ptr(), packed.numel(), bits, rows, cols, group, scale.data_ptr(), zero.data_ptr(),
         out.data_ptr(), _threads(),
+    )
+    return out
+
+
+INT4_MAX_ROWS = 16  # BITSMITH_INT4_MAX_ROWS in csrc/quant.c: int4_matmul is for decoding's few rows
+
+
+def int4_matmul(x: torch.Tensor, packed: torch.Tensor, rows: int, group: int, scale: torch.Tensor,
+                zero: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(M, rows) float32 ``x @ W.T + bias`` with W = (code - zero) * scale from 4-bit ``pack_codes`` codes, read
+    packed; ``x`` (M, K) float32 with M <= INT4_MAX_ROWS, K and ``group`` even; ``scale`` float32 and ``zero``
+    uint8 (rows, ceil(K / group))."""
+    m, cols = x.shape
+    x = x.contiguous()
+    out = torch.empty(m, rows, dtype=torch.float32)
+    bias = bias.float().contiguous() if bias is not None else None
+    _library().bitsmith_int4_matmul(
+        packed.data_ptr(), rows, cols, group, scale.data_ptr(), zero.data_ptr(), x.data_ptr(), m,
+        bias.data_ptr() if bias is not None else None, out.data_ptr(), _threads(),
     )
     return out
 

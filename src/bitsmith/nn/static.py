@@ -164,8 +164,8 @@ class StaticInt8Linear(_StaticBase):
         out = nn.functional.linear(self._fake_quant_input(x2), self.dequantized_weight(), self.bias)
         return torch.relu_(out) if self.fused_relu else out
 
-    def kernel_names(self) -> list[str]:
-        return list(self.candidates(torch.zeros(1, self.in_features)))
+    def kernel_names(self, rows: int = 1) -> list[str]:
+        return list(self.candidates(torch.zeros(rows, self.in_features)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -241,7 +241,8 @@ class StaticInt8Conv2d(_StaticBase):
                                    self.stride, self.padding, self.dilation, self.groups)
         return torch.relu_(out) if self.fused_relu else out
 
-    def kernel_names(self) -> list[str]:
+    def kernel_names(self, rows: int = 1) -> list[str]:
+        """(``rows``: a convolution's kernels do not depend on the batch shape)"""
         return list(self.candidates(torch.zeros(1, self.in_channels, 1, 1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -5,8 +5,12 @@
  * Built at first use by bitsmith/nn/native.py with the machine's C compiler; OpenMP threads come from
  * the same libgomp that torch uses. Rounding is round-half-to-even, as torch.round.
  */
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 /* x: (rows, cols) float32, row-major. codes: (rows, cols) uint8 = round(x * 127 / amax_row) + 128.
  * scale: (rows) float32 = amax_row / 127 (amax floored at 1e-12). */
@@ -176,5 +180,106 @@ void bitsmith_dequantize_packed(const uint8_t *packed, int64_t n_bytes, int bits
     }
 }
 
+/* ---- int4 weights times a few rows of activations (decoding) ----------------------------------------------
+ * packed: 4-bit codes as above (code j of row i in byte (i * cols + j) / 2, low nibble first), cols and group
+ * even so that every row and group starts on a byte; scale (rows, groups) float32, zero (rows, groups) uint8;
+ * x: (m, cols) float32 with m <= 16; bias: rows floats or NULL; out: (m, rows) float32.
+ * Per group, s * (sum_j x_j q_j - z * sum_j x_j), the codes read straight from the packed bytes: a decode step
+ * reads 4 bits a weight, and the few rows of x reuse each group's bytes from the cache. */
+#define BITSMITH_INT4_MAX_ROWS 16
+
+/* One output row: the weights of row `row` dequantized a group at a time, (q - z) * s, times each row of x. */
+static void int4_row(const uint8_t *row, int64_t half, int64_t groups, int64_t group, const float *scale,
+                     const uint8_t *zero, const float *even, const float *odd, int64_t m, float *acc) {
+    for (int64_t r = 0; r < m; ++r) acc[r] = 0.0f;
+    int64_t g = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    if (group % 16 == 0 && m == 1) {  /* decoding one sequence: accumulators in registers, two chains each */
+        __m256 e0 = _mm256_setzero_ps(), o0 = _mm256_setzero_ps(), e1 = _mm256_setzero_ps(), o1 = _mm256_setzero_ps();
+        const __m256i low = _mm256_set1_epi32(15);
+#define BITSMITH_INT4_STEP(E, O, B)                                                                          \
+    do {                                                                                                    \
+        const __m256i codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + (B))));          \
+        E = _mm256_fmadd_ps(_mm256_loadu_ps(even + (B)),                                                    \
+                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(codes, low)), s, zs), E);   \
+        O = _mm256_fmadd_ps(_mm256_loadu_ps(odd + (B)),                                                     \
+                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(codes, 4)), s, zs), O);    \
+    } while (0)
+        for (; g < groups && (g + 1) * group <= 2 * half; ++g) {
+            const __m256 s = _mm256_set1_ps(scale[g]);
+            const __m256 zs = _mm256_set1_ps(-(float)zero[g] * scale[g]);
+            const int64_t end = (g + 1) * group / 2;
+            int64_t b = g * group / 2;
+            for (; b + 16 <= end; b += 16) {
+                BITSMITH_INT4_STEP(e0, o0, b);
+                BITSMITH_INT4_STEP(e1, o1, b + 8);
+            }
+            if (b < end) BITSMITH_INT4_STEP(e0, o0, b);
+        }
+#undef BITSMITH_INT4_STEP
+        const __m256 both = _mm256_add_ps(_mm256_add_ps(e0, o0), _mm256_add_ps(e1, o1));
+        __m128 v = _mm_add_ps(_mm256_castps256_ps128(both), _mm256_extractf128_ps(both, 1));
+        v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+        acc[0] = _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
+    } else if (group % 16 == 0) {  /* a few rows: 16 weights converted once for all of them */
+        __m256 sum[BITSMITH_INT4_MAX_ROWS];
+        for (int64_t r = 0; r < m; ++r) sum[r] = _mm256_setzero_ps();
+        const __m256i low = _mm256_set1_epi32(15);
+        for (; g < groups && (g + 1) * group <= 2 * half; ++g) {
+            const __m256 s = _mm256_set1_ps(scale[g]);
+            const __m256 zs = _mm256_set1_ps(-(float)zero[g] * scale[g]);
+            for (int64_t b = g * group / 2; b < (g + 1) * group / 2; b += 8) {
+                const __m256i codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + b)));
+                const __m256 w_even = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(codes, low)), s, zs);
+                const __m256 w_odd = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(codes, 4)), s, zs);
+                for (int64_t r = 0; r < m; ++r) {
+                    sum[r] = _mm256_fmadd_ps(_mm256_loadu_ps(even + r * half + b), w_even, sum[r]);
+                    sum[r] = _mm256_fmadd_ps(_mm256_loadu_ps(odd + r * half + b), w_odd, sum[r]);
+                }
+            }
+        }
+        for (int64_t r = 0; r < m; ++r) {
+            __m128 v = _mm_add_ps(_mm256_castps256_ps128(sum[r]), _mm256_extractf128_ps(sum[r], 1));
+            v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+            v = _mm_add_ss(v, _mm_movehdup_ps(v));
+            acc[r] = _mm_cvtss_f32(v);
+        }
+    }
+#endif
+    for (; g < groups; ++g) {  /* the rest (or everything without AVX2): plain C */
+        const float s = scale[g], z = (float)zero[g];
+        const int64_t end = (g + 1) * group < 2 * half ? (g + 1) * group / 2 : half;
+        for (int64_t b = g * group / 2; b < end; ++b) {
+            const float w_even = ((float)(row[b] & 15u) - z) * s, w_odd = ((float)(row[b] >> 4) - z) * s;
+            for (int64_t r = 0; r < m; ++r) acc[r] += even[r * half + b] * w_even + odd[r * half + b] * w_odd;
+        }
+    }
+}
+
+void bitsmith_int4_matmul(const uint8_t *packed, int64_t rows, int64_t cols, int64_t group, const float *scale,
+                          const uint8_t *zero, const float *x, int64_t m, const float *bias, float *out,
+                          int threads) {
+    const int64_t groups = (cols + group - 1) / group, half = cols / 2;
+    /* x split into its even and odd columns, the low and high nibbles' partners: contiguous loads */
+    float *even = malloc(sizeof(float) * (size_t)(m * half)), *odd = malloc(sizeof(float) * (size_t)(m * half));
+    if (!even || !odd) {
+        free(even), free(odd);
+        for (int64_t k = 0; k < m * rows; ++k) out[k] = NAN;  /* a few KB not allocated: NaN, never a wrong number */
+        return;
+    }
+    for (int64_t r = 0; r < m; ++r)
+        for (int64_t b = 0; b < half; ++b) {
+            even[r * half + b] = x[r * cols + 2 * b];
+            odd[r * half + b] = x[r * cols + 2 * b + 1];
+        }
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < rows; ++i) {
+        float acc[BITSMITH_INT4_MAX_ROWS];
+        int4_row(packed + i * half, half, groups, group, scale + i * groups, zero + i * groups, even, odd, m, acc);
+        for (int64_t r = 0; r < m; ++r) out[r * rows + i] = acc[r] + (bias ? bias[i] : 0.0f);
+    }
+    free(even), free(odd);
+}
+
 /* Bumped with every change of a signature above: the loader checks it before using a cached build. */
-int bitsmith_native_abi(void) { return 2; }
+int bitsmith_native_abi(void) { return 3; }
