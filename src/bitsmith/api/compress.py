@@ -198,7 +198,7 @@ def evaluate(
         if reference.compressed:
             raise BitsmithError(f"baseline {baseline} is a compressed model; give the float original")
         float_model, float_tokenizer = reference.model, reference.tokenizer
-    elif loaded.compressed and loaded.source.get("kind") != "compressed-tensors":
+    elif loaded.compressed and loaded.source.get("kind") not in ("compressed-tensors", "gguf"):  # no float source
         float_model, float_tokenizer = load_float_source(loaded.source)
     task = task_for(loaded.source, loaded.tokenizer or float_tokenizer, text,
                     model=float_model if float_model is not None else loaded.model)

@@ -21,6 +21,7 @@ from torch import nn
 from bitsmith.export.ct_sparse import pruned_layers
 from bitsmith.formats.sparse import nm_pattern
 from bitsmith.io.compressed_tensors import is_compressed_tensors_dir, load_compressed_tensors
+from bitsmith.io.models import load_model
 from bitsmith.io.serialization import load, read_metadata
 from bitsmith.io.sparse_storage import STORAGE_KEY, zero_mask
 from bitsmith.nn import QUANTIZED_MODULES, cpu, native
@@ -80,6 +81,11 @@ def inspect_checkpoint(path: str | Path) -> dict:
         files = sorted(path.glob("*.safetensors"))
         meta = {"source": {"kind": "compressed-tensors", "path": str(path)}, "recipe": None,
                 "files": {f.name: {"bytes": f.stat().st_size} for f in files}}
+    elif path.is_file() and path.suffix.lower() == ".gguf":  # a llama.cpp model, read onto bitsmith's modules
+        loaded = load_model(path)
+        model = loaded.model
+        meta = {"source": loaded.source, "recipe": None, "notes": loaded.meta["notes"],
+                "files": {path.name: {"bytes": path.stat().st_size}}}
     else:
         meta = read_metadata(path)
         model = load(path)

@@ -17,12 +17,13 @@ from torch import nn
 
 from bitsmith.errors import BitsmithError
 from bitsmith.io.compressed_tensors import is_compressed_tensors_dir, load_compressed_tensors
+from bitsmith.io.gguf import read_gguf
 from bitsmith.io.serialization import META_FILE, load, read_metadata
 from bitsmith.io.skeleton import first_line, is_causal_lm_dir, read_model_config
 from bitsmith.zoo import ZOO
 
 __all__ = [
-    "LoadedModel", "ZOO", "DirectoryKind", "DIRECTORY_KINDS", "register_directory_kind", "load_model", "load_float_source", "state_bytes", "read_model_config", "load_tokenizer",
+    "LoadedModel", "ZOO", "DirectoryKind", "DIRECTORY_KINDS", "FILE_KINDS", "register_directory_kind", "load_model", "load_float_source", "state_bytes", "read_model_config", "load_tokenizer",
     "has_tokenizer_files",
 ]
 
@@ -126,6 +127,16 @@ def _read_transformers_dir(path: Path) -> LoadedModel:
     return LoadedModel(model, tokenizer, {"kind": "transformers-dir", "path": str(path.resolve())})
 
 
+def _read_gguf_file(path: Path) -> LoadedModel:
+    model, tokenizer, notes = read_gguf(path)  # a llama.cpp model: its codes on bitsmith's modules
+    source = {"kind": "gguf", "path": str(path.resolve())}  # no float original to compare with
+    model.bitsmith_source = source
+    return LoadedModel(model, tokenizer, source, compressed=True, meta={"notes": notes})
+
+
+FILE_KINDS: dict[str, Callable[[Path], LoadedModel]] = {".gguf": _read_gguf_file}  # a model in one file, by suffix
+
+
 @dataclass(frozen=True)
 class DirectoryKind:
     name: str
@@ -146,8 +157,8 @@ register_directory_kind(DirectoryKind("transformers", lambda p: (p / "config.jso
 
 
 def load_model(name_or_path: str | os.PathLike) -> LoadedModel:
-    """A zoo name (``minilm``), or a directory of one of the registered kinds (bitsmith, compressed-tensors,
-    transformers)."""
+    """A zoo name (``minilm``), a directory of one of the registered kinds (bitsmith, compressed-tensors,
+    transformers), or a file of one of FILE_KINDS (a llama.cpp ``.gguf``)."""
     text = str(name_or_path)
     if text in ZOO:
         return _load_zoo(text)
@@ -155,7 +166,10 @@ def load_model(name_or_path: str | os.PathLike) -> LoadedModel:
     if not path.exists():
         raise BitsmithError(f"model not found: '{text}' is neither a zoo name ({', '.join(ZOO)}) nor a directory")
     if not path.is_dir():
-        raise BitsmithError(f"model path {path} is a file; pass the model's directory")
+        if path.suffix.lower() in FILE_KINDS:
+            return FILE_KINDS[path.suffix.lower()](path)
+        raise BitsmithError(f"model path {path} is a file; pass the model's directory (or a"
+                            f" {' / '.join(FILE_KINDS)} file)")
     kind = next((k for k in DIRECTORY_KINDS if k.claims(path)), None)
     if kind is None:
         raise BitsmithError(f"{path} is neither a transformers model directory (no config.json) nor a bitsmith"

@@ -7,6 +7,7 @@ from torch import nn
 from bitsmith.nn.embedding import HalfEmbedding, QuantizedEmbedding
 from bitsmith.nn.kinds import KINDS, Field, InfoError, module_from_info, register_kind
 from bitsmith.nn.linear import HalfLinear, Int8DynamicLinear, Int8WeightOnlyLinear, IntxWeightOnlyLinear
+from bitsmith.nn.linear_min import IntxMinWeightOnlyLinear
 from bitsmith.nn.lookup import Fp8WeightOnlyLinear, LookupWeightOnlyLinear
 from bitsmith.nn.lora import LoRALinear
 from bitsmith.nn.static import StaticInt8Conv2d, StaticInt8Linear
@@ -19,6 +20,7 @@ __all__ = [
     "HalfLinear",
     "Int8DynamicLinear",
     "Int8WeightOnlyLinear",
+    "IntxMinWeightOnlyLinear",
     "IntxWeightOnlyLinear",
     "QuantizedEmbedding",
     "StaticInt8Conv2d",
@@ -36,6 +38,7 @@ QUANTIZED_MODULES = (
     HalfLinear,
     Int8DynamicLinear,
     Int8WeightOnlyLinear,
+    IntxMinWeightOnlyLinear,
     IntxWeightOnlyLinear,
     LoRALinear,
     QuantizedEmbedding,
@@ -89,6 +92,9 @@ register_kind("Int8WeightOnlyLinear", _LINEAR, lambda i: Int8WeightOnlyLinear(*_
 register_kind("Int8DynamicLinear", _LINEAR, lambda i: Int8DynamicLinear(*_linear_args(i)))
 register_kind("IntxWeightOnlyLinear", {**_LINEAR, "bits": Field((2, 3, 4, 5, 6, 7, 8)), "group_size": _POSITIVE},
               _intx)
+register_kind("IntxMinWeightOnlyLinear", {**_LINEAR, "bits": Field((2, 3, 4, 5, 6, 7, 8)), "group_size": _POSITIVE},
+              lambda i: _grouped(i, lambda: IntxMinWeightOnlyLinear(*_linear_args(i), bits=i["bits"],
+                                                                    group_size=i["group_size"])))
 register_kind("Fp8WeightOnlyLinear", {**_LINEAR, "group_size": _POSITIVE}, lambda i: _grouped(
     i, lambda: Fp8WeightOnlyLinear(*_linear_args(i), group_size=i["group_size"])))
 register_kind("LookupWeightOnlyLinear", {**_LINEAR, "format": Field(("nf4", "nf4-dq", "mxfp4")), "group_size": _POSITIVE},
