@@ -179,7 +179,8 @@ def main(argv=None) -> int:
     print(f"\nw4a16 / fp32 decode at batch 1: {speedup:.2f}x; w4a16 / llama.cpp Q4_0: "
           + (f"{versus:.2f}x" if versus else "llama.cpp not installed (make llama-cpp), not measured"))
     return finish([("smollm2 int4 decode at batch 1 at least 3x bitsmith's fp32 decode", speedup >= 3.0),
-                   ("smollm2 int4 decode at batch 1 at least 0.8x llama.cpp's Q4_0", versus is not None and versus >= 0.8)])
+                   ("smollm2 int4 decode at batch 1 at least 0.8x llama.cpp's Q4_0",
+                    versus is not None and versus >= 0.8)])
 
 
 if __name__ == "__main__":
