@@ -166,8 +166,11 @@ def choose_qparams_affine(
     best_scale, best_zero = _minmax_qparams(xmin, xmax, fmt, symmetric, eps)
     for ratio in torch.linspace(1.0, mse_min_ratio, mse_grid).tolist():
         scale, zero = _minmax_qparams(xmin * ratio, xmax * ratio, fmt, symmetric, eps)
-        xq = dequantize_affine(quantize_affine(xf, block_size, scale, zero, fmt), block_size, scale, zero)
-        err = (_blocked(xq - xf, block_size, partial=True) ** 2).sum(dim=dims)
+        # quantize_affine then dequantize_affine, in the blocked layout throughout (the same operations in the
+        # same order, so the same numbers; padding quantizes to the zero point, an error of exactly 0)
+        s, z = _expand(scale, xf, block_size), _expand(zero, xf, block_size)
+        xq = (torch.round(blocks / s) + z).clamp_(fmt.qmin, fmt.qmax).sub_(z).mul_(s)
+        err = xq.sub_(blocks).square_().sum(dim=dims)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
