@@ -44,7 +44,8 @@ import torch
 from torch import nn
 
 from bitsmith.errors import BitsmithError
-from bitsmith.formats.gguf_blocks import GGUF_BLOCKS, block_fits, dequantize, pack_q4_0, pack_q4_1, pack_q8_0, quantize
+from bitsmith.formats.gguf_blocks import (GGUF_BLOCKS, block_fits, dequantize, pack_q4_0, pack_q4_1, pack_q8_0,
+                                          quantize, rotary_row_order)
 from bitsmith.io.outputs import publish, staging_file
 from bitsmith.nn import Int8DynamicLinear, IntxWeightOnlyLinear, LoRALinear, QuantizedEmbedding, StaticInt8Linear
 
@@ -149,12 +150,6 @@ def _tied(model: nn.Module) -> bool:
     """Whether lm_head reads the embedding's own weight (then llama.cpp's output.weight is left out)."""
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     return isinstance(head, nn.Linear) and isinstance(embedding, nn.Embedding) and head.weight is embedding.weight
-
-
-def _row_order(rows: int, heads: int) -> np.ndarray:
-    """The row permutation llama.cpp's converter applies to q_proj / k_proj: each head's (2, head_dim / 2) rows
-    as (head_dim / 2, 2)."""
-    return np.arange(rows).reshape(heads, 2, rows // heads // 2).swapaxes(1, 2).reshape(-1)
 
 
 # ----------------------------------------------------------------------------------------------- matrices
@@ -311,7 +306,7 @@ def _tensors(model: nn.Module, config, gguf_type: str) -> tuple[dict[str, tuple[
         elif not (short == "output" and tied):
             data = _matrix(name, module, gguf_type, written)
             if short in heads:  # rows are independent in every block type: reorder the packed rows
-                data = data[_row_order(data.shape[0], heads[short])]
+                data = data[rotary_row_order(data.shape[0], heads[short])]
             tensors[f"{gguf_name}.weight"] = (data, written.types[name])
     return tensors, written
 

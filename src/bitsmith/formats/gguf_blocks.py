@@ -28,7 +28,8 @@ import numpy as np
 
 from bitsmith.errors import BitsmithError
 
-__all__ = ["GGUF_BLOCKS", "block_fits", "quantize", "dequantize", "pack_q8_0", "pack_q4_0", "pack_q4_1"]
+__all__ = ["GGUF_BLOCKS", "block_fits", "quantize", "dequantize", "pack_q8_0", "pack_q4_0", "pack_q4_1",
+           "unpack_blocks", "rotary_row_order"]
 
 GGUF_BLOCKS = {  # type -> (weights per block, bytes per block)
     "q8_0": (32, 34),
@@ -316,3 +317,27 @@ def pack_q4_1(codes: np.ndarray, scale: np.ndarray, minimum: np.ndarray) -> np.n
     both rounded to fp16 (a minimum that fp16 cannot hold moves every weight of its group by the same amount)."""
     blocks, d, m = _blocks_of(codes, scale, minimum)
     return _pack_q4_1(blocks, d, m).reshape(codes.shape[0], -1)
+
+
+_CODE_BLOCKS = {"q8_0": 34, "q4_0": 18, "q4_1": 20}  # the block types whose codes bitsmith keeps as they are
+
+
+def unpack_blocks(data: np.ndarray, gguf_type: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The inverse of ``pack_q8_0`` / ``pack_q4_0`` / ``pack_q4_1``: (rows, bytes) blocks as unsigned codes
+    (rows, K) uint8 (Q8_0's signed codes moved up by 128), fp16 scales (rows, K / 32), and Q4_1's fp16 minimums
+    (else None)."""
+    rows, size = data.shape[0], _CODE_BLOCKS[gguf_type]
+    blocks = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, size)
+    if gguf_type == "q8_0":
+        codes = (blocks[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+    else:
+        codes = _unnibble(blocks[:, size - 16:])
+    scale = np.ascontiguousarray(blocks[:, 0:2]).view(np.float16).reshape(rows, -1)
+    minimum = np.ascontiguousarray(blocks[:, 2:4]).view(np.float16).reshape(rows, -1) if gguf_type == "q4_1" else None
+    return codes.reshape(rows, -1), scale, minimum
+
+
+def rotary_row_order(rows: int, heads: int) -> np.ndarray:
+    """The row permutation llama.cpp's converter applies to q_proj / k_proj (each head's (2, head_dim / 2) rows as
+    (head_dim / 2, 2)): ``weight[order]`` is llama.cpp's layout, ``weight[argsort(order)]`` transformers'."""
+    return np.arange(rows).reshape(heads, 2, rows // heads // 2).swapaxes(1, 2).reshape(-1)

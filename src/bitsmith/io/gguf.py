@@ -25,7 +25,7 @@ from torch import nn
 
 from bitsmith.algorithms._modules import replace_module
 from bitsmith.errors import BitsmithError
-from bitsmith.formats.gguf_blocks import dequantize
+from bitsmith.formats.gguf_blocks import dequantize, rotary_row_order, unpack_blocks
 from bitsmith.formats.packing import pack_codes
 from bitsmith.io.skeleton import first_line, float_skeleton
 from bitsmith.nn import IntxMinWeightOnlyLinear, IntxWeightOnlyLinear, QuantizedEmbedding
@@ -113,28 +113,12 @@ def _config(fields: dict, tensors: dict):
 # ----------------------------------------------------------------------------------------------- blocks
 
 
-def _fp16(data: np.ndarray) -> torch.Tensor:
-    """(n, 2) bytes as (n,) fp16."""
-    return torch.from_numpy(np.ascontiguousarray(data).view(np.float16)[:, 0].copy())
-
-
-def _nibbles(data: np.ndarray) -> np.ndarray:
-    """(n, 16) bytes as (n, 32) codes: element j in the low nibble, j + 16 in the high one."""
-    return np.concatenate([data & np.uint8(0x0F), data >> np.uint8(4)], axis=1)
-
-
 def _unpack(data: np.ndarray, kind: str) -> dict[str, torch.Tensor]:
     """(N, bytes) blocks as unsigned codes (N, K) uint8 and per-group (N, K / 32) fp16 scale (and min)."""
-    rows = data.shape[0]
-    size = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}[kind]
-    blocks = np.ascontiguousarray(data).reshape(-1, size)  # (N * K / 32, size)
-    if kind == "Q8_0":
-        codes = (blocks[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)  # stored unsigned, zero 128
-    else:
-        codes = _nibbles(blocks[:, size - 16:])
-    found = {"codes": torch.from_numpy(codes.reshape(rows, -1)), "scale": _fp16(blocks[:, 0:2]).reshape(rows, -1)}
-    if kind == "Q4_1":
-        found["min"] = _fp16(blocks[:, 2:4]).reshape(rows, -1)
+    codes, scale, minimum = unpack_blocks(data, kind.lower())
+    found = {"codes": torch.from_numpy(codes), "scale": torch.from_numpy(scale.copy())}
+    if minimum is not None:
+        found["min"] = torch.from_numpy(minimum.copy())
     return found
 
 
@@ -182,11 +166,8 @@ def _embedding(data: np.ndarray, kind: str, padding_idx: int | None) -> tuple[nn
 
 
 def _rotary_rows(data: np.ndarray, heads: int) -> np.ndarray:
-    """Rows back from llama.cpp's rotary order: per head, (head_dim / 2, 2) rows to (2, head_dim / 2); the
-    inverse of the permutation llama.cpp's converter (and bitsmith's export) applies."""
-    rows = data.shape[0]
-    order = np.arange(rows).reshape(heads, 2, rows // heads // 2).swapaxes(1, 2).reshape(-1)
-    return data[np.argsort(order)]
+    """Rows back from llama.cpp's rotary order to transformers' (the inverse of what the export applies)."""
+    return data[np.argsort(rotary_row_order(data.shape[0], heads))]
 
 
 # ----------------------------------------------------------------------------------------------- reading
