@@ -79,9 +79,11 @@ class _Stop(Exception):
     """Raised by the hook on the first block once its inputs are captured."""
 
 
-def find_blocks(model: nn.Module, targets: Iterable[str], what: str = "this method") -> tuple[str, nn.ModuleList]:
-    """The ModuleList of repeated layers holding the most targets (e.g. ``encoder.layer``, ``model.layers``)."""
-    targets = list(targets)
+def find_blocks(model: nn.Module, targets: Iterable[str] | None = None, what: str = "this method"
+                ) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of repeated layers holding the most targets (e.g. ``encoder.layer``, ``model.layers``);
+    ``targets`` None: the one holding the most modules."""
+    targets = list(targets) if targets is not None else [name for name, _ in model.named_modules()]
     best, best_count = None, 0
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 1:

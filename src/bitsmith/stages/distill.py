@@ -34,7 +34,7 @@ def kept_blocks(count: int, keep: int) -> list[int]:
 
 
 def _blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    return find_blocks(model, [name for name, _ in model.named_modules()], "distill's keep_blocks")
+    return find_blocks(model, None, "distill's keep_blocks")
 
 
 def cut_blocks_(model: nn.Module, keep: int) -> tuple[str, list[int]]:

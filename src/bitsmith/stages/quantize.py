@@ -157,7 +157,7 @@ def _blocks_for(model: nn.Module, targets: dict[str, Scheme], context: Context):
         # every calibrated target lies outside the repeated blocks (a per-layer mix giving GPTQ to a pooler alone):
         # they get round-to-nearest with a note, as outside-block layers of a whole-model recipe do
         # (by every module's name: an earlier stage of the recipe may have replaced every Linear of the blocks)
-        return find_blocks(model, [name for name, _ in model.named_modules()], what)
+        return find_blocks(model, None, what)
 
 
 def _check(model: nn.Module, config: QuantizeConfig, context: Context) -> None:

@@ -137,7 +137,7 @@ def check_training(model: nn.Module, options, context: Context, what: str) -> No
     to recompute if ``gradient_checkpointing`` asks, and the teacher is kept (unless ``loss: text``)."""
     check_match(model, options.match, what)
     if options.gradient_checkpointing:
-        find_blocks(model, [name for name, _ in model.named_modules()], f"{what}: gradient_checkpointing")
+        find_blocks(model, None, f"{what}: gradient_checkpointing")
     if options.loss != "text":  # text: the model's own next tokens, no teacher
         keep_teacher(model, context)
 
@@ -188,7 +188,7 @@ def checkpointed_blocks(model: nn.Module, what: str):
     runs its forward again there (``torch.utils.checkpoint``, non-reentrant; the random state of dropout is
     replayed), so what a block computes inside is not held across the step. A model config's ``use_cache`` is
     off meanwhile: a key/value cache written in the forward would be written twice."""
-    _, blocks = find_blocks(model, [name for name, _ in model.named_modules()], f"{what}: gradient_checkpointing")
+    _, blocks = find_blocks(model, None, f"{what}: gradient_checkpointing")
 
     def recomputed(forward):
         def run(*args, **kwargs):
