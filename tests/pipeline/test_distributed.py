@@ -11,7 +11,7 @@ from torch import nn
 
 import bitsmith
 from bitsmith import BitsmithError, Recipe
-from bitsmith.pipeline.distributed import local_part, world
+from bitsmith.pipeline.distributed import local_part, shutdown, world
 from conftest import tiny_llama
 
 QAT_W4 = {"qat": {"rules": [{"targets": ["Linear"], "scheme": {"weights": {"dtype": "int4", "granularity": 16,
@@ -29,8 +29,7 @@ def _group(rank: int, size: int, init: str):
     try:
         yield
     finally:
-        if size > 1:
-            dist.destroy_process_group()
+        shutdown()
 
 
 def _one_and_two(worker, tmp_path) -> tuple[dict, dict]:

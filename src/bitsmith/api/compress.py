@@ -19,7 +19,7 @@ from bitsmith.io.sparse_storage import zero_mask
 from bitsmith.nn import cpu, dispatch, native
 import bitsmith.stages  # noqa: F401  (registers every stage handler run_stages looks up)
 from bitsmith.pipeline import run_stages
-from bitsmith.pipeline.distributed import init_from_env, is_main, world  # noqa: F401 (the CLI's --nproc)
+from bitsmith.pipeline.distributed import init_from_env, is_main, shutdown, world  # noqa: F401 (the CLI's --nproc)
 from bitsmith.recipe import Recipe, load_recipe
 from bitsmith.zoo import ZOO, zoo_model_dir
 

@@ -127,7 +127,7 @@ def compress(
         raise BitsmithError(f"--nproc must be at least 1, got {nproc}")
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         sys.exit(_launch(nproc))
-    from bitsmith.api.compress import init_from_env, is_main
+    from bitsmith.api.compress import init_from_env, is_main, shutdown
 
     init_from_env()
     recipe_name, recipe = recipe, load_recipe(recipe)  # a bad recipe fails before the model loads; read once
@@ -162,6 +162,7 @@ def compress(
             checkpoints=checkpoints, resume=resume,
         )
         bars.finish()
+    shutdown()  # data parallel: every process has finished (rank 0 has written) before gloo is torn down
     result.pop("model")
     if not is_main():  # data parallel: rank 0 reports
         return

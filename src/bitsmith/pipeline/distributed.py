@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from bitsmith.errors import BitsmithError
 
-__all__ = ["world", "is_main", "init_from_env", "local_part", "average_gradients_", "mean_across", "barrier",
+__all__ = ["world", "is_main", "init_from_env", "shutdown", "local_part", "average_gradients_", "mean_across", "barrier",
            "merge_means", "merge_sums", "local_batches", "gathered"]
 
 
@@ -48,6 +48,16 @@ def init_from_env() -> bool:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend)
     return True
+
+
+def shutdown() -> None:
+    """Leave the process group: wait for every process (a barrier), then destroy it. A process that tears gloo
+    down while another still talks to it, or exits with the group alive, can abort at exit (SIGABRT,
+    "terminate called without an active exception"); a no-op when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def local_part(batch):
