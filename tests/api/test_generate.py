@@ -41,6 +41,27 @@ def test_greedy_on_a_compressed_model_is_the_argmax_of_its_own_logits_with_the_k
     assert result["prefill_seconds"] > 0 and result["decode_tokens_per_second"] > 0
 
 
+def test_the_native_decoder_gives_the_greedy_tokens_of_the_fp32_forward(w4_docs_lm, monkeypatch):
+    from bitsmith.nn import dispatch, native
+
+    if not native.available():
+        pytest.skip("no native kernels here")
+    monkeypatch.setenv("BITSMITH_KERNEL_W4A16", "dequant-fp32")  # the fp32 math the native step sums differently
+    dispatch.reset()
+    try:
+        streamed = []
+        result = generate(str(w4_docs_lm), PROMPT, max_new_tokens=16, decoder="native", on_text=streamed.append)
+        model, tokenizer = bitsmith.load(w4_docs_lm), load_tokenizer(w4_docs_lm)
+        expected = _greedy_without_cache(model, tokenizer, PROMPT, 16)
+    finally:
+        dispatch.reset()
+    assert result["decoder"] == "native" and result["new_tokens"] == 16
+    assert result["text"] == tokenizer.decode(expected, skip_special_tokens=True)
+    assert "".join(streamed) == result["text"] and result["decode_tokens_per_second"] > 0
+    q8 = generate(str(w4_docs_lm), PROMPT, max_new_tokens=16, decoder="native-q8", temperature=0.8, seed=1)
+    assert q8["decoder"] == "native-q8" and q8["new_tokens"] >= 1 and q8["sampling"] != "greedy"
+
+
 def test_sampling_repeats_with_its_seed_and_differs_from_greedy(w4_docs_lm):
     options = {"max_new_tokens": 24, "temperature": 1.0, "top_k": 50}
     first, again = (generate(str(w4_docs_lm), PROMPT, seed=3, **options) for _ in range(2))
@@ -69,6 +90,7 @@ def test_the_chat_template_wraps_the_prompt_when_the_tokenizer_has_one(docs_lm_m
     (["docs-lm", "--prompt", "hi", "--top-p", "0"], "--top-p must be in (0, 1]"),
     (["docs-lm", "--prompt", ""], "--prompt is empty"),
     (["nowhere/model", "--prompt", "hi"], "model not found: 'nowhere/model'"),
+    (["docs-lm", "--prompt", "hi", "--decoder", "fast"], "--decoder must be one of torch, native, native-q8"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, args, fragment):
     code, _, stderr = run_cli(capsys, "generate", *args)

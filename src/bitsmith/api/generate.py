@@ -5,6 +5,12 @@ kernels) and generates with transformers' ``generate``: greedy by default, sampl
 (and ``top_k`` / ``top_p``), seeded. When the tokenizer has a chat template (an instruct model's), the prompt
 is one user turn in it, unless ``chat=False``. Prompt processing (prefill) and decoding are timed apart: the
 first new token's time is the prefill's, the rest are decode steps.
+
+``decoder`` picks what runs the decode steps: ``torch`` (transformers' ``generate`` on bitsmith's modules),
+``native`` (``bitsmith.nn.decode``: a Llama-family model at batch 1, a whole block a native call, on the int4
+codes as stored or float32 weights: the same math, summed in another order) or ``native-q8`` (the same step
+with the input of each int4 matmul rounded to int8 in blocks of 32, as llama.cpp's Q4_0/Q4_1 matmuls do: faster,
+a different numeric, only when asked). A model the native step cannot run gets one line saying why.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ import torch
 from bitsmith.errors import BitsmithError
 from bitsmith.io.models import load_model
 
-__all__ = ["generate", "check_sampling"]
+__all__ = ["generate", "check_sampling", "DECODERS"]
+
+DECODERS = ("torch", "native", "native-q8")
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
@@ -80,9 +88,11 @@ class _Clock:
 
 def generate(model: str, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, chat: bool | None = None,
-             on_text: Callable[[str], None] | None = None) -> dict:
+             on_text: Callable[[str], None] | None = None, decoder: str = "torch") -> dict:
     """Generate from ``model`` (a zoo name or directory); ``on_text`` receives the text as it is decoded."""
     check_sampling(max_new_tokens, temperature, top_k, top_p)
+    if decoder not in DECODERS:
+        raise BitsmithError(f"--decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
     if not prompt:
         raise BitsmithError("--prompt is empty; give the text to continue")
     loaded = load_model(model)
@@ -92,20 +102,27 @@ def generate(model: str, prompt: str, max_new_tokens: int = 64, temperature: flo
     inputs, templated = _prompt_ids(loaded.tokenizer, prompt, chat)
     length = inputs["input_ids"].shape[1]
     clock = _Clock(loaded.tokenizer, on_text, length)
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k or None, "top_p": top_p} \
-        if temperature > 0 else {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
-    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else loaded.tokenizer.eos_token_id
     torch.manual_seed(seed)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        output = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=clock, pad_token_id=pad,
-                                       **sampling)
-    new = output[0, length:]
+    if decoder == "torch":
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k or None, "top_p": top_p} \
+            if temperature > 0 else {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
+        pad = (loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None
+               else loaded.tokenizer.eos_token_id)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            output = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=clock, pad_token_id=pad,
+                                           **sampling)
+        new = output[0, length:]
+    else:
+        start = time.perf_counter()
+        new = _native_generate(loaded.model, inputs["input_ids"], max_new_tokens, temperature, top_k, top_p, clock,
+                               activations="q8" if decoder == "native-q8" else "float32",
+                               stop=_stop_ids(loaded.model, loaded.tokenizer))
     steps = clock.times[1:]
     prefill = steps[0] - start if steps else None
     decode = steps[-1] - steps[0] if len(steps) > 1 else None
     return {
-        "model": model, "compressed": loaded.compressed, "chat_template": templated,
+        "model": model, "compressed": loaded.compressed, "chat_template": templated, "decoder": decoder,
         "sampling": {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed} if temperature > 0
         else "greedy",
         "prompt_tokens": length, "new_tokens": int(new.numel()),
@@ -113,3 +130,49 @@ def generate(model: str, prompt: str, max_new_tokens: int = 64, temperature: flo
         "prefill_seconds": round(prefill, 4) if prefill is not None else None,
         "decode_tokens_per_second": round((len(steps) - 1) / decode, 2) if decode else None,
     }
+
+
+def _stop_ids(model, tokenizer) -> set[int]:
+    """The token ids that end generation: the generation config's end-of-sequence ids, else the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+
+
+def _next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> int:
+    """Greedy (temperature 0), or a sample from the logits at ``temperature`` kept to the ``top_k`` likeliest and
+    the likeliest up to ``top_p`` of the probability (as transformers' warpers do)."""
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1:
+        ordered, order = logits.sort(descending=True)
+        cumulative = ordered.softmax(-1).cumsum(-1)
+        drop = cumulative - ordered.softmax(-1) >= top_p  # keep each token until the mass before it reaches top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return int(torch.multinomial(logits.softmax(-1), 1))
+
+
+def _native_generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float, top_k: int,
+                     top_p: float, clock: _Clock, activations: str, stop: set[int]) -> torch.Tensor:
+    from bitsmith.nn.decode import NativeDecoder, unsupported
+
+    problem = unsupported(model)
+    if problem:
+        raise BitsmithError(f"--decoder native: {problem}; --decoder torch runs it")
+    decoder = NativeDecoder(model, max_len=input_ids.shape[1] + max_new_tokens, activations=activations)
+    clock.put(input_ids)
+    logits = decoder.prefill(input_ids)
+    tokens: list[int] = []
+    while True:
+        token = _next_token(logits, temperature, top_k, top_p)
+        tokens.append(token)
+        clock.put(torch.tensor([token]))
+        if token in stop or len(tokens) == max_new_tokens:
+            break
+        logits = decoder.step(token)
+    return torch.tensor(tokens)

@@ -700,6 +700,10 @@ def generate(
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     chat: Optional[bool] = typer.Option(None, "--chat/--raw", help="Use the tokenizer's chat template (default:"
                                         " when it has one) or give the prompt as raw text."),
+    decoder: str = typer.Option("torch", "--decoder", help="torch: transformers' generate on bitsmith's modules;"
+                                " native: a Llama-family model at batch 1, a whole block a native call (int4 or"
+                                " float32 layers); native-q8: the same with each int4 matmul's input rounded to int8"
+                                " in blocks of 32, as llama.cpp does (faster, another numeric)."),
     as_json: bool = JSON_OPTION,
 ):
     """Generate text with a causal language model, float or compressed, on bitsmith's kernels."""
@@ -710,7 +714,7 @@ def generate(
         sys.stdout.flush()
 
     result = run(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                 seed=seed, chat=chat, on_text=None if as_json else show)
+                 seed=seed, chat=chat, on_text=None if as_json else show, decoder=decoder)
     if as_json:
         _emit_json(result)
         return

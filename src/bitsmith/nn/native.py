@@ -37,11 +37,13 @@ __all__ = [
     "dequantize_packed",
     "int4_matmul",
     "INT4_MAX_ROWS",
+    "Weight",
+    "library",
 ]
 
 _SOURCE = Path(__file__).parent / "csrc" / "quant.c"
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
-ABI = 3  # must equal bitsmith_native_abi() in csrc/quant.c
+ABI = 4  # must equal bitsmith_native_abi() in csrc/quant.c
 
 _status = "not loaded yet"
 
@@ -117,6 +119,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.bitsmith_quantize_static_split_u8.argtypes = [ptr, i64, i64, i64, ptr, f32, i32, ptr, num]
     lib.bitsmith_dequantize_packed.argtypes = [ptr, i64, num, i64, i64, i64, ptr, ptr, ptr, num]
     lib.bitsmith_int4_matmul.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, num]
+    lib.bitsmith_matvec.argtypes = [ptr, ptr, ptr, num, num]
+    lib.bitsmith_matvec.restype = num
+    lib.bitsmith_llama_block.argtypes = [ptr, i64, ptr, ptr, f32, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64,
+                                         num, num]
+    lib.bitsmith_llama_block.restype = num
     lib.bitsmith_native_abi.restype = num
 
 
@@ -149,6 +156,23 @@ def _library() -> ctypes.CDLL | None:
         _status = f"cannot build or load {target.name}: {err}"
         return None
     _status = f"built with {_compiler_identity(compiler)} ({target.name})"
+    return lib
+
+
+class Weight(ctypes.Structure):
+    """``bitsmith_weight`` in csrc/quant.c: one matrix of a decode step, int4 packed (kind 0) or float32 (kind 1).
+    It holds pointers only: whoever makes one keeps its tensors alive."""
+
+    _fields_ = [("kind", ctypes.c_int32), ("group", ctypes.c_int32), ("rows", ctypes.c_int64),
+                ("cols", ctypes.c_int64), ("packed", ctypes.c_void_p), ("scale", ctypes.c_void_p),
+                ("zero", ctypes.c_void_p), ("weight", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+
+
+def library() -> ctypes.CDLL:
+    """The loaded library (``available()`` must be true)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"bitsmith's native kernels are not available: {_status}")
     return lib
 
 

@@ -11,6 +11,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* x: (rows, cols) float32, row-major. codes: (rows, cols) uint8 = round(x * 127 / amax_row) + 128.
  * scale: (rows) float32 = amax_row / 127 (amax floored at 1e-12). */
@@ -281,5 +282,299 @@ void bitsmith_int4_matmul(const uint8_t *packed, int64_t rows, int64_t cols, int
     free(even), free(odd);
 }
 
+/* ---- decoding one token of a Llama-family model: a whole block a call ---------------------------------------
+ * The step transformers' LlamaDecoderLayer takes for one new token at batch 1, in one native call, so that
+ * decoding pays for the weights it reads and not for the framework's per-op cost:
+ *     x = rmsnorm(h) * norm1;  q, k, v = Wq x, Wk x, Wv x;  rotary (rotate_half layout) on q and k;
+ *     k, v appended to the cache at `pos`;  attention of each head over positions 0..pos (grouped heads);
+ *     h += Wo attn;  x = rmsnorm(h) * norm2;  h += Wdown (silu(Wgate x) * Wup x)
+ * Weights are int4 codes as pack_codes writes them (kind 0) or float32 (kind 1). With q8 != 0 the input of
+ * each int4 matmul is rounded to int8 in blocks of 32 (one scale a block, as llama.cpp's Q8_0 does) and the
+ * products are summed in integers (AVX2 maddubs); with q8 == 0 the inputs stay float32 (int4_row). */
+typedef struct {
+    int32_t kind;  /* 0: int4 packed, 1: float32 */
+    int32_t group;
+    int64_t rows, cols;
+    const uint8_t *packed;
+    const float *scale;   /* (rows, groups) */
+    const uint8_t *zero;  /* (rows, groups) */
+    const float *weight;  /* kind 1: (rows, cols) */
+    const float *bias;    /* rows, or NULL */
+} bitsmith_weight;
+
+/* x (cols) rounded to int8 in blocks of 32, split into even and odd columns as the packed nibbles are (xe[i] is
+ * column 2i, xo[i] column 2i + 1); dx[b] the scale of block b, bsum[b] = dx[b] * the sum of its codes. */
+typedef struct {
+    int8_t *xe, *xo;
+    float *dx, *bsum;
+} q8_input;
+
+static int q8_alloc(q8_input *q, int64_t cols) {
+    const int64_t blocks = (cols + 31) / 32;
+    q->xe = malloc((size_t)(cols / 2 + 32)), q->xo = malloc((size_t)(cols / 2 + 32));
+    q->dx = malloc(sizeof(float) * (size_t)blocks), q->bsum = malloc(sizeof(float) * (size_t)blocks);
+    return q->xe && q->xo && q->dx && q->bsum;
+}
+
+static void q8_free(q8_input *q) { free(q->xe), free(q->xo), free(q->dx), free(q->bsum); }
+
+static void q8_quantize(const float *x, int64_t cols, q8_input *q) {
+    for (int64_t b = 0; b * 32 < cols; ++b) {
+        const int64_t start = b * 32, end = start + 32 < cols ? start + 32 : cols;
+        float amax = 0.0f;
+        for (int64_t j = start; j < end; ++j) amax = fmaxf(amax, fabsf(x[j]));
+        const float d = amax / 127.0f;  /* codes round(x / d), half to even, as torch.round(x / d) */
+        int32_t sum = 0;
+        for (int64_t j = start; j < end; ++j) {
+            const int32_t c = d > 0.0f ? (int32_t)nearbyintf(x[j] / d) : 0;
+            sum += c;
+            if (j % 2 == 0) q->xe[j / 2] = (int8_t)c; else q->xo[j / 2] = (int8_t)c;
+        }
+        q->dx[b] = d, q->bsum[b] = d * (float)sum;
+    }
+}
+
+/* What every row of one int4 x q8 matmul shares: per block of 32 columns the index of its weight group (gi),
+ * per chunk of 64 columns the two blocks' input scales, each over 4 lanes (dxv), and per group the sum of its
+ * blocks' bsum (gsum, for the zero points). */
+typedef struct {
+    int32_t *gi;
+    float *dxv, *gsum;
+} q8_shared;
+
+static int q8_shared_make(q8_shared *sh, const q8_input *q, int64_t cols, int64_t group) {
+    const int64_t blocks = (cols + 31) / 32, chunks = cols / 64, groups = (cols + group - 1) / group;
+    sh->gi = malloc(sizeof(int32_t) * (size_t)blocks);
+    sh->dxv = aligned_alloc(32, sizeof(float) * (size_t)(8 * chunks + 8));
+    sh->gsum = calloc((size_t)groups, sizeof(float));
+    if (!sh->gi || !sh->dxv || !sh->gsum) return 0;
+    for (int64_t b = 0; b < blocks; ++b) {
+        sh->gi[b] = (int32_t)(b * 32 / group);
+        sh->gsum[sh->gi[b]] += q->bsum[b];
+    }
+    for (int64_t ch = 0; ch < chunks; ++ch)
+        for (int l = 0; l < 8; ++l) sh->dxv[8 * ch + l] = q->dx[2 * ch + l / 4];
+    return 1;
+}
+
+static void q8_shared_free(q8_shared *sh) { free(sh->gi), free(sh->dxv), free(sh->gsum); }
+
+/* `n` (1 or 2) rows of int4 codes, `stride` bytes apart, times the int8 input:
+ * sum_b s_g(b) dx_b sum_j q_j xq_j - sum_g s_g z_g gsum_g; group a multiple of 32. */
+static void int4_q8_rows(const uint8_t *row, int64_t stride, int n, int64_t cols, int64_t groups, const float *scale,
+                         const uint8_t *zero, const q8_input *q, const q8_shared *sh, float *dots) {
+    int64_t c = 0;  /* columns done */
+    dots[0] = 0.0f, dots[n - 1] = 0.0f;
+#if defined(__AVX2__) && defined(__FMA__)
+    {
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+        const uint8_t *row1 = row + (n > 1 ? stride : 0);
+        const float *scale1 = scale + (n > 1 ? groups : 0);
+        for (; c + 64 <= cols; c += 64) {  /* 32 bytes a row: two blocks of 32 columns */
+            const __m256i xe = _mm256_loadu_si256((const __m256i *)(q->xe + c / 2));
+            const __m256i xo = _mm256_loadu_si256((const __m256i *)(q->xo + c / 2));
+            const __m256 dx = _mm256_load_ps(sh->dxv + c / 8);
+            const int32_t g0 = sh->gi[c / 32], g1 = sh->gi[c / 32 + 1];
+            const __m256i v0 = _mm256_loadu_si256((const __m256i *)(row + c / 2));
+            const __m256i p0 = _mm256_add_epi16(
+                _mm256_maddubs_epi16(_mm256_and_si256(v0, low), xe),
+                _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v0, 4), low), xo));
+            const __m256 s0 = _mm256_set_m128(_mm_set1_ps(scale[g1]), _mm_set1_ps(scale[g0]));
+            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p0, ones)), _mm256_mul_ps(s0, dx), acc0);
+            if (n > 1) {
+                const __m256i v1 = _mm256_loadu_si256((const __m256i *)(row1 + c / 2));
+                const __m256i p1 = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(_mm256_and_si256(v1, low), xe),
+                    _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v1, 4), low), xo));
+                const __m256 s1 = _mm256_set_m128(_mm_set1_ps(scale1[g1]), _mm_set1_ps(scale1[g0]));
+                acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p1, ones)), _mm256_mul_ps(s1, dx), acc1);
+            }
+        }
+        __m256 accs[2] = {acc0, acc1};
+        for (int r = 0; r < n; ++r) {
+            __m128 v = _mm_add_ps(_mm256_castps256_ps128(accs[r]), _mm256_extractf128_ps(accs[r], 1));
+            v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+            dots[r] = _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
+        }
+    }
+#endif
+    for (int r = 0; r < n; ++r) {
+        const uint8_t *codes = row + r * stride;
+        const float *s = scale + r * groups;
+        for (int64_t b = c / 32; b * 32 < cols; ++b) {  /* the rest (or everything without AVX2): plain C */
+            const int64_t end = b * 32 + 32 < cols ? b * 32 + 32 : cols;
+            int32_t sum = 0;
+            for (int64_t j = b * 32; j < end; j += 2) {
+                const uint8_t byte = codes[j / 2];
+                sum += (int32_t)(byte & 15u) * q->xe[j / 2] + (int32_t)(byte >> 4) * q->xo[j / 2];
+            }
+            dots[r] += s[sh->gi[b]] * q->dx[b] * (float)sum;
+        }
+        const uint8_t *z = zero + r * groups;
+        for (int64_t g = 0; g < groups; ++g) dots[r] -= s[g] * (float)z[g] * sh->gsum[g];
+    }
+}
+
+static float dense_row(const float *w, const float *x, int64_t cols) {
+    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t j = 0; j < cols; ++j) dot += w[j] * x[j];
+    return dot;
+}
+
+/* out (rows) = W x + bias; `q` (q8 input of x, already quantized) or NULL for float32 inputs. 0, or -1 where
+ * scratch memory could not be had (out is then NaN). */
+static int matvec(const bitsmith_weight *w, const float *x, const q8_input *q, float *out, int threads) {
+    const int64_t rows = w->rows, cols = w->cols;
+    if (w->kind == 1) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t i = 0; i < rows; ++i) out[i] = dense_row(w->weight + i * cols, x, cols) + (w->bias ? w->bias[i] : 0.0f);
+        return 0;
+    }
+    const int64_t group = w->group, groups = (cols + group - 1) / group, half = cols / 2;
+    if (q != NULL) {
+        q8_shared sh;
+        if (!q8_shared_make(&sh, q, cols, group)) {
+            q8_shared_free(&sh);
+            goto fail;
+        }
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t i = 0; i < rows; i += 2) {
+            const int n = i + 1 < rows ? 2 : 1;
+            float dots[2];
+            int4_q8_rows(w->packed + i * half, half, n, cols, groups, w->scale + i * groups, w->zero + i * groups, q,
+                         &sh, dots);
+            for (int r = 0; r < n; ++r) out[i + r] = dots[r] + (w->bias ? w->bias[i + r] : 0.0f);
+        }
+        q8_shared_free(&sh);
+        return 0;
+    }
+    float *even = malloc(sizeof(float) * (size_t)half), *odd = malloc(sizeof(float) * (size_t)half);
+    if (!even || !odd) {
+        free(even), free(odd);
+        goto fail;
+    }
+    for (int64_t b = 0; b < half; ++b) even[b] = x[2 * b], odd[b] = x[2 * b + 1];
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < rows; ++i) {
+        float acc[1];
+        int4_row(w->packed + i * half, half, groups, group, w->scale + i * groups, w->zero + i * groups, even, odd, 1, acc);
+        out[i] = acc[0] + (w->bias ? w->bias[i] : 0.0f);
+    }
+    free(even), free(odd);
+    return 0;
+fail:
+    for (int64_t i = 0; i < rows; ++i) out[i] = NAN;
+    return -1;
+}
+
+/* out (w->rows) = W x for one input vector x (w->cols); see matvec. */
+int bitsmith_matvec(const bitsmith_weight *w, const float *x, float *out, int q8, int threads) {
+    if (!q8 || w->kind != 0) return matvec(w, x, NULL, out, threads);
+    q8_input q;
+    if (!q8_alloc(&q, w->cols)) {
+        q8_free(&q);
+        for (int64_t i = 0; i < w->rows; ++i) out[i] = NAN;
+        return -1;
+    }
+    q8_quantize(x, w->cols, &q);
+    const int status = matvec(w, x, &q, out, threads);
+    q8_free(&q);
+    return status;
+}
+
+static void rmsnorm(const float *h, const float *weight, float eps, int64_t dim, float *out) {
+    double sum = 0.0;  /* transformers: mean of squares in float32; the double sum differs in the last bits */
+    for (int64_t j = 0; j < dim; ++j) sum += (double)h[j] * h[j];
+    const float inv = 1.0f / sqrtf((float)(sum / (double)dim) + eps);
+    for (int64_t j = 0; j < dim; ++j) out[j] = weight[j] * (h[j] * inv);
+}
+
+static void rotary(float *x, int64_t heads, int64_t head_dim, const float *cos, const float *sin) {
+    const int64_t half = head_dim / 2;
+    for (int64_t h = 0; h < heads; ++h) {
+        float *v = x + h * head_dim;
+        for (int64_t i = 0; i < half; ++i) {
+            const float a = v[i], b = v[i + half];
+            v[i] = a * cos[i] - b * sin[i];
+            v[i + half] = b * cos[i + half] + a * sin[i + half];
+        }
+    }
+}
+
+/* One decoder block for one token at position `pos` (see above); w: q, k, v, o, gate, up, down. The caches are
+ * (n_kv, max_len, head_dim) float32. Returns 0, -1 without memory (h is then NaN), -2 past the cache's end. */
+int bitsmith_llama_block(float *h, int64_t dim, const float *norm1, const float *norm2, float eps,
+                         const bitsmith_weight *w, int64_t n_heads, int64_t n_kv, int64_t head_dim, const float *cos,
+                         const float *sin, float *kcache, float *vcache, int64_t pos, int64_t max_len, int q8,
+                         int threads) {
+    if (pos >= max_len) return -2;
+    const int64_t hidden = w[4].rows, q_dim = n_heads * head_dim, kv_dim = n_kv * head_dim;
+    const int64_t widest = dim > hidden ? (dim > q_dim ? dim : q_dim) : (hidden > q_dim ? hidden : q_dim);
+    float *x = malloc(sizeof(float) * (size_t)widest);
+    float *qv = malloc(sizeof(float) * (size_t)q_dim), *kv = malloc(sizeof(float) * (size_t)(2 * kv_dim));
+    float *attn = malloc(sizeof(float) * (size_t)q_dim), *proj = malloc(sizeof(float) * (size_t)dim);
+    float *gate = malloc(sizeof(float) * (size_t)hidden), *up = malloc(sizeof(float) * (size_t)hidden);
+    float *scores = malloc(sizeof(float) * (size_t)(n_heads * (pos + 1)));
+    q8_input q = {0};
+    int status = -1;
+    if (!x || !qv || !kv || !attn || !proj || !gate || !up || !scores || (q8 && !q8_alloc(&q, widest)))
+        goto done;
+    const q8_input *qin = q8 ? &q : NULL;
+    /* attention */
+    rmsnorm(h, norm1, eps, dim, x);
+    if (q8) q8_quantize(x, dim, &q);
+    if (matvec(&w[0], x, w[0].kind == 0 ? qin : NULL, qv, threads) || matvec(&w[1], x, w[1].kind == 0 ? qin : NULL, kv, threads)
+        || matvec(&w[2], x, w[2].kind == 0 ? qin : NULL, kv + kv_dim, threads))
+        goto done;
+    rotary(qv, n_heads, head_dim, cos, sin);
+    rotary(kv, n_kv, head_dim, cos, sin);
+    for (int64_t g = 0; g < n_kv; ++g) {
+        memcpy(kcache + (g * max_len + pos) * head_dim, kv + g * head_dim, sizeof(float) * (size_t)head_dim);
+        memcpy(vcache + (g * max_len + pos) * head_dim, kv + kv_dim + g * head_dim, sizeof(float) * (size_t)head_dim);
+    }
+    const float scaling = 1.0f / sqrtf((float)head_dim);
+    const int64_t per_kv = n_heads / n_kv, steps = pos + 1;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t hd = 0; hd < n_heads; ++hd) {
+        const float *qh = qv + hd * head_dim;
+        const float *keys = kcache + (hd / per_kv) * max_len * head_dim, *values = vcache + (hd / per_kv) * max_len * head_dim;
+        float *s = scores + hd * steps, top = -INFINITY, total = 0.0f;
+        for (int64_t t = 0; t < steps; ++t) {
+            s[t] = dense_row(keys + t * head_dim, qh, head_dim) * scaling;
+            top = fmaxf(top, s[t]);
+        }
+        for (int64_t t = 0; t < steps; ++t) total += (s[t] = expf(s[t] - top));
+        float *out = attn + hd * head_dim;
+        for (int64_t i = 0; i < head_dim; ++i) out[i] = 0.0f;
+        for (int64_t t = 0; t < steps; ++t) {
+            const float p = s[t] / total;
+            const float *v = values + t * head_dim;
+#pragma omp simd
+            for (int64_t i = 0; i < head_dim; ++i) out[i] += p * v[i];
+        }
+    }
+    if (q8 && w[3].kind == 0) q8_quantize(attn, q_dim, &q);
+    if (matvec(&w[3], attn, w[3].kind == 0 ? qin : NULL, proj, threads)) goto done;
+    for (int64_t j = 0; j < dim; ++j) h[j] += proj[j];
+    /* MLP */
+    rmsnorm(h, norm2, eps, dim, x);
+    if (q8) q8_quantize(x, dim, &q);
+    if (matvec(&w[4], x, w[4].kind == 0 ? qin : NULL, gate, threads) || matvec(&w[5], x, w[5].kind == 0 ? qin : NULL, up, threads))
+        goto done;
+    for (int64_t j = 0; j < hidden; ++j) x[j] = gate[j] / (1.0f + expf(-gate[j])) * up[j];
+    if (q8 && w[6].kind == 0) q8_quantize(x, hidden, &q);
+    if (matvec(&w[6], x, w[6].kind == 0 ? qin : NULL, proj, threads)) goto done;
+    for (int64_t j = 0; j < dim; ++j) h[j] += proj[j];
+    status = 0;
+done:
+    if (status == -1)
+        for (int64_t j = 0; j < dim; ++j) h[j] = NAN;
+    free(x), free(qv), free(kv), free(attn), free(proj), free(gate), free(up), free(scores);
+    if (q8) q8_free(&q);
+    return status;
+}
+
 /* Bumped with every change of a signature above: the loader checks it before using a cached build. */
-int bitsmith_native_abi(void) { return 3; }
+int bitsmith_native_abi(void) { return 4; }
