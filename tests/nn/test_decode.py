@@ -32,8 +32,8 @@ def _model(bias: bool = False):
     return model
 
 
-def _int4(model, symmetric: bool = False):
-    scheme = {"weights": {"dtype": "int4", "granularity": 32, "symmetric": symmetric}}
+def _int4(model, symmetric: bool = False, group: int = 32):
+    scheme = {"weights": {"dtype": "int4", "granularity": group, "symmetric": symmetric}}
     bitsmith.run_stages(model, Recipe.model_validate({"version": 2, "name": "w4", "stages": [
         {"quantize": {"rules": [{"targets": ["Linear"], "scheme": scheme}]}}]}))
     assert isinstance(model.lm_head, IntxWeightOnlyLinear)
@@ -76,9 +76,10 @@ def test_float_model_steps_are_transformers_forward(bias):
     assert _spread_error(_native_logits(model, ids, 5), _reference(model, ids, 5)) < 1e-5
 
 
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_int4_codes_read_packed_give_the_dequantized_forward(exact_w4a16, symmetric):
-    model, ids = _int4(_model(bias=True), symmetric), _ids()
+@pytest.mark.parametrize("symmetric,group", [(False, 32), (True, 32), (False, 64), (False, 96)])
+def test_int4_codes_read_packed_give_the_dequantized_forward(exact_w4a16, symmetric, group):
+    """Group 32: two groups a 64-column chunk; 64: one; 96: chunks that straddle groups, and a short last group."""
+    model, ids = _int4(_model(bias=True), symmetric, group), _ids()
     want = _reference(model, ids, 4)
     assert _spread_error(_native_logits(model, ids, 4), want) < 1e-5
     # the q8 path is another numeric: close, not equal
@@ -101,8 +102,9 @@ def _round_inputs_to_int8_blocks(model):
             module.register_forward_pre_hook(hook)
 
 
-def test_q8_is_int4_times_inputs_rounded_to_int8_blocks(exact_w4a16):
-    model, ids = _int4(_model(bias=True)), _ids()
+@pytest.mark.parametrize("group", [32, 64, 96])
+def test_q8_is_int4_times_inputs_rounded_to_int8_blocks(exact_w4a16, group):
+    model, ids = _int4(_model(bias=True), group=group), _ids()
     unrounded = _reference(model, ids, 6)
     _round_inputs_to_int8_blocks(model)  # the prefill runs transformers' forward: it rounds there too
     native_q8, want = _native_logits(model, ids, 6, "q8"), _reference(model, ids, 6)

@@ -359,9 +359,21 @@ static int q8_shared_make(q8_shared *sh, const q8_input *q, int64_t cols, int64_
 
 static void q8_shared_free(q8_shared *sh) { free(sh->gi), free(sh->dxv), free(sh->gsum); }
 
+#if defined(__AVX2__) && defined(__FMA__)
+/* The weight scales of a 64-column chunk's two blocks, each over 4 lanes: groups g0 and g1 = g0 + 1 (group 32:
+ * one 8-byte load), one group (a multiple of 64: a broadcast), or any two. */
+static inline __m256 scales(const float *scale, int32_t g0, int32_t g1, int mode, __m256i pair) {
+    if (mode == 1)
+        return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(scale + g0)))), pair);
+    if (mode == 2) return _mm256_broadcast_ss(scale + g0);
+    return _mm256_set_m128(_mm_set1_ps(scale[g1]), _mm_set1_ps(scale[g0]));
+}
+#endif
+
 /* `n` (1 or 2) rows of int4 codes, `stride` bytes apart, times the int8 input:
  * sum_b s_g(b) dx_b sum_j q_j xq_j - sum_g s_g z_g gsum_g; group a multiple of 32. */
-static void int4_q8_rows(const uint8_t *row, int64_t stride, int n, int64_t cols, int64_t groups, const float *scale,
+static void int4_q8_rows(const uint8_t *row, int64_t stride, int n, int64_t cols, int64_t group, int64_t groups,
+                         const float *scale,
                          const uint8_t *zero, const q8_input *q, const q8_shared *sh, float *dots) {
     int64_t c = 0;  /* columns done */
     dots[0] = 0.0f, dots[n - 1] = 0.0f;
@@ -369,6 +381,8 @@ static void int4_q8_rows(const uint8_t *row, int64_t stride, int n, int64_t cols
     {
         __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
         const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+        const __m256i pair = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+        const int mode = group == 32 ? 1 : group % 64 == 0 ? 2 : 0;  /* the two blocks' scales: a pair, one, any */
         const uint8_t *row1 = row + (n > 1 ? stride : 0);
         const float *scale1 = scale + (n > 1 ? groups : 0);
         for (; c + 64 <= cols; c += 64) {  /* 32 bytes a row: two blocks of 32 columns */
@@ -380,14 +394,14 @@ static void int4_q8_rows(const uint8_t *row, int64_t stride, int n, int64_t cols
             const __m256i p0 = _mm256_add_epi16(
                 _mm256_maddubs_epi16(_mm256_and_si256(v0, low), xe),
                 _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v0, 4), low), xo));
-            const __m256 s0 = _mm256_set_m128(_mm_set1_ps(scale[g1]), _mm_set1_ps(scale[g0]));
+            const __m256 s0 = scales(scale, g0, g1, mode, pair);
             acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p0, ones)), _mm256_mul_ps(s0, dx), acc0);
             if (n > 1) {
                 const __m256i v1 = _mm256_loadu_si256((const __m256i *)(row1 + c / 2));
                 const __m256i p1 = _mm256_add_epi16(
                     _mm256_maddubs_epi16(_mm256_and_si256(v1, low), xe),
                     _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v1, 4), low), xo));
-                const __m256 s1 = _mm256_set_m128(_mm_set1_ps(scale1[g1]), _mm_set1_ps(scale1[g0]));
+                const __m256 s1 = scales(scale1, g0, g1, mode, pair);
                 acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p1, ones)), _mm256_mul_ps(s1, dx), acc1);
             }
         }
@@ -443,7 +457,7 @@ static int matvec(const bitsmith_weight *w, const float *x, const q8_input *q, f
         for (int64_t i = 0; i < rows; i += 2) {
             const int n = i + 1 < rows ? 2 : 1;
             float dots[2];
-            int4_q8_rows(w->packed + i * half, half, n, cols, groups, w->scale + i * groups, w->zero + i * groups, q,
+            int4_q8_rows(w->packed + i * half, half, n, cols, group, groups, w->scale + i * groups, w->zero + i * groups, q,
                          &sh, dots);
             for (int r = 0; r < n; ++r) out[i + r] = dots[r] + (w->bias ? w->bias[i + r] : 0.0f);
         }
