@@ -5,6 +5,9 @@ smollm2's (or ``--model``'s) float model is written two ways per block type, and
 
     rtn-q4_0   the float model exported with --gguf-type q4_0: every matrix rounded to nearest by the gguf
                package's reference quantizer (llama.cpp's own Q4_0 without an importance matrix)
+    imatrix-q4_0  the built-in imatrix-q4_0 recipe: llama.cpp's importance-matrix idea done by bitsmith (int4 g32
+               symmetric, each group's scale of least error weighted by the calibration inputs' mean squares),
+               exported as Q4_0: the fairer round-to-nearest baseline (printed beside GPTQ, not a target)
     gptq-q4_0  the built-in gptq-q4_0 recipe (int4 g32 symmetric, GPTQ on the calibration windows), exported:
                its codes written as Q4_0 as they are; the embedding, kept float by the recipe, rounded to Q4_0
     rtn-q4_1 / awq-q4_1   the same for Q4_1 (awq-q4_1: int4 g32 asymmetric after AWQ)
@@ -33,7 +36,7 @@ import torch
 
 from _common import bench_parser, finish, machine_line, parse, run_child
 
-ROWS = {"rtn-q4_0": (None, "q4_0"), "gptq-q4_0": ("gptq-q4_0", "q4_0"),
+ROWS = {"rtn-q4_0": (None, "q4_0"), "imatrix-q4_0": ("imatrix-q4_0", "q4_0"), "gptq-q4_0": ("gptq-q4_0", "q4_0"),
         "rtn-q4_1": (None, "q4_1"), "awq-q4_1": ("awq-q4_1", "q4_1")}
 WINDOW = 256
 
@@ -82,7 +85,7 @@ def llama_perplexity(path: Path, chunks: list[list[int]], threads: int) -> float
 
 def main(argv=None) -> int:
     parser = bench_parser(__doc__, repeats=1, json_option=False)
-    parser.add_argument("--calib-samples", type=int, default=64, help="calibration windows for GPTQ and AWQ")
+    parser.add_argument("--calib-samples", type=int, default=64, help="calibration windows for GPTQ, AWQ, imatrix")
     parser.add_argument("--windows", type=int, default=32, help="held-out windows of 256 tokens")
     parser.add_argument("--model", default="smollm2", help="a Llama-family zoo model: smollm2 or docs-lm")
     parser.add_argument("--worker", help=__import__("argparse").SUPPRESS)
@@ -112,6 +115,9 @@ def main(argv=None) -> int:
         same_size = rows[method]["bytes"] == rows[rtn]["bytes"]
         checks.append((f"{args.model} {method} below llama.cpp-style round-to-nearest {rtn[4:].upper()} in llama.cpp,"
                        f" same file size", same_size and rows[method]["perplexity"] < rows[rtn]["perplexity"]))
+    gptq, imatrix = rows["gptq-q4_0"]["perplexity"], rows["imatrix-q4_0"]["perplexity"]
+    print(f"gptq-q4_0 against the importance-weighted round-to-nearest imatrix-q4_0: {gptq:.4f} vs {imatrix:.4f}"
+          f" ({'below' if gptq < imatrix else 'not below'}; rtn-q4_0 {rows['rtn-q4_0']['perplexity']:.4f})")
     return finish(checks)
 
 

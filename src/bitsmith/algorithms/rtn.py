@@ -34,12 +34,16 @@ def weight_format(bits: int, symmetric: bool) -> IntFormat:
 
 
 def quantize_weight_rtn(
-    weight: torch.Tensor, bits: int, granularity: str | int, symmetric: bool, clip: str = "minmax"
+    weight: torch.Tensor, bits: int, granularity: str | int, symmetric: bool, clip: str = "minmax",
+    importance: torch.Tensor | None = None,
 ) -> QuantizedWeight:
-    """Quantize ``weight`` (N, K) to ``bits`` by rounding each value to the nearest code."""
+    """Quantize ``weight`` (N, K) to ``bits`` by rounding each value to the nearest code; with ``clip="mse"``
+    and ``importance`` (K,), each block's range is the one of least error weighted by the importance of each
+    input (llama.cpp's imatrix idea: ``algorithms/imatrix.py``)."""
     fmt = weight_format(bits, symmetric)
     block_size = block_size_for(tuple(weight.shape), granularity)
-    scale, zero = choose_qparams_affine(weight, block_size, fmt, symmetric=symmetric, clip=clip)
+    scale, zero = choose_qparams_affine(weight, block_size, fmt, symmetric=symmetric, clip=clip,
+                                        importance=importance)
     codes = quantize_affine(weight, block_size, scale, zero, fmt)
     return QuantizedWeight(codes, scale, zero, fmt, block_size[-1])
 

@@ -36,6 +36,7 @@ from torch import nn
 
 from bitsmith.algorithms._modules import replace_module
 from bitsmith.algorithms.gptq import accumulate_hessian, gptq_quantize
+from bitsmith.algorithms.imatrix import importance_from_hessian, quantize_weight_imatrix
 from bitsmith.algorithms.prune import keep_mask, sparsegpt_prune, wanda_scores
 from bitsmith.algorithms.sensitivity import (
     PROXIES, fisher_error, lookup_energy, output_energy, spearman, sqnr_db,
@@ -139,6 +140,10 @@ def changed(layer: nn.Module, cand: Candidate, hessian: torch.Tensor | None) -> 
             qweight, _ = gptq_quantize(layer.weight.detach(), hessian, w.bits, group_size(layer, cand.scheme),
                                        w.symmetric, act_order=options.act_order, static_groups=True,
                                        damp_percent=options.damp_percent, block_size=options.block_size, clip=w.clip)
+            return module_for(qweight, layer.bias, cand.scheme)
+        if w.algorithm == "imatrix" and hessian is not None:
+            qweight = quantize_weight_imatrix(layer.weight.detach(), w.bits, group_size(layer, cand.scheme),
+                                              w.symmetric, importance_from_hessian(hessian))
             return module_for(qweight, layer.bias, cand.scheme)
         return quantize_linear(layer, cand.scheme)
     rule, method = cand.rule, cand.stage.method

@@ -145,11 +145,14 @@ def choose_qparams_affine(
     clip: str = "minmax",
     mse_grid: int = 40,
     mse_min_ratio: float = 0.5,
+    importance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale (float32) and zero point (int32), each of shape ``x.shape / block_size``.
 
     ``clip="minmax"`` covers the whole range of each block; ``clip="mse"`` shrinks each block's range
-    by the factor in ``linspace(1, mse_min_ratio, mse_grid)`` that minimises the block's squared error.
+    by the factor in ``linspace(1, mse_min_ratio, mse_grid)`` that minimises the block's squared error, each
+    element's error weighted by ``importance`` (broadcast to ``x``; llama.cpp's importance matrix: the mean
+    square of the input each weight multiplies) when given.
     """
     if not torch.isfinite(x).all():
         raise BitsmithError("tensor holds NaN or infinite values; cannot choose quantization parameters")
@@ -162,6 +165,9 @@ def choose_qparams_affine(
         return _minmax_qparams(xmin, xmax, fmt, symmetric, eps)
     if clip != "mse":
         raise BitsmithError(f"unknown clipping {clip!r}: use 'minmax' or 'mse'")
+    weight = None
+    if importance is not None:
+        weight = _blocked(importance.float().expand_as(xf).contiguous(), block_size, partial=True)
     best_err = torch.full_like(xmin, float("inf"))
     best_scale, best_zero = _minmax_qparams(xmin, xmax, fmt, symmetric, eps)
     for ratio in torch.linspace(1.0, mse_min_ratio, mse_grid).tolist():
@@ -170,7 +176,8 @@ def choose_qparams_affine(
         # same order, so the same numbers; padding quantizes to the zero point, an error of exactly 0)
         s, z = _expand(scale, xf, block_size), _expand(zero, xf, block_size)
         xq = (torch.round(blocks / s) + z).clamp_(fmt.qmin, fmt.qmax).sub_(z).mul_(s)
-        err = xq.sub_(blocks).square_().sum(dim=dims)
+        err = xq.sub_(blocks).square_()
+        err = (err.mul_(weight) if weight is not None else err).sum(dim=dims)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)

@@ -51,8 +51,10 @@ class WeightSpec(Strict):
     granularity: Union[Literal["tensor", "channel"], int] = "channel"  # int = group size along inputs
     symmetric: bool = True
     clip: Literal["minmax", "mse"] = "minmax"  # how each block's range is chosen (rtn)
-    # gptq and awq need calibration data; their options are QuantizeConfig.gptq / .awq
-    algorithm: Literal["rtn", "gptq", "awq"] = "rtn"
+    # gptq and awq need calibration data; their options are QuantizeConfig.gptq / .awq. imatrix: round to
+    # nearest with each block's range searched for the least error weighted by the calibration inputs' mean
+    # squares (llama.cpp's importance matrix); needs clip: mse
+    algorithm: Literal["rtn", "gptq", "awq", "imatrix"] = "rtn"
     double_quant: bool = False  # nf4 only: QLoRA's double quantization of the absmax values (0.127 bits a weight)
 
     @property
@@ -132,6 +134,8 @@ class Scheme(Strict):
             raise ValueError(f"{algorithm} applies to integer weight-only schemes (no activation quantization)")
         if algorithm != "rtn" and not isinstance(self.weights.granularity, int) and self.weights.granularity != "channel":
             raise ValueError(f"{algorithm} quantizes per channel or per group, not per tensor")
+        if algorithm == "imatrix" and self.weights.clip != "mse":
+            raise ValueError("imatrix weighs the range search's error by each input's importance: give clip: mse")
         if algorithm == "awq" and self.weights.clip != "minmax":
             raise ValueError("awq searches its own clipping (awq: clip_search); 'clip' applies to rtn and gptq")
         return self

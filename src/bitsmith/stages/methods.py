@@ -5,6 +5,7 @@
     rtn    | no         | each layer rounded to nearest, replaced at once
     gptq   | yes        | Hessian per input group (true-sequential), GPTQ's error feedback (stages/gptq.py)
     awq    | yes        | scale search and fold per mapping, clipping search, rounding (stages/awq.py)
+    imatrix| yes        | input mean squares on the float block, importance-weighted range search (stages/imatrix.py)
 """
 
 from __future__ import annotations
