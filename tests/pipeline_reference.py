@@ -48,7 +48,7 @@ def digest_dir(path: Path) -> dict[str, list]:
 
 OLD_STAGES = {"quantize", "smooth", "fold_batchnorm", "equalize"}  # what the chain before issue 9 could do
 NEWER_FORMATS = {"fp8-w", "nf4", "mxfp4", "ternary"}  # quantize-only, but their formats came after the chain
-NEWER_RECIPES = {"gptq-q4_0", "awq-q4_1", "imatrix-q4_0"}  # old stages and formats, recipes written after the reference was recorded
+NEWER_RECIPES = {"gptq-q4_0", "gptq-q4_1", "awq-q4_1", "imatrix-q4_0"}  # old stages and formats, recipes written after the reference was recorded
 
 
 def covered(recipe: str) -> bool:
