@@ -41,6 +41,9 @@ def files(docs_lm_model, tmp_path_factory):
     bitsmith.save(model, root / "float", tokenizer=tokenizer)
     export_checkpoint(root / "float", "gguf", root / "q4_1.gguf", gguf_type="q4_1")
     out["q4_1"] = None, root / "q4_1.gguf"
+    # llama.cpp's own Q4_0 rounding (the gguf package's reference): d = max / -8, negative in about half the blocks
+    export_checkpoint(root / "float", "gguf", root / "rtn_q4_0.gguf", gguf_type="q4_0")
+    out["rtn_q4_0"] = None, root / "rtn_q4_0.gguf"
     return out
 
 
@@ -78,6 +81,18 @@ def original_ids(checkpoint, ids):
 
     return AutoTokenizer.from_pretrained(checkpoint)("bitsmith compresses models for the CPU.",
                                                      return_tensors="pt")["input_ids"]
+
+
+def test_llama_cpps_negative_block_scales_are_kept_and_survive_save_and_load(files, tmp_path):
+    _, path = files["rtn_q4_0"]
+    loaded = load_model(path)
+    scales = [m.weight_scale for m in loaded.model.modules() if hasattr(m, "weight_scale")]
+    negative = sum(int((s < 0).sum()) for s in scales) / sum(s.numel() for s in scales)
+    assert 0.3 < negative < 0.7, negative
+    bitsmith.save(loaded.model, tmp_path / "saved", tokenizer=loaded.tokenizer)
+    again = bitsmith.load(tmp_path / "saved")
+    ids = loaded.tokenizer("bitsmith compresses models.", return_tensors="pt")["input_ids"]
+    assert torch.equal(_logits(again, ids), _logits(loaded.model, ids))
 
 
 def test_q4_1_keeps_the_files_blocks(files):

@@ -96,7 +96,8 @@ class QuantizedEmbedding(nn.Module):
         return f"int{self.bits} row gather + {per} scale (no float table kept)"
 
     def storage_problem(self) -> str | None:
-        return tensor_problems(self, positive=("weight_scale",), codes={"weight_zero_point": 2**self.bits - 1})
+        # finite, not positive: llama.cpp's blocks (a GGUF import) may have negative or zero scales
+        return tensor_problems(self, finite=("weight_scale",), codes={"weight_zero_point": 2**self.bits - 1})
 
     def kernel_why(self) -> str:
         return "a lookup: no matmul to choose"

@@ -348,7 +348,9 @@ class IntxWeightOnlyLinear(_QuantLinearBase):
                 f" call{native_note}")
 
     def storage_problem(self) -> str | None:
-        return tensor_problems(self, positive=("weight_scale",), finite=("bias",),
+        # finite, not positive: llama.cpp's Q4_0 quantizer gives a block d = max / -8, negative when its extreme
+        # is positive, and 0 for a block of zeros; an imported file keeps them (w = (q - 8) * d either way)
+        return tensor_problems(self, finite=("weight_scale", "bias"),
                                codes={"weight_zero_point": 2**self.bits - 1})
 
     def layer_info(self) -> dict:
