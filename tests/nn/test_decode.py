@@ -11,6 +11,7 @@ from bitsmith import Recipe
 from bitsmith.nn import dispatch, native
 from bitsmith.nn.decode import NativeDecoder, unsupported
 from bitsmith.nn.linear import IntxWeightOnlyLinear
+from bitsmith.nn.linear_min import IntxMinWeightOnlyLinear
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no native kernels here")
 
@@ -98,7 +99,7 @@ def _round_inputs_to_int8_blocks(model):
         return (codes * scale).reshape(x.shape),
 
     for module in model.modules():
-        if isinstance(module, IntxWeightOnlyLinear):
+        if isinstance(module, (IntxWeightOnlyLinear, IntxMinWeightOnlyLinear)):
             module.register_forward_pre_hook(hook)
 
 
@@ -110,6 +111,30 @@ def test_q8_is_int4_times_inputs_rounded_to_int8_blocks(exact_w4a16, group):
     native_q8, want = _native_logits(model, ids, 6, "q8"), _reference(model, ids, 6)
     assert _spread_error(native_q8, want) < 1e-5
     assert _spread_error(native_q8, unrounded) > 1e-4  # the rounding is there to see
+
+
+def _with_mins(model):
+    """Every int4 layer as GGUF's Q4_1 form, w = q * scale + min (min = -zero * scale in fp16)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, IntxWeightOnlyLinear):
+            twin = IntxMinWeightOnlyLinear(module.in_features, module.out_features, module.bias is not None, 4,
+                                           module.group_size)
+            twin.weight_packed.copy_(module.weight_packed)
+            twin.weight_scale.copy_(module.weight_scale)
+            twin.weight_min.copy_((-module.weight_zero_point.float() * module.weight_scale.float()).half())
+            if module.bias is not None:
+                twin.bias.copy_(module.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, twin)
+    return model
+
+
+def test_int4_with_a_float_min_a_group_as_gguf_q4_1(exact_w4a16):
+    model, ids = _with_mins(_int4(_model(bias=True))), _ids()
+    assert isinstance(model.model.layers[0].mlp.down_proj, IntxMinWeightOnlyLinear)
+    assert _spread_error(_native_logits(model, ids, 4), _reference(model, ids, 4)) < 1e-5
+    _round_inputs_to_int8_blocks(model)
+    assert _spread_error(_native_logits(model, ids, 4, "q8"), _reference(model, ids, 4)) < 1e-5
 
 
 def test_greedy_native_generation_is_transformers_generation():

@@ -6,7 +6,8 @@ bookkeeping, ~30 ops a block: measured on a 2-core AVX2 EPYC with the matmuls ta
 whole step on the same machine. Decoding is bound by the bytes of weights it reads, so the step is one native
 call a block: the same math as ``LlamaDecoderLayer`` for one new token (RMSNorm, q/k/v, rotary from the model's
 own rotary embedding, grouped-query attention over a preallocated KV cache, o, SiLU-gated MLP), on the layer's
-int4 codes as stored (read packed) or its float32 weight.
+int4 codes as stored (read packed: a zero point a group, or a float min a group as GGUF's Q4_1 has) or its float32
+weight.
 
     decoder = NativeDecoder(model, max_len=2048, activations="float32")   # or "q8"
     logits = decoder.prefill(input_ids)      # transformers' forward over the prompt; its K/V copied in
@@ -30,6 +31,7 @@ from torch import nn
 
 from bitsmith.nn import native
 from bitsmith.nn.linear import IntxWeightOnlyLinear
+from bitsmith.nn.linear_min import IntxMinWeightOnlyLinear
 
 __all__ = ["NativeDecoder", "unsupported", "ACTIVATIONS"]
 
@@ -40,7 +42,7 @@ _PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "sel
 
 
 def _weight_problem(name: str, module: nn.Module) -> str | None:
-    if isinstance(module, IntxWeightOnlyLinear):
+    if isinstance(module, (IntxWeightOnlyLinear, IntxMinWeightOnlyLinear)):
         if module.bits != 4 or module.in_features % 2 or module.group_size % 32:
             return (f"{name} is {module.scheme}: the native decoder reads 4-bit codes in groups of a multiple of 32"
                     " over an even number of inputs")
@@ -83,12 +85,19 @@ class _Matrix:
             packed, scale, zero = self.tensors
             self.struct = native.Weight(0, module.group_size, module.out_features, module.in_features,
                                         packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), None,
-                                        self.bias.data_ptr() if self.bias is not None else None)
+                                        self.bias.data_ptr() if self.bias is not None else None, None)
+        elif isinstance(module, IntxMinWeightOnlyLinear):  # w = q * scale + min (GGUF's Q4_1)
+            self.tensors = (module.weight_packed.contiguous(), module.weight_scale.float().contiguous(),
+                            module.weight_min.float().contiguous())
+            packed, scale, minimum = self.tensors
+            self.struct = native.Weight(0, module.group_size, module.out_features, module.in_features,
+                                        packed.data_ptr(), scale.data_ptr(), None, None,
+                                        self.bias.data_ptr() if self.bias is not None else None, minimum.data_ptr())
         else:
             self.tensors = (module.weight.detach().float().contiguous(),)
             rows, cols = self.tensors[0].shape
             self.struct = native.Weight(1, 0, rows, cols, None, None, None, self.tensors[0].data_ptr(),
-                                        self.bias.data_ptr() if self.bias is not None else None)
+                                        self.bias.data_ptr() if self.bias is not None else None, None)
         self.rows = int(self.struct.rows)
 
 

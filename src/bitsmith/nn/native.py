@@ -43,7 +43,7 @@ __all__ = [
 
 _SOURCE = Path(__file__).parent / "csrc" / "quant.c"
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
-ABI = 4  # must equal bitsmith_native_abi() in csrc/quant.c
+ABI = 5  # must equal bitsmith_native_abi() in csrc/quant.c
 
 _status = "not loaded yet"
 
@@ -165,7 +165,8 @@ class Weight(ctypes.Structure):
 
     _fields_ = [("kind", ctypes.c_int32), ("group", ctypes.c_int32), ("rows", ctypes.c_int64),
                 ("cols", ctypes.c_int64), ("packed", ctypes.c_void_p), ("scale", ctypes.c_void_p),
-                ("zero", ctypes.c_void_p), ("weight", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+                ("zero", ctypes.c_void_p), ("weight", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("minimum", ctypes.c_void_p)]
 
 
 def library() -> ctypes.CDLL:

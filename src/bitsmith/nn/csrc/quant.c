@@ -300,6 +300,8 @@ typedef struct {
     const uint8_t *zero;  /* (rows, groups) */
     const float *weight;  /* kind 1: (rows, cols) */
     const float *bias;    /* rows, or NULL */
+    const float *minimum; /* kind 0 with a float min a group, w = q * scale + min (GGUF's Q4_1): (rows, groups)
+                           * and zero NULL; NULL otherwise (w = (q - zero) * scale) */
 } bitsmith_weight;
 
 /* x (cols) rounded to int8 in blocks of 32, split into even and odd columns as the packed nibbles are (xe[i] is
@@ -373,8 +375,8 @@ static inline __m256 scales(const float *scale, int32_t g0, int32_t g1, int mode
 /* `n` (1 or 2) rows of int4 codes, `stride` bytes apart, times the int8 input:
  * sum_b s_g(b) dx_b sum_j q_j xq_j - sum_g s_g z_g gsum_g; group a multiple of 32. */
 static void int4_q8_rows(const uint8_t *row, int64_t stride, int n, int64_t cols, int64_t group, int64_t groups,
-                         const float *scale,
-                         const uint8_t *zero, const q8_input *q, const q8_shared *sh, float *dots) {
+                         const float *scale, const uint8_t *zero, const float *minimum, const q8_input *q,
+                         const q8_shared *sh, float *dots) {
     int64_t c = 0;  /* columns done */
     dots[0] = 0.0f, dots[n - 1] = 0.0f;
 #if defined(__AVX2__) && defined(__FMA__)
@@ -425,8 +427,13 @@ static void int4_q8_rows(const uint8_t *row, int64_t stride, int n, int64_t cols
             }
             dots[r] += s[sh->gi[b]] * q->dx[b] * (float)sum;
         }
-        const uint8_t *z = zero + r * groups;
-        for (int64_t g = 0; g < groups; ++g) dots[r] -= s[g] * (float)z[g] * sh->gsum[g];
+        if (minimum != NULL) {
+            const float *mn = minimum + r * groups;
+            for (int64_t g = 0; g < groups; ++g) dots[r] += mn[g] * sh->gsum[g];
+        } else {
+            const uint8_t *z = zero + r * groups;
+            for (int64_t g = 0; g < groups; ++g) dots[r] -= s[g] * (float)z[g] * sh->gsum[g];
+        }
     }
 }
 
@@ -457,7 +464,8 @@ static int matvec(const bitsmith_weight *w, const float *x, const q8_input *q, f
         for (int64_t i = 0; i < rows; i += 2) {
             const int n = i + 1 < rows ? 2 : 1;
             float dots[2];
-            int4_q8_rows(w->packed + i * half, half, n, cols, group, groups, w->scale + i * groups, w->zero + i * groups, q,
+            int4_q8_rows(w->packed + i * half, half, n, cols, group, groups, w->scale + i * groups,
+                         w->minimum ? NULL : w->zero + i * groups, w->minimum ? w->minimum + i * groups : NULL, q,
                          &sh, dots);
             for (int r = 0; r < n; ++r) out[i + r] = dots[r] + (w->bias ? w->bias[i + r] : 0.0f);
         }
@@ -470,13 +478,25 @@ static int matvec(const bitsmith_weight *w, const float *x, const q8_input *q, f
         goto fail;
     }
     for (int64_t b = 0; b < half; ++b) even[b] = x[2 * b], odd[b] = x[2 * b + 1];
+    /* the min form: q * scale through int4_row with zero points 0, plus min_g * (the sum of x over group g) */
+    uint8_t *zeros = w->minimum ? calloc((size_t)(rows * groups), 1) : NULL;
+    float *xsum = w->minimum ? calloc((size_t)groups, sizeof(float)) : NULL;
+    if (w->minimum && (!zeros || !xsum)) {
+        free(even), free(odd), free(zeros), free(xsum);
+        goto fail;
+    }
+    if (xsum)
+        for (int64_t j = 0; j < cols; ++j) xsum[j / group] += x[j];
+    const uint8_t *zero = w->minimum ? zeros : w->zero;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t i = 0; i < rows; ++i) {
         float acc[1];
-        int4_row(w->packed + i * half, half, groups, group, w->scale + i * groups, w->zero + i * groups, even, odd, 1, acc);
+        int4_row(w->packed + i * half, half, groups, group, w->scale + i * groups, zero + i * groups, even, odd, 1, acc);
+        if (xsum)
+            for (int64_t g = 0; g < groups; ++g) acc[0] += w->minimum[i * groups + g] * xsum[g];
         out[i] = acc[0] + (w->bias ? w->bias[i] : 0.0f);
     }
-    free(even), free(odd);
+    free(even), free(odd), free(zeros), free(xsum);
     return 0;
 fail:
     for (int64_t i = 0; i < rows; ++i) out[i] = NAN;
@@ -591,4 +611,4 @@ done:
 }
 
 /* Bumped with every change of a signature above: the loader checks it before using a cached build. */
-int bitsmith_native_abi(void) { return 4; }
+int bitsmith_native_abi(void) { return 5; }
