@@ -115,6 +115,6 @@ def docs_lm_text(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def minilm_rows(tmp_path_factory):
-    """A sensitivity row cache shared by the tests that analyze MiniLM's first block without testing the cache:
-    each (candidate, layer) row is measured once per session."""
+    """A sensitivity row cache shared by the tests that analyze MiniLM's first block without testing the cache (the
+    test of the cache works on a copy): each (candidate, layer) row is measured once per session."""
     return tmp_path_factory.mktemp("minilm-sensitivity-rows")
