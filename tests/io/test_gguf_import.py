@@ -111,6 +111,15 @@ def test_q4_1_keeps_the_files_blocks(files):
     assert np.array_equal(down.dequantize().numpy(), dequantize(np.asarray(tensors["blk.0.ffn_down.weight"].data),
                                                                 "q4_1"))
     assert "model.embed_tokens" in loaded.meta["notes"]  # Q4_1 embedding: dequantized, said
+    # exported again, its Q4_1 matrices are the file's blocks, byte for byte (not rounded a second time)
+    from bitsmith.export.gguf import export_gguf
+
+    again = path.parent / "q4_1-again.gguf"
+    export_gguf(loaded.model, loaded.tokenizer, again, gguf_type="q8_0")
+    retensors = {t.name: t for t in gguf.GGUFReader(again).tensors}
+    assert retensors["blk.0.ffn_down.weight"].tensor_type.name == "Q4_1"
+    assert np.array_equal(np.asarray(retensors["blk.0.ffn_down.weight"].data),
+                          np.asarray(tensors["blk.0.ffn_down.weight"].data))
     ids = loaded.tokenizer("bitsmith compresses models.", return_tensors="pt")["input_ids"]
     assert torch.isfinite(_logits(loaded.model, ids)).all()
 

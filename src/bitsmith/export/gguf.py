@@ -18,6 +18,7 @@ written from its codes, never re-quantized:
     otherwise, codes of 4 bits or fewer    -> Q4_1, d = scale, m = -scale * zero rounded to fp16: the codes are
                                               kept but m is not always exact (measured, said in the notes)
     every group's q - zero in [-128, 127]  -> Q8_0, d = scale: exact (int8 symmetric)
+    a float min a group (IntxMinWeightOnlyLinear: an imported Q4_1 file) -> Q4_1, d and m as held: exact
 
 Every other matrix (float, other group sizes, per-row int8, fp8, lookup tables) is dequantized and quantized
 again to ``gguf_type``; each is named in the notes. A row length that ``gguf_type``'s block does not divide
@@ -47,7 +48,8 @@ from bitsmith.errors import BitsmithError
 from bitsmith.formats.gguf_blocks import (GGUF_BLOCKS, block_fits, dequantize, pack_q4_0, pack_q4_1, pack_q8_0,
                                           quantize, rotary_row_order)
 from bitsmith.io.outputs import publish, staging_file
-from bitsmith.nn import Int8DynamicLinear, IntxWeightOnlyLinear, LoRALinear, QuantizedEmbedding, StaticInt8Linear
+from bitsmith.nn import (Int8DynamicLinear, IntxMinWeightOnlyLinear, IntxWeightOnlyLinear, LoRALinear,
+                         QuantizedEmbedding, StaticInt8Linear)
 
 __all__ = ["GGUF_TYPES", "check_gguf_type", "export_gguf"]
 
@@ -176,6 +178,9 @@ def _integer_groups(module: nn.Module) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 def _from_codes(name: str, module: nn.Module, written: _Written) -> tuple[str, np.ndarray] | None:
     """The matrix as GGUF blocks made from bitsmith's codes, or None when they fit no block type."""
+    if isinstance(module, IntxMinWeightOnlyLinear) and module.bits <= 4 and module.group_size == 32:
+        # a float min a group (an imported Q4_1 file): its scales and mins are fp16 already, written as they are
+        return "q4_1", pack_q4_1(module.codes().numpy(), module.weight_scale.numpy(), module.weight_min.numpy())
     groups = _integer_groups(module)
     if groups is None:
         return None
@@ -232,8 +237,14 @@ def _tokenizer_fields(tokenizer, vocab_size: int) -> dict:
         raise BitsmithError(f"the tokenizer is {kind}; GGUF export writes byte-level BPE tokenizers (GPT-2 style) only")
     tokens: list[str | None] = [None] * vocab_size
     types = [_NORMAL] * vocab_size
-    added = {entry["id"]: entry for entry in spec.get("added_tokens", [])}
+    roles = {getattr(tokenizer, f"{kind}_token_id", None) for kind in ("bos", "eos", "unk", "pad")}
+    # a special token added beyond the embeddings that no role uses has no row to embed and is never produced:
+    # left out (transformers' GGUF reader adds "<|endoftext|>" so to a file that has no such token)
+    added = {entry["id"]: entry for entry in spec.get("added_tokens", [])
+             if not (entry["id"] >= vocab_size and entry.get("special") and entry["id"] not in roles)}
     for token, index in list(model["vocab"].items()) + [(e["content"], i) for i, e in added.items()]:
+        if index >= vocab_size and index not in added and token in {e["content"] for e in spec.get("added_tokens", [])}:
+            continue  # the vocabulary's own entry of an added token left out above
         if index >= vocab_size:
             raise BitsmithError(f"token '{token}' has id {index}, beyond the model's {vocab_size} embeddings")
         tokens[index] = token
