@@ -57,15 +57,15 @@ def test_a_finished_log_is_reused_and_gives_the_same_choice(searched, monkeypatc
 def test_an_interrupted_search_resumes_without_repeating_a_trial(searched, tmp_path, monkeypatch):
     _, out = searched
     lines = (out / "trials.jsonl").read_text().splitlines()
-    # the header, the first trial, and half of the second's row: killed while writing it
-    (tmp_path / "trials.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][: len(lines[2]) // 2])
+    # the header, the first two trials, and half of the third's row: killed while writing it
+    (tmp_path / "trials.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][: len(lines[3]) // 2])
     ran = []
     real = tune_module.compress
     monkeypatch.setattr(tune_module, "compress", lambda model, recipe, **kw: ran.append(recipe.name) or real(
         model, recipe, **kw))
     resumed = tune("minilm", "cosine>=0.999", "size", tmp_path, SPACE, calib_samples=16, repeats=1, mix=False,
                    save_model=False)
-    assert ran == SPACE[1:] and len(resumed["trials"]) == 3
+    assert ran == SPACE[2:] and len(resumed["trials"]) == 3
 
 
 @pytest.mark.parametrize("text,fragment", [
@@ -95,8 +95,11 @@ def test_bad_tune_input_is_one_clear_line(capsys, tmp_path, args, fragment):
     assert not (tmp_path / "t").exists()
 
 
-def test_unmet_targets_and_other_models_logs_are_one_clear_line(capsys, searched):
-    _, out = searched
+def test_unmet_targets_and_other_models_logs_are_one_clear_line(capsys, searched, tmp_path):
+    _, searched_out = searched
+    out = tmp_path / "tune"  # the log alone: an unmet target removes the saved model, which other tests reuse
+    out.mkdir()
+    (out / "trials.jsonl").write_text((searched_out / "trials.jsonl").read_text())
     code, _, err = run_cli(capsys, "tune", "minilm", "--target", "cosine>=0.9999999", "--out", out, "--space",
                            ",".join(SPACE), "--calib-samples", "16", "--repeats", "1", "--no-mix")
     lines = [line for line in err.splitlines() if line.strip()]
