@@ -87,7 +87,7 @@ def test_an_unreachable_target_names_the_layers_that_block_it(mixed, capsys):
 def test_greedy_returns_the_most_harmful_layers_to_float_until_the_target_holds(mixed, tmp_path):
     _, out = mixed
     (tmp_path / "sensitivity.json").write_text((out / "sensitivity.json").read_text())  # the same table
-    result = _mix(tmp_path, strategy="greedy", greedy_trials=3, save_model=False)
+    result = _mix(tmp_path, strategy="greedy", greedy_trials=2, save_model=False)
     table = json.loads((tmp_path / "sensitivity.json").read_text())
     harm = {row["group"]: row["measured"] for row in table["rows"] if row["candidate"] == "w4a16"}
     order = sorted(harm, key=lambda layer: (-harm[layer], layer))
