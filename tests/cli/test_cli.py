@@ -1,4 +1,6 @@
-"""The CLI as a user runs it: a real process, real exit codes, one-line errors, nothing half-written."""
+"""The CLI as a user runs it: a real process, real exit codes, one-line errors, nothing half-written. Errors that
+come before any model work run the CLI in this process (``run_cli``: the same main, the same exit status and
+stderr) and spare a process start each; whatever loads, computes or writes runs in a process of its own."""
 
 import json
 import subprocess
@@ -6,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 
 def run(*args, cwd=None):
@@ -73,28 +76,28 @@ def test_eval_compressed_dir_on_text(compressed):
     assert metrics["compressed"] and metrics["mean_cosine"] == pytest.approx(result["metrics"]["mean_cosine"], abs=1e-5)
 
 
-def test_out_not_empty(compressed):
+def test_out_not_empty(compressed, capsys):
     root, _ = compressed
-    code, _, stderr = run("compress", "--out", str(root / "out"))
+    code, _, stderr = run_cli(capsys, "compress", "--out", str(root / "out"))
     assert_one_line_error(code, stderr, "already exists and is not an empty directory")
 
 
-def test_missing_model_path(tmp_path):
-    code, _, stderr = run("compress", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+def test_missing_model_path(tmp_path, capsys):
+    code, _, stderr = run_cli(capsys, "compress", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
     assert_one_line_error(code, stderr, "model not found")
     assert not (tmp_path / "o").exists()
 
 
-def test_unknown_recipe(tmp_path):
-    code, _, stderr = run("compress", "--recipe", "w3a3", "--out", str(tmp_path / "o"))
+def test_unknown_recipe(tmp_path, capsys):
+    code, _, stderr = run_cli(capsys, "compress", "--recipe", "w3a3", "--out", str(tmp_path / "o"))
     assert_one_line_error(code, stderr, "unknown recipe 'w3a3'")
 
 
-def test_unknown_recipe_key(tmp_path):
+def test_unknown_recipe_key(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("version: 1\nname: r\nquantize:\n  rules:\n    - targets: [Linear]\n"
                       "      scheme: {weights: {dtype: int8, bits: 8}}\n")
-    code, _, stderr = run("compress", "--recipe", str(recipe), "--out", str(tmp_path / "o"))
+    code, _, stderr = run_cli(capsys, "compress", "--recipe", str(recipe), "--out", str(tmp_path / "o"))
     assert_one_line_error(code, stderr, "unknown key 'quantize.rules.0.scheme.weights.bits'")
 
 
@@ -108,13 +111,13 @@ def test_a_layer_named_by_the_recipe_that_the_scheme_cannot_handle(tmp_path):
     assert not (tmp_path / "o").exists() and len(list(tmp_path.iterdir())) == 1
 
 
-def test_out_under_a_file(tmp_path):
+def test_out_under_a_file(tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
-    code, _, stderr = run("compress", "--out", str(tmp_path / "afile" / "dir"))
+    code, _, stderr = run_cli(capsys, "compress", "--out", str(tmp_path / "afile" / "dir"))
     assert_one_line_error(code, stderr, "is a file, not a directory")
 
 
-def test_corrupt_checkpoint_for_inspect_and_eval(compressed, tmp_path):
+def test_corrupt_checkpoint_for_inspect_and_eval(compressed, tmp_path, capsys):
     import shutil
 
     root, _ = compressed
@@ -123,10 +126,10 @@ def test_corrupt_checkpoint_for_inspect_and_eval(compressed, tmp_path):
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     for command in ("inspect", "eval"):
-        code, _, stderr = run(command, str(broken))
+        code, _, stderr = run_cli(capsys, command, str(broken))
         assert_one_line_error(code, stderr, "truncated or corrupt checkpoint")
     (broken / "bitsmith.json").write_text("{not json")
-    code, _, stderr = run("inspect", str(broken))
+    code, _, stderr = run_cli(capsys, "inspect", str(broken))
     assert_one_line_error(code, stderr, "is not valid JSON")
 
 
@@ -207,7 +210,7 @@ def test_zoo_list_json():
     assert rows["minilm"]["fp32"]["reference"].startswith("the fp32 model is the reference")
 
 
-def test_export_onnx_runs_in_onnxruntime(tmp_path, digits_static):
+def test_export_onnx_runs_in_onnxruntime(tmp_path, digits_static, capsys):
     import numpy as np
     import onnxruntime as ort
 
@@ -227,9 +230,10 @@ def test_export_onnx_runs_in_onnxruntime(tmp_path, digits_static):
         assert accuracy >= 0.8 and "saturating int16" in " ".join(json.loads(stdout)["notes"])  # 0.8489
     else:
         assert accuracy >= 0.985  # 0.9933
-    code, _, stderr = run("export", str(directory), "--format", "nonesuch", "--out", str(tmp_path / "x.bin"))
+    code, _, stderr = run_cli(capsys, "export", str(directory), "--format", "nonesuch", "--out",
+                              str(tmp_path / "x.bin"))
     assert_one_line_error(code, stderr, "unknown export format 'nonesuch'")
-    code, _, stderr = run("export", str(directory), "--out", str(tmp_path / "d.onnx"))
+    code, _, stderr = run_cli(capsys, "export", str(directory), "--out", str(tmp_path / "d.onnx"))
     assert_one_line_error(code, stderr, "already exists")
 
 
@@ -281,10 +285,10 @@ def test_qat_recipe_through_the_cli_saves_its_training_report(tmp_path):
     assert not (tmp_path / "e").exists()
 
 
-def test_checkpoints_under_a_file_is_one_line(tmp_path):
+def test_checkpoints_under_a_file_is_one_line(tmp_path, capsys):
     taken = tmp_path / "taken"
     taken.write_text("x")
-    code, _, stderr = run("compress", "digits-cnn", "--recipe", "qat-w8a8", "--out", str(tmp_path / "d"),
+    code, _, stderr = run_cli(capsys, "compress", "digits-cnn", "--recipe", "qat-w8a8", "--out", str(tmp_path / "d"),
                           "--checkpoints", str(taken))
     assert_one_line_error(code, stderr, "is a file, not a folder")
     assert not (tmp_path / "d").exists()
