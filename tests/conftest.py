@@ -19,6 +19,30 @@ def tiny_llama():
     return LlamaForCausalLM(config).eval()
 
 
+def outlier_llama(hidden: int, intermediate: int, kv_heads: int, channels: int, value: float,
+                  norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm"), seed: int = 0):
+    """A 2-block Llama (vocab 256, 4 heads) with seeded random weights, in eval mode, whose ``norms`` scale the first
+    ``channels`` inputs of every block by ``value``: the outlier channels of trained LLMs, which AWQ, SmoothQuant,
+    Wanda and imatrix answer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm in norms:
+                getattr(layer, norm).weight[:channels] = value
+    return model
+
+
+def llama_batches(n: int = 4, seed: int = 1) -> list[dict]:
+    """``n`` seeded batches of 4 sequences of 32 token ids below 256, for ``outlier_llama``."""
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, 256, (4, 32), generator=g)} for _ in range(n)]
+
+
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB."""
     noise = (reference.float() - approx.float()).pow(2).mean()

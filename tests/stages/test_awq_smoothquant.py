@@ -4,30 +4,21 @@ import copy
 
 import pytest
 import torch
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+from transformers import BertConfig, BertModel
 
 import bitsmith
 from bitsmith import BitsmithError
 from bitsmith.recipe import Recipe, SmoothConfig, config_from_dict
 from bitsmith.pipeline.families import families, family_for, resolve_block
 from bitsmith.nn import IntxWeightOnlyLinear, StaticInt8Linear
+from conftest import llama_batches, outlier_llama
 
 
 def _tiny_llama(kv_heads=4, seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # outlier channels after each norm, as in trained LLMs
-        for layer in model.model.layers:
-            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                norm.weight[:6] = 25.0
-    return model
+    return outlier_llama(256, 512, kv_heads, channels=6, value=25.0, seed=seed)
 
 
-def _batches(n=4, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(0, 256, (4, 32), generator=g)} for _ in range(n)]
+_batches = llama_batches
 
 
 def _config(weights, activations=None, smoothquant=None, **extra):

@@ -12,25 +12,14 @@ from bitsmith.algorithms.gptq import dequantize_weight
 from bitsmith.algorithms.rtn import quantize_weight_rtn
 from bitsmith.nn import IntxWeightOnlyLinear
 from bitsmith.recipe import config_from_dict
+from conftest import llama_batches, outlier_llama
 
 
 def _llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # outlier channels after each norm, as in trained LLMs
-        for layer in model.model.layers:
-            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                norm.weight[:4] = 20.0
-    return model
+    return outlier_llama(128, 256, 2, channels=4, value=20.0)
 
 
-def _batches(n=4, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(0, 256, (4, 32), generator=g)} for _ in range(n)]
+_batches = llama_batches
 
 
 def _quantize(model, algorithm, batches):

@@ -5,27 +5,18 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import bitsmith
 from bitsmith import BitsmithError
 from bitsmith.recipe import PruneConfig, Recipe, config_from_dict
+from conftest import llama_batches, outlier_llama
 
 
 def _tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # outlier channels after each norm, as in trained LLMs
-        for layer in model.model.layers:
-            layer.input_layernorm.weight[:4] = 20.0
-    return model
+    return outlier_llama(128, 256, 4, channels=4, value=20.0, norms=("input_layernorm",), seed=seed)
 
 
-def _batches(n=4, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(0, 256, (4, 32), generator=g)} for _ in range(n)]
+_batches = llama_batches
 
 
 def _prune(method, pattern=None, sparsity=0.5, **extra):

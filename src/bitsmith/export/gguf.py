@@ -238,13 +238,13 @@ def _tokenizer_fields(tokenizer, vocab_size: int) -> dict:
     tokens: list[str | None] = [None] * vocab_size
     types = [_NORMAL] * vocab_size
     roles = {getattr(tokenizer, f"{kind}_token_id", None) for kind in ("bos", "eos", "unk", "pad")}
+    added = {entry["id"]: entry for entry in spec.get("added_tokens", [])}
     # a special token added beyond the embeddings that no role uses has no row to embed and is never produced:
     # left out (transformers' GGUF reader adds "<|endoftext|>" so to a file that has no such token)
-    added = {entry["id"]: entry for entry in spec.get("added_tokens", [])
-             if not (entry["id"] >= vocab_size and entry.get("special") and entry["id"] not in roles)}
+    left_out = {i for i, e in added.items() if i >= vocab_size and e.get("special") and i not in roles}
     for token, index in list(model["vocab"].items()) + [(e["content"], i) for i, e in added.items()]:
-        if index >= vocab_size and index not in added and token in {e["content"] for e in spec.get("added_tokens", [])}:
-            continue  # the vocabulary's own entry of an added token left out above
+        if index in left_out:
+            continue
         if index >= vocab_size:
             raise BitsmithError(f"token '{token}' has id {index}, beyond the model's {vocab_size} embeddings")
         tokens[index] = token

@@ -189,6 +189,15 @@ void bitsmith_dequantize_packed(const uint8_t *packed, int64_t n_bytes, int bits
  * reads 4 bits a weight, and the few rows of x reuse each group's bytes from the cache. */
 #define BITSMITH_INT4_MAX_ROWS 16
 
+#if defined(__AVX2__) && defined(__FMA__)
+/* The sum of the 8 lanes. */
+static inline float hsum8(__m256 a) {
+    __m128 v = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
+}
+#endif
+
 /* One output row: the weights of row `row` dequantized a group at a time, (q - z) * s, times each row of x. */
 static void int4_row(const uint8_t *row, int64_t half, int64_t groups, int64_t group, const float *scale,
                      const uint8_t *zero, const float *even, const float *odd, int64_t m, float *acc) {
@@ -218,10 +227,7 @@ static void int4_row(const uint8_t *row, int64_t half, int64_t groups, int64_t g
             if (b < end) BITSMITH_INT4_STEP(e0, o0, b);
         }
 #undef BITSMITH_INT4_STEP
-        const __m256 both = _mm256_add_ps(_mm256_add_ps(e0, o0), _mm256_add_ps(e1, o1));
-        __m128 v = _mm_add_ps(_mm256_castps256_ps128(both), _mm256_extractf128_ps(both, 1));
-        v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-        acc[0] = _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
+        acc[0] = hsum8(_mm256_add_ps(_mm256_add_ps(e0, o0), _mm256_add_ps(e1, o1)));
     } else if (group % 16 == 0) {  /* a few rows: 16 weights converted once for all of them */
         __m256 sum[BITSMITH_INT4_MAX_ROWS];
         for (int64_t r = 0; r < m; ++r) sum[r] = _mm256_setzero_ps();
@@ -239,12 +245,7 @@ static void int4_row(const uint8_t *row, int64_t half, int64_t groups, int64_t g
                 }
             }
         }
-        for (int64_t r = 0; r < m; ++r) {
-            __m128 v = _mm_add_ps(_mm256_castps256_ps128(sum[r]), _mm256_extractf128_ps(sum[r], 1));
-            v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-            v = _mm_add_ss(v, _mm_movehdup_ps(v));
-            acc[r] = _mm_cvtss_f32(v);
-        }
+        for (int64_t r = 0; r < m; ++r) acc[r] = hsum8(sum[r]);
     }
 #endif
     for (; g < groups; ++g) {  /* the rest (or everything without AVX2): plain C */
@@ -372,6 +373,17 @@ static inline __m256 scales(const float *scale, int32_t g0, int32_t g1, int mode
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__)
+/* 32 bytes of codes (two blocks of 32 columns) times the int8 input's even (low nibbles) and odd (high nibbles)
+ * columns: each block's integer sum over 4 lanes, as floats. */
+static inline __m256 chunk_sums(const uint8_t *bytes, __m256i xe, __m256i xo, __m256i low, __m256i ones) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)bytes);
+    const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v, low), xe),
+                                           _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), low), xo));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+}
+#endif
+
 /* `n` (1 or 2) rows of int4 codes, `stride` bytes apart, times the int8 input:
  * sum_b s_g(b) dx_b sum_j q_j xq_j - sum_g s_g z_g gsum_g; group a multiple of 32. */
 static void int4_q8_rows(const uint8_t *row, int64_t stride, int n, int64_t cols, int64_t group, int64_t groups,
@@ -392,27 +404,14 @@ static void int4_q8_rows(const uint8_t *row, int64_t stride, int n, int64_t cols
             const __m256i xo = _mm256_loadu_si256((const __m256i *)(q->xo + c / 2));
             const __m256 dx = _mm256_load_ps(sh->dxv + c / 8);
             const int32_t g0 = sh->gi[c / 32], g1 = sh->gi[c / 32 + 1];
-            const __m256i v0 = _mm256_loadu_si256((const __m256i *)(row + c / 2));
-            const __m256i p0 = _mm256_add_epi16(
-                _mm256_maddubs_epi16(_mm256_and_si256(v0, low), xe),
-                _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v0, 4), low), xo));
-            const __m256 s0 = scales(scale, g0, g1, mode, pair);
-            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p0, ones)), _mm256_mul_ps(s0, dx), acc0);
-            if (n > 1) {
-                const __m256i v1 = _mm256_loadu_si256((const __m256i *)(row1 + c / 2));
-                const __m256i p1 = _mm256_add_epi16(
-                    _mm256_maddubs_epi16(_mm256_and_si256(v1, low), xe),
-                    _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v1, 4), low), xo));
-                const __m256 s1 = scales(scale1, g0, g1, mode, pair);
-                acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p1, ones)), _mm256_mul_ps(s1, dx), acc1);
-            }
+            acc0 = _mm256_fmadd_ps(chunk_sums(row + c / 2, xe, xo, low, ones),
+                                   _mm256_mul_ps(scales(scale, g0, g1, mode, pair), dx), acc0);
+            if (n > 1)
+                acc1 = _mm256_fmadd_ps(chunk_sums(row1 + c / 2, xe, xo, low, ones),
+                                       _mm256_mul_ps(scales(scale1, g0, g1, mode, pair), dx), acc1);
         }
-        __m256 accs[2] = {acc0, acc1};
-        for (int r = 0; r < n; ++r) {
-            __m128 v = _mm_add_ps(_mm256_castps256_ps128(accs[r]), _mm256_extractf128_ps(accs[r], 1));
-            v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-            dots[r] = _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
-        }
+        dots[0] = hsum8(acc0);
+        if (n > 1) dots[1] = hsum8(acc1);
     }
 #endif
     for (int r = 0; r < n; ++r) {
