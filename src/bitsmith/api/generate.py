@@ -140,21 +140,21 @@ def _stop_ids(model, tokenizer) -> set[int]:
     return set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
 
 
-def _next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> int:
-    """Greedy (temperature 0), or a sample from the logits at ``temperature`` kept to the ``top_k`` likeliest and
-    the likeliest up to ``top_p`` of the probability (as transformers' warpers do)."""
+def _next_token(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, top_k: int, top_p: float) -> int:
+    """Greedy (temperature 0), or a sample from the logits through transformers' own temperature, top-k and top-p
+    warpers (what ``generate`` applies with the same options); ``tokens`` are the ids so far."""
     if temperature == 0:
         return int(logits.argmax())
-    logits = logits.float() / temperature
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
     if top_k:
-        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        warpers.append(TopKLogitsWarper(top_k))
     if top_p < 1:
-        ordered, order = logits.sort(descending=True)
-        cumulative = ordered.softmax(-1).cumsum(-1)
-        drop = cumulative - ordered.softmax(-1) >= top_p  # keep each token until the mass before it reaches top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return int(torch.multinomial(logits.softmax(-1), 1))
+        warpers.append(TopPLogitsWarper(top_p))
+    scores = warpers(tokens[None], logits.float()[None])[0]
+    return int(torch.multinomial(scores.softmax(-1), 1))
 
 
 def _native_generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float, top_k: int,
@@ -169,7 +169,8 @@ def _native_generate(model, input_ids: torch.Tensor, max_new_tokens: int, temper
     logits = decoder.prefill(input_ids)
     tokens: list[int] = []
     while True:
-        token = _next_token(logits, temperature, top_k, top_p)
+        token = _next_token(logits, torch.cat([input_ids[0], torch.tensor(tokens, dtype=torch.long)]), temperature,
+                            top_k, top_p)
         tokens.append(token)
         clock.put(torch.tensor([token]))
         if token in stop or len(tokens) == max_new_tokens:

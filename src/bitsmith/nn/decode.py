@@ -25,6 +25,7 @@ module this step does not read), or None.
 from __future__ import annotations
 
 import ctypes
+import inspect
 
 import torch
 from torch import nn
@@ -153,8 +154,10 @@ class NativeDecoder:
             raise ValueError(f"a prompt of {length} tokens leaves no room in a cache of {self.max_len} positions")
         with torch.inference_mode():
             cache = DynamicCache()
-            out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            for index, layer in enumerate(out.past_key_values.layers):
+            # transformers 5 names it `cache`; earlier releases `past_key_values`
+            name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+            out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{name: cache})
+            for index, layer in enumerate(cache.layers):
                 self.keys[index, :, :length] = layer.keys[0].float()
                 self.values[index, :, :length] = layer.values[0].float()
         self.position = length
